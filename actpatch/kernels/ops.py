@@ -1,0 +1,73 @@
+"""torch.library registration: one custom op per activation, so torch.compile and meta tensors see one op.
+
+``actpatch::<name>(Tensor x) -> (Tensor y, Tensor bits)``  the forward (y is returned to the caller,
+autograd saves y itself and the bits);
+``actpatch::<name>_backward(Tensor dy, Tensor y, Tensor bits) -> Tensor``  dx = dy · g_b(y).
+
+Every device runs the pure-PyTorch reference; CUDA runs the fused Triton kernels when Triton imports.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..activations import ACTIVATIONS, Activation
+from . import reference
+from .bits import packed_size
+
+DOUBLE_BACKWARD_ERROR = (
+    "actpatch: inverted activations do not support double backward (create_graph=True): "
+    "their backward is computed from the saved output, not the input. "
+    "Unpatch the model (actpatch.unpatch_model) for higher-order gradients."
+)
+
+
+def _cuda_kernels():
+    try:
+        from . import triton as triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def _register(act: Activation) -> tuple[object, object]:
+    name = act.name
+
+    @torch.library.custom_op(f"actpatch::{name}", mutates_args=())
+    def fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return reference.forward(x, act)
+
+    @fwd.register_fake
+    def _(x):
+        return torch.empty_like(x), x.new_empty(packed_size(x.numel()), dtype=torch.uint8)
+
+    @torch.library.custom_op(f"actpatch::{name}_backward", mutates_args=())
+    def bwd(dy: torch.Tensor, y: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        return reference.backward(dy, y, bits, act)
+
+    @bwd.register_fake
+    def _(dy, y, bits):
+        return torch.empty_like(dy)
+
+    kernels = _cuda_kernels()
+    if kernels is not None:
+        fwd.register_kernel("cuda")(lambda x: kernels.forward(x, act))
+        bwd.register_kernel("cuda")(lambda dy, y, bits: kernels.backward(dy, y, bits, act))
+
+    def setup_context(ctx, inputs, output):
+        y, bits = output
+        ctx.save_for_backward(y, bits)
+
+    def backward(ctx, dy, _dbits):
+        y, bits = ctx.saved_tensors
+        return bwd(dy, y, bits)
+
+    def second_order(ctx, _ddx):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    bwd.register_autograd(second_order, setup_context=lambda ctx, inputs, output: None)
+    return fwd, bwd
+
+
+OPS: dict[str, tuple[object, object]] = {name: _register(act) for name, act in ACTIVATIONS.items()}
