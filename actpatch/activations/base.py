@@ -37,7 +37,10 @@ class Activation:
         object.__setattr__(self, "y_star", float(self.f(torch.tensor(x_star, dtype=torch.float64))))
 
     def invert(self, y: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        """x = f_b^{-1}(y) in float64 by bisection; y below the minimum maps to x*, y = 0 on the left to -inf."""
+        """x = f_b^{-1}(y) in float64 by bisection.
+
+        y below the minimum maps to x*, y >= 0 on the left branch to -inf, y = +inf on the right to +inf.
+        """
         y = y.to(torch.float64)
         right = right.to(torch.bool)
         big = y.abs().nan_to_num(posinf=0.0) * 1.01 + 2.0

@@ -52,7 +52,8 @@ def inverse_derivative(y: torch.Tensor, right: torch.Tensor, act: Activation) ->
     log_ratio = torch.where(q < 0.5, -torch.log(q), -torch.log1p(d / table.y_star_hi))
     v = log_ratio.clamp_min(0.0).sqrt()
     g_left = y * _horner(coef_l, v * (table.n / table.v_max))
-    return torch.where(right, g_right, g_left)
+    g = torch.where(right, g_right, g_left)
+    return torch.where(y.isnan(), y, g)
 
 
 def forward(x: torch.Tensor, act: Activation) -> tuple[torch.Tensor, torch.Tensor]:
