@@ -42,6 +42,11 @@ class InverseTable:
     left: torch.Tensor  # [deg + 1, n] float64
 
     @property
+    def coefficients(self) -> torch.Tensor:
+        """Both branches in one table [deg + 1, 2n]: right-branch intervals first, then the left's."""
+        return torch.cat([self.right, self.left], dim=1)
+
+    @property
     def n(self) -> int:
         return self.right.shape[1]
 

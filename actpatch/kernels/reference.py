@@ -11,48 +11,49 @@ import torch
 from ..activations import Activation, InverseTable, inverse_table
 from .bits import pack_bits, unpack_bits
 
-_TABLES: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+_TINY = float(torch.finfo(torch.float32).smallest_normal) / 2**23  # smallest subnormal
+_COEFFICIENTS: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def _device_tables(act: Activation, table: InverseTable, device: torch.device):
+def device_coefficients(act: Activation, table: InverseTable, device: torch.device) -> torch.Tensor:
+    """The table's float32 coefficients [deg+1, 2n] on ``device``, cached."""
     key = (act.name, device)
-    if key not in _TABLES:
-        _TABLES[key] = (
-            table.right.to(device=device, dtype=torch.float32),
-            table.left.to(device=device, dtype=torch.float32),
-        )
-    return _TABLES[key]
+    if key not in _COEFFICIENTS:
+        _COEFFICIENTS[key] = table.coefficients.to(device=device, dtype=torch.float32).contiguous()
+    return _COEFFICIENTS[key]
 
 
 def _horner(coef: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Evaluate the piecewise polynomial ``coef`` [deg+1, n] at t measured in interval widths."""
-    n = coef.shape[1]
-    t = torch.nan_to_num(t, nan=0.0, posinf=float(n)).clamp(0.0, float(n))
-    idx = t.floor().clamp(max=n - 1)
+    """Evaluate the piecewise polynomial ``coef`` [deg+1, m] at t measured in interval widths."""
+    m = coef.shape[1]
+    t = torch.nan_to_num(t, nan=0.0, posinf=float(m)).clamp(0.0, float(m))
+    idx = t.floor().clamp(max=m - 1)
     s = t - idx
-    c = coef[:, idx.long()]
-    acc = c[0]
-    for row in c[1:]:
-        acc = torch.addcmul(row, acc, s)
+    idx = idx.long()
+    acc = coef[0].take(idx)
+    for row in coef[1:]:
+        acc = acc.mul_(s).add_(row.take(idx))
     return acc
 
 
 def inverse_derivative(y: torch.Tensor, right: torch.Tensor, act: Activation) -> torch.Tensor:
-    """g_b(y) ≈ f'(f_b^{-1}(y)) in float32, elementwise; y any float dtype, right a bool tensor."""
+    """g_b(y) ≈ f'(f_b^{-1}(y)) in float32, elementwise; y any float dtype, right a bool tensor.
+
+    u = w = √d on the right branch and u = v = √log(y*/y) on the left select intervals of one table:
+    t = u n / w_max (right, intervals 0..n-1) or n + u n / v_max (left, n..2n-1).
+    """
     table = inverse_table(act)
-    coef_r, coef_l = _device_tables(act, table, y.device)
+    coef = device_coefficients(act, table, y.device)
+    n = table.n
     y = y.float()
     d = ((y - table.y_star_hi) - table.y_star_lo).clamp_min(0.0)
-
-    w = d.sqrt()
-    g_right = _horner(coef_r, w * (table.n / table.w_max))
-    g_right = torch.where(w >= table.w_max, torch.ones_like(g_right), g_right)
-
     q = y / table.y_star_hi
-    log_ratio = torch.where(q < 0.5, -torch.log(q), -torch.log1p(d / table.y_star_hi))
-    v = log_ratio.clamp_min(0.0).sqrt()
-    g_left = y * _horner(coef_l, v * (table.n / table.v_max))
-    g = torch.where(right, g_right, g_left)
+    log_ratio = torch.where(q < 0.5, -torch.log(q.clamp_min(_TINY)), -torch.log1p(d / table.y_star_hi))
+    u = torch.where(right, d, log_ratio).clamp_min(0.0).sqrt()
+    t = torch.where(right, u * (n / table.w_max), u * (n / table.v_max) + n)
+    p = _horner(coef, t)
+    g_right = torch.where(u >= table.w_max, torch.ones_like(p), p)
+    g = torch.where(right, g_right, y * p)
     return torch.where(y.isnan(), y, g)
 
 
