@@ -31,7 +31,7 @@ _FLAT_TOL = 1e-7
 
 @dataclass(frozen=True)
 class InverseTable:
-    """Everything a kernel needs to evaluate g_b(y); all floats are float32-representable."""
+    """Everything a kernel needs to evaluate g_b(y); y_star_hi/lo, w_max and v_max are float32 values."""
 
     y_star_hi: float
     y_star_lo: float
