@@ -59,7 +59,7 @@ def inverse_derivative(y: torch.Tensor, right: torch.Tensor, act: Activation) ->
 
 def forward(x: torch.Tensor, act: Activation) -> tuple[torch.Tensor, torch.Tensor]:
     y = act.forward(x)
-    bits = pack_bits(x >= act.x_star)
+    bits = pack_bits(x.float() >= act.x_star)
     return y, bits
 
 

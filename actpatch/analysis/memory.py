@@ -1,0 +1,75 @@
+"""Memory model: bytes saved for backward as a function of batch, sequence length and dtype.
+
+The probe runs at a few small shapes; each quantity (the total, and what each site frees) is fitted to
+``c0 + c1·S + c2·B + c3·B·S + c4·S² + c5·B·S²`` — exact for transformer forwards, where saved tensors are
+per token (B·S), per sequence position (rotary tables, S), per attention score (B·S², S²) or constant.
+When every probe has batch 1 (a projection for batch 1) the B terms drop out.  Models whose input
+length the config fixes (vision, audio encoders) fit ``c0 + c2·B``; user-given example
+inputs fit ``c·B·S``.  Bytes are split into floating-point tensors of the model's dtype, which scale to
+the projection dtype, and the rest (ids, masks, branch bits, tensors kept in float32), which don't.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SEQ_PROBES = (8, 16, 24)
+# Batch 1 is often special-cased (masks dropped, other attention kernels): a projection for batch 1 is
+# fitted to batch-1 probes only, any other to batches 2 and 3.
+BATCH_PROBES = {True: (1,), False: (2, 3)}
+
+
+@dataclass(frozen=True)
+class Bytes:
+    """Bytes at one probe shape: ``scalable`` in the model's dtype, ``fixed`` in any other dtype."""
+
+    scalable: float = 0.0
+    fixed: float = 0.0
+
+    def __add__(self, other: Bytes) -> Bytes:
+        return Bytes(self.scalable + other.scalable, self.fixed + other.fixed)
+
+
+def probe_shapes(
+    seq_dependent: bool, max_seq: int | None, fixed: tuple[int, int] | None, batch_size: int
+) -> list[tuple[int, int]]:
+    """The (batch, seq) shapes the probe runs at, for a projection at ``batch_size``."""
+    if fixed is not None:
+        return [fixed]
+    batches = BATCH_PROBES[batch_size == 1]
+    if not seq_dependent:
+        return [(b, SEQ_PROBES[0]) for b in batches]
+    seqs = SEQ_PROBES
+    if max_seq is not None and max_seq < seqs[-1]:
+        seqs = tuple(sorted({max(1, max_seq * k // 3) for k in (1, 2, 3)}))
+    return [(b, s) for s in seqs for b in batches]
+
+
+class Fit:
+    """Bytes(batch, seq) fitted to the probes; ``at(batch, seq, ratio)`` scales dtype-bound bytes by ratio."""
+
+    def __init__(self, shapes: list[tuple[int, int]], values: list[Bytes], kind: str) -> None:
+        self.kind = kind
+        self.batched = len({b for b, _ in shapes}) > 1
+        a = torch.tensor([self._features(b, s) for b, s in shapes], dtype=torch.float64)
+        y = torch.tensor([[v.scalable, v.fixed] for v in values], dtype=torch.float64)
+        self.coef = torch.linalg.lstsq(a, y, driver="gelsd").solution
+
+    def _features(self, b: int, s: int) -> list[float]:
+        if self.kind == "fixed":
+            return [b * s]
+        if self.kind == "batch":
+            return [1.0, b] if self.batched else [1.0]
+        if not self.batched:
+            return [1.0, s, s * s]
+        return [1.0, s, b, b * s, s * s, b * s * s]
+
+    def at(self, batch: int, seq: int, ratio: float) -> float:
+        scalable, fixed = (torch.tensor(self._features(batch, seq), dtype=torch.float64) @ self.coef).tolist()
+        return scalable * ratio + fixed
+
+
+def fit_kind(seq_dependent: bool, fixed: tuple[int, int] | None) -> str:
+    return "fixed" if fixed is not None else ("seq" if seq_dependent else "batch")

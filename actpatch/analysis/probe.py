@@ -1,0 +1,280 @@
+"""One training-mode forward under observation: what autograd saves, and what each activation call does.
+
+Three observers run together:
+
+- global module forward hooks keep the stack of running modules, and open a :class:`Call` for every
+  call of a candidate module (a leaf without parameters or buffers, registered or not);
+- a ``TorchFunctionMode`` names the op running, opens a :class:`Call` for functional activations
+  (``F.gelu``...), and records which ops take an activation's output (its consumers);
+- ``saved_tensors_hooks`` record every tensor autograd packs, with the module and op saving it and the
+  calls open at that moment (those calls' own backward saves it).
+
+Tensors are matched by storage identity (``untyped_storage()._cdata``, the StorageImpl address), which
+also holds on the meta device where every ``data_ptr`` is 0.  Every saved tensor and activation output is
+kept alive until the probe ends, so no address is reused while it is compared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .sites import functional_activation, is_candidate
+
+# Ops that only read metadata: not consumers of a tensor.
+_METADATA_OPS = frozenset(
+    {"__get__", "size", "dim", "numel", "stride", "is_contiguous", "data_ptr", "untyped_storage"}
+    | {"element_size", "is_floating_point", "__len__", "__format__", "__repr__", "get_device", "__bool__"}
+)
+# Data-dependent Python control flow on meta tensors ("if (mask == 0).all():") gets these answers.
+_DATA_DEPENDENT = {"__bool__": False, "item": 0}
+_INPLACE_DUNDERS = frozenset({"__iadd__", "__isub__", "__imul__", "__itruediv__", "__setitem__"})
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """Identity of ``t``'s storage, valid on every device including meta."""
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses, sparse)
+        return id(t)
+
+
+def storage_nbytes(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return t.numel() * t.element_size()
+
+
+@dataclass
+class SavedTensor:
+    """A tensor autograd saved for backward."""
+
+    storage: int
+    nbytes: int
+    scalable: bool  # floating point in the model's dtype: scaled to the projection dtype
+    where: str  # "<module path> (<op>)"
+    inside: frozenset[int]  # ids of the activation calls open when it was saved (their own saves)
+
+
+@dataclass(eq=False)
+class Call:
+    """One call of a candidate activation: a module (registered or not) or a functional op."""
+
+    site: str
+    kind: str  # "module" | "unregistered" | "functional"
+    module: nn.Module | None
+    activation: str | None  # known for functional calls; modules are classified afterwards
+    input_storage: int | None
+    output_storage: int = 0
+    numel: int = 0
+    dtype: torch.dtype | None = None
+    requires_grad: bool = False
+    foreign_hooks: bool = False  # ran under other saved-tensor hooks (a checkpointed block)
+    inplace: str | None = None  # op that modified its output in place
+    consumers: list[str] = field(default_factory=list)
+    version: int = 0
+    parents: frozenset[int] = frozenset()  # ids of the calls open when this one started
+
+
+@dataclass
+class ProbeResult:
+    saved: list[SavedTensor]
+    calls: list[Call]
+    excluded_storages: set[int]  # parameters and buffers
+
+
+@dataclass
+class _Frame:
+    path: str
+    call: Call | None
+
+
+class _Probe(TorchFunctionMode):
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model_dtype = dtype
+        self.paths = {id(m): name for name, m in model.named_modules()}
+        self.stack: list[_Frame] = []
+        self.ops: list[str] = []
+        self.open: list[Call] = []
+        self.calls: list[Call] = []
+        self.saved: list[SavedTensor] = []
+        self.outputs: dict[int, Call] = {}
+        self.keep: list[torch.Tensor] = []
+        self.counters: dict[str, int] = {}
+        self.pack = self._pack  # one bound-method object, compared by identity below
+
+    # -- module hooks -------------------------------------------------------------------------------
+    def _numbered(self, stem: str) -> str:
+        n = self.counters.get(stem, 0)
+        self.counters[stem] = n + 1
+        return f"{stem}#{n}"
+
+    def pre_hook(self, module: nn.Module, args: tuple) -> None:
+        caller = self.stack[-1].path if self.stack else ""
+        path = self.paths.get(id(module))
+        kind = "module"
+        if path is None:
+            kind, path = "unregistered", self._numbered(f"{caller}:{type(module).__name__}")
+        call = None
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and is_candidate(module):
+            call = Call(site=path, kind=kind, module=module, activation=None, input_storage=storage_key(x))
+            self._open(call)
+        self.stack.append(_Frame(path, call))
+
+    def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        frame = self.stack.pop()
+        if frame.call is not None:
+            self._close(frame.call, output)
+
+    def _open(self, call: Call) -> None:
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        call.foreign_hooks = top is None or top[0] is not self.pack
+        call.parents = frozenset(id(c) for c in self.open)
+        self.open.append(call)
+
+    def _close(self, call: Call, output: Any) -> None:
+        self.open.remove(call)
+        if not isinstance(output, torch.Tensor):
+            return
+        call.output_storage = storage_key(output)
+        call.numel, call.dtype = output.numel(), output.dtype
+        call.requires_grad = output.requires_grad
+        call.version = output._version
+        self.keep.append(output)
+        self.outputs[call.output_storage] = call
+        self.calls.append(call)
+
+    # -- ops ----------------------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if name in _DATA_DEPENDENT and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return _DATA_DEPENDENT[name]  # a meta tensor has no value: take the common training branch
+        if name == "scaled_dot_product_attention" and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            func = fused_sdpa
+        here = self.stack[-1].path if self.stack else ""
+        if name not in _METADATA_OPS:
+            self._note_consumers(name, here, args, kwargs)
+        call = None
+        activation = functional_activation(name, kwargs)
+        x = args[0] if args else kwargs.get("input")
+        if activation is not None and isinstance(x, torch.Tensor):
+            call = Call(self._numbered(f"{here}:{name}"), "functional", None, activation, storage_key(x))
+            self._open(call)
+        self.ops.append(name)
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.ops.pop()
+        if call is not None:
+            self._close(call, out)
+        return out
+
+    def _note_consumers(self, name: str, here: str, args: tuple, kwargs: dict) -> None:
+        if not self.outputs:
+            return
+        for i, t in enumerate(_tensors(args, kwargs)):
+            call = self.outputs.get(storage_key(t))
+            if call is None or call in self.open:
+                continue
+            op = name.strip("_")
+            call.consumers.append(f"{here} ({op})")
+            if i == 0 and (name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))):
+                call.inplace = call.inplace or op
+
+    # -- saved tensors ------------------------------------------------------------------------------
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        here = self.stack[-1].path if self.stack else ""
+        op = self.ops[-1].strip("_") if self.ops else "?"
+        scalable = t.is_floating_point() and t.dtype == self.model_dtype
+        inside = frozenset(id(c) for c in self.open)
+        self.saved.append(SavedTensor(storage_key(t), storage_nbytes(t), scalable, f"{here} ({op})", inside))
+        self.keep.append(t)
+        return t
+
+    def finish(self) -> None:
+        for t in self.keep:
+            call = self.outputs.get(storage_key(t))
+            if call is not None and t._version != call.version:
+                call.inplace = call.inplace or "in-place op"
+        self.keep.clear()
+        self.outputs.clear()
+
+
+def _tensors(args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, list | tuple):
+            yield from (t for t in a if isinstance(t, torch.Tensor))
+
+
+def fused_sdpa(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """SDPA through the memory-efficient kernel, for meta tensors.
+
+    On meta, ``F.scaled_dot_product_attention`` falls back to the math path, which keeps the
+    [batch, heads, seq, seq] attention probabilities; a GPU training run uses a fused kernel that keeps
+    only q, k, v, the output and the log-sum-exp.  Dry runs assume the fused kernel.
+    """
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        groups = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(groups, -3), value.repeat_interleave(groups, -3)
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale
+    )
+    return out[0]
+
+
+@contextlib.contextmanager
+def training_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in training mode (set directly: no train() overrides run), restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    for m, _ in modes:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def run_probe(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype) -> ProbeResult:
+    """Run ``model(*args, **kwargs)`` once in training mode with grad on and observe it.
+
+    The global RNG state is restored afterwards, so a probe leaves dropout streams unchanged.
+    """
+    probe = _Probe(model, dtype)
+    excluded = {storage_key(t) for t in (*model.parameters(), *model.buffers())}
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    pre = torch.nn.modules.module.register_module_forward_pre_hook(probe.pre_hook)
+    post = torch.nn.modules.module.register_module_forward_hook(probe.post_hook, always_call=True)
+    try:
+        with (
+            torch.random.fork_rng(devices=devices),
+            training_mode(model),
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(probe.pack, _unpack),
+            probe,
+        ):
+            out = model(*args, **kwargs)
+        probe.finish()
+        del out
+    finally:
+        pre.remove()
+        post.remove()
+    return ProbeResult(saved=probe.saved, calls=probe.calls, excluded_storages=excluded)
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t

@@ -1,0 +1,236 @@
+"""The graph walker: candidates, probes, the evidence rules, and the report.
+
+A site is patchable when all of these hold on the probe:
+
+1. its activation is one actpatch inverts (gelu, gelu_tanh, silu, quick_gelu);
+2. it is a registered submodule (functional calls and module-level singletons are reported only);
+3. it ran, in float32/bfloat16/float16, with a gradient flowing through it, under no other saved-tensor
+   hooks (a checkpointed block saves nothing, so there is nothing to gain);
+4. nothing modified its output in place;
+5. a later op saved its output (or a view of its storage);
+6. no other op saved its input's storage (a fused gate_up projection keeps it alive anyway);
+7. swapping frees more than the branch bits it adds.
+
+Sites that pass are then filtered by ``include``/``exclude`` (fnmatch patterns on the path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..report import PatchReport, Projection, Site
+from .inputs import input_spec, model_dtype, unwrap
+from .memory import Bytes, Fit, fit_kind, probe_shapes
+from .probe import Call, ProbeResult, run_probe
+from .sites import INVERTIBLE, classify_module, is_candidate
+
+INVERTIBLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class _Site:
+    path: str
+    activation: str
+    kind: str  # "module" | "unregistered" | "functional"
+    calls: list[Call] = field(default_factory=list)
+
+
+def walk(
+    model: nn.Module,
+    *,
+    batch_size: int,
+    seq_len: int,
+    dtype: torch.dtype | None,
+    example_inputs: object,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    already_patched: set[str],
+) -> PatchReport:
+    """Analyse ``model`` (whose originals are in place) and decide every site; changes nothing."""
+    target = dtype or model_dtype(model)
+    with torch.random.fork_rng(devices=[]):
+        kinds = {id(m): classify_module(m) for m in model.modules() if is_candidate(m)}
+    with _meta_cast(model, target):
+        probe_dtype = model_dtype(model)
+        spec = input_spec(model, example_inputs)
+        shapes = probe_shapes(spec.seq_dependent, spec.max_seq, spec.fixed_shape, batch_size)
+        probes = [run_probe(model, *spec.make(b, s), probe_dtype) for b, s in shapes]
+    sites = _collect_sites(model, probes[0], kinds)
+    evidences = [_Evidence(p) for p in probes]
+    decided: list[tuple[_Site, Site]] = []
+    for site in sites:
+        reason, consumer = evidences[0].judge(site)
+        if reason is None and not _selected(site.path, include, exclude):
+            reason = "excluded by include/exclude"
+        if site.path in already_patched:
+            reason = None
+        decided.append((site, Site(site.path, site.activation, consumer, reason is None, reason)))
+
+    kind = fit_kind(spec.seq_dependent, spec.fixed_shape)
+    ratio = target.itemsize / probe_dtype.itemsize
+    total = Fit(shapes, [_total_bytes(p) for p in probes], kind).at(batch_size, seq_len, ratio)
+    saved = 0.0
+    for internal, site in decided:
+        if not site.patched:
+            continue
+        gains = [e.gain(_calls_of(e.probe, internal)) for e in evidences]
+        site_saved = max(Fit(shapes, gains, kind).at(batch_size, seq_len, ratio), 0.0)
+        site.saved_bytes_per_token = round(site_saved / (batch_size * seq_len))
+        saved += site_saved
+    before = round(total)
+    projection = Projection(
+        batch_size, seq_len, str(target).removeprefix("torch."), before, before - round(saved)
+    )
+    return PatchReport(_model_name(model), _is_meta(model), [s for _, s in decided], projection)
+
+
+@contextlib.contextmanager
+def _meta_cast(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """On meta, cast floating parameters to ``dtype`` for the probe (free, and restored exactly), so the
+    float32 upcasts a model makes in ``dtype`` are seen as they are.  Real models are probed as they are."""
+    params = [p for p in model.parameters() if p.is_meta and p.is_floating_point() and p.dtype != dtype]
+    dtypes = [p.dtype for p in params]
+    for p in params:
+        p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, d in zip(params, dtypes, strict=True):
+            p.data = p.data.to(d)
+
+
+def _collect_sites(model: nn.Module, probe: ProbeResult, kinds: dict[int, str | None]) -> list[_Site]:
+    """Activation sites in call order (uncalled activation modules last); nested calls are dropped."""
+    sites: dict[str, _Site] = {}
+    activation_calls: set[int] = set()
+    for call in probe.calls:
+        activation = call.activation if call.kind == "functional" else _classify(call.module, kinds)
+        if activation is None:
+            continue
+        activation_calls.add(id(call))
+        sites.setdefault(call.site, _Site(call.site, activation, call.kind)).calls.append(call)
+    for site in list(sites.values()):  # a call inside another activation (ClippedGELU -> gelu) is its part
+        site.calls = [c for c in site.calls if not (c.parents & activation_calls)]
+        if not site.calls:
+            del sites[site.path]
+    for path, m in model.named_modules():
+        activation = kinds.get(id(m))
+        if activation is not None and path not in sites:
+            sites[path] = _Site(path, activation, "module")
+    return list(sites.values())
+
+
+def _classify(module: nn.Module | None, kinds: dict[int, str | None]) -> str | None:
+    if module is None:
+        return None
+    if id(module) not in kinds:
+        kinds[id(module)] = classify_module(module)
+    return kinds[id(module)]
+
+
+def _calls_of(probe: ProbeResult, site: _Site) -> list[Call]:
+    return [c for c in probe.calls if c.site == site.path]
+
+
+class _Evidence:
+    """What one probe says about calls: who saved what."""
+
+    def __init__(self, probe: ProbeResult) -> None:
+        self.probe = probe
+        self.by_storage: dict[int, list] = defaultdict(list)
+        self.by_call: dict[int, list] = defaultdict(list)
+        for s in probe.saved:
+            self.by_storage[s.storage].append(s)
+            for c in s.inside:
+                self.by_call[c].append(s)
+
+    def _outside(self, storage: int | None, call: Call) -> list:
+        return [s for s in self.by_storage.get(storage, ()) if id(call) not in s.inside]
+
+    def judge(self, site: _Site) -> tuple[str | None, str | None]:
+        """(reason it is not patched or None, consumer) for a site."""
+        consumer = None
+        for call in site.calls:
+            savers = self._outside(call.output_storage, call)
+            if savers and consumer is None:
+                consumer = savers[0].where
+        if consumer is None:
+            consumer = next((c.consumers[0] for c in site.calls if c.consumers), None)
+        return self._reason(site), consumer
+
+    def _reason(self, site: _Site) -> str | None:
+        if site.activation not in INVERTIBLE:
+            return f"unsupported activation ({site.activation})"
+        if site.kind == "functional":
+            return "functional call: cannot be swapped"
+        if site.kind == "unregistered":
+            return "module not registered as a submodule (a shared singleton): cannot be swapped"
+        if not site.calls:
+            return "not called by the probe forward"
+        for call in site.calls:
+            if call.dtype not in INVERTIBLE_DTYPES:
+                return f"{str(call.dtype).removeprefix('torch.')} inputs run the plain op"
+            if not call.requires_grad:
+                return "no gradient flows through it (frozen, no_grad or reentrant checkpointing)"
+            if call.foreign_hooks:
+                return "inside a checkpointed block: nothing is saved there, nothing to gain"
+            if call.inplace:
+                return f"output modified in place ({call.inplace})"
+            if not self._outside(call.output_storage, call):
+                used = f" (used by {call.consumers[0]})" if call.consumers else ""
+                return f"output not saved by a later op{used}"
+            keepers = self._outside(call.input_storage, call)
+            if keepers:
+                return f"input kept alive by {keepers[0].where} (shared storage, e.g. a fused projection)"
+        gain = self.gain(site.calls)
+        if gain.scalable + gain.fixed <= 0:
+            return "nothing to gain"
+        return None
+
+    def gain(self, calls: list[Call]) -> Bytes:
+        """Bytes freed by swapping these calls: their own saves nobody else keeps, less the branch bits."""
+        total = Bytes()
+        for call in calls:
+            seen: set[int] = {call.output_storage}
+            for s in self.by_call.get(id(call), ()):
+                if s.storage in seen or s.storage in self.probe.excluded_storages:
+                    continue
+                seen.add(s.storage)
+                if not self._outside(s.storage, call):
+                    total += Bytes(s.nbytes, 0.0) if s.scalable else Bytes(0.0, s.nbytes)
+            total += Bytes(0.0, -math.ceil(call.numel / 8))
+        return total
+
+
+def _total_bytes(probe: ProbeResult) -> Bytes:
+    seen: set[int] = set()
+    total = Bytes()
+    for s in probe.saved:
+        if s.storage in seen or s.storage in probe.excluded_storages:
+            continue
+        seen.add(s.storage)
+        total += Bytes(s.nbytes, 0.0) if s.scalable else Bytes(0.0, s.nbytes)
+    return total
+
+
+def _selected(path: str, include: list[str] | None, exclude: list[str] | None) -> bool:
+    if include is not None and not any(fnmatch.fnmatchcase(path, p) for p in include):
+        return False
+    return not (exclude and any(fnmatch.fnmatchcase(path, p) for p in exclude))
+
+
+def _model_name(model: nn.Module) -> str:
+    config = getattr(unwrap(model), "config", None)
+    return getattr(config, "_name_or_path", None) or type(unwrap(model)).__name__
+
+
+def _is_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())

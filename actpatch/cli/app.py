@@ -1,0 +1,292 @@
+"""The ``actpatch`` typer app: thin commands over actpatch.loading, actpatch.analyze/patch_model and
+actpatch.manifest.  Exit codes: 0 ok, 1 failure, 2 usage error (see docs/cli.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from . import render
+
+app = typer.Typer(
+    name="actpatch",
+    help="Cut the activation memory of PyTorch / Hugging Face training with inverted activations.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class UsageProblem(Exception):
+    """A combination of arguments that cannot work (exit code 2)."""
+
+
+def _stderr() -> Console:
+    return Console(stderr=True)
+
+
+def error_line(message: str) -> str:
+    """The one line printed on stderr for an error."""
+    return "actpatch: error: " + " ".join(str(message).split())
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """2 for what the user typed (unknown model, bad option combination, existing --output), else 1."""
+    from ..loading import ModelNotFoundError
+    from ..manifest import OutputExistsError
+
+    return (
+        EXIT_USAGE if isinstance(exc, ModelNotFoundError | OutputExistsError | UsageProblem) else EXIT_FAILURE
+    )
+
+
+@contextlib.contextmanager
+def _errors(debug: bool) -> Iterator[None]:
+    """Turn any exception into one line on stderr and an exit code; ``debug`` adds the traceback."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except KeyboardInterrupt:
+        print(error_line("interrupted"), file=sys.stderr)
+        raise typer.Exit(130) from None
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        from ..loading import ModelLoadError
+        from ..manifest import ManifestError, OutputError
+        from .verify import VerifyError
+
+        known = (ModelLoadError, ManifestError, OutputError, VerifyError, UsageProblem)
+        message = str(e) if isinstance(e, known) else f"unexpected {type(e).__name__}: {e}"
+        if not debug and not isinstance(e, known):
+            message += " (run with --debug for the traceback)"
+        print(error_line(message), file=sys.stderr)
+        raise typer.Exit(exit_code_for(e)) from None
+
+
+def _patterns(values: list[str] | None) -> list[str] | None:
+    """Repeated options and comma-separated lists, flattened."""
+    if not values:
+        return None
+    return [p.strip() for v in values for p in v.split(",") if p.strip()]
+
+
+def _with(report: Any, **changes: Any) -> Any:
+    if dataclasses.is_dataclass(report):
+        return dataclasses.replace(report, **changes)
+    for k, v in changes.items():
+        setattr(report, k, v)
+    return report
+
+
+@app.command()
+def convert(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Local directory with config.json (weights optional), Hugging Face Hub id, "
+            "or a built-in id (see `actpatch models`).",
+            show_default=False,
+        ),
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Config only: build on the meta device, read no weights.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size the projection is for.")] = 1,
+    seq_len: Annotated[int, typer.Option(min=1, help="Sequence length the projection is for.")] = 512,
+    dtype: Annotated[
+        DType, typer.Option(case_sensitive=False, help="Training dtype (the projection's and the model's).")
+    ] = DType.float32,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--include",
+            help="Only module paths matching this fnmatch pattern (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude",
+            help="Skip module paths matching this fnmatch pattern (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print only the report as JSON on stdout (PatchReport.to_dict()).")
+    ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Save the patched model (save_pretrained + actpatch_manifest.json) into this new directory.",
+            show_default=False,
+        ),
+    ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option("--verify", help="Compare one forward/backward on a random batch, patched vs original."),
+    ] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Allow code from the model's repository to run.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
+) -> None:
+    """Find the activations of MODEL that can be inverted, patch them, and project the memory saved."""
+    with _errors(debug):
+        _convert(
+            model,
+            dry_run=dry_run,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            dtype=dtype.value,
+            include=_patterns(include),
+            exclude=_patterns(exclude),
+            json_output=json_output,
+            output=output,
+            verify=verify,
+            trust_remote_code=trust_remote_code,
+            debug=debug,
+        )
+
+
+def _convert(
+    name: str,
+    *,
+    dry_run: bool,
+    batch_size: int,
+    seq_len: int,
+    dtype: str,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    json_output: bool,
+    output: Path | None,
+    verify: bool,
+    trust_remote_code: bool,
+    debug: bool = False,
+) -> None:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    import actpatch
+
+    from .. import loading, manifest
+
+    if dry_run and output is not None:
+        raise UsageProblem("--output needs weights; it cannot be used with --dry-run")
+    if dry_run and verify:
+        raise UsageProblem("--verify runs the model; it cannot be used with --dry-run")
+    if output is not None:
+        manifest.check_output_dir(output)
+    torch_dtype = getattr(torch, dtype)
+    if not debug:
+        hf_logging.set_verbosity_error()  # transformers' warnings are noise here; errors still surface
+    err = _stderr()
+    shape = {
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "dtype": torch_dtype,
+        "include": include,
+        "exclude": exclude,
+    }
+
+    what = "config (meta device, no weights)" if dry_run else "model"
+    with err.status(f"Loading {what} of {name} ..."):
+        loaded = loading.load_model(
+            name, dry_run=dry_run, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    for note in loaded.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    model = loaded.model
+
+    check = None
+    with err.status(f"Probing {type(model).__name__} (batch {batch_size} × seq {seq_len}, {dtype}) ..."):
+        if dry_run:
+            report = actpatch.analyze(model, **shape)
+        elif verify:
+            from .verify import verify as run_verify
+
+            check, report = run_verify(model, lambda m: actpatch.patch_model(m, **shape))
+        else:
+            report = actpatch.patch_model(model, **shape)
+    report = _with(report, model=name, dry_run=dry_run)
+
+    failed = check is not None and not check.ok
+    if output is not None and not failed:
+        with err.status(f"Saving the patched model to {output} ..."):
+            manifest.save_patched(model, output, report, include=include, exclude=exclude)
+
+    if json_output:
+        data = report.to_dict()
+        if check is not None:
+            data["verify"] = check.to_dict()
+        if output is not None and not failed:
+            data["output"] = str(output)
+        print(json.dumps(data, indent=2))
+    else:
+        out = Console()
+        if not out.is_terminal and "COLUMNS" not in os.environ:
+            out = Console(width=160)  # piped: do not fold module paths at 80 columns
+        source = {"local": "local directory", "builtin": "built-in config", "hub": "Hugging Face Hub"}[
+            loaded.source.kind
+        ]
+        weights = {
+            "meta": "meta device, no weights read",
+            "random": "random weights",
+            "pretrained": "weights loaded",
+        }[loaded.weights]
+        render.render_report(out, report, header=f"{name}: {type(model).__name__} ({source}, {weights})")
+        if check is not None:
+            out.print(render.verify_text(check))
+        if output is not None and not failed:
+            out.print(
+                f"saved to {output} (with {manifest.MANIFEST_NAME}); reload patched with "
+                f"[bold]actpatch.load_patched({str(output)!r})[/]",
+                highlight=False,
+            )
+    if failed:
+        message = "--verify: the patched model differs from the original beyond tolerance"
+        print(error_line(message + ("; nothing saved" if output is not None else "")), file=sys.stderr)
+        raise typer.Exit(EXIT_FAILURE)
+
+
+@app.command("models")
+def models(
+    json_output: Annotated[bool, typer.Option("--json", help="Print the list as JSON.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
+) -> None:
+    """List the built-in offline configs (usable as MODEL with no network)."""
+    with _errors(debug):
+        from .. import configs
+
+        rows = [configs.describe(n) for n in configs.available()]
+        if json_output:
+            print(json.dumps(rows, indent=2))
+        else:
+            Console().print(render.models_table(rows))
+
+
+__all__ = ["app", "error_line", "exit_code_for"]

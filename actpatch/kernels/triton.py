@@ -1,0 +1,353 @@
+"""Fused Triton kernels for the inverted activations (CUDA; also CPU tensors under Triton's interpreter).
+
+forward(x)            reads x once, writes y = f(x) (torch's own eager formula, in float32) and the
+                      packed branch bits [x >= x*] (element i is bit i % 8 of byte i // 8, row-major).
+backward(dy, y, bits) reads y, bits and dy once, writes dx = dy · g_b(y) once, where g_b is the fitted
+                      inverse-derivative table of ``actpatch.activations.inverse_table`` evaluated exactly
+                      as ``reference.inverse_derivative`` does:
+
+    d = max((y - y*_hi) - y*_lo, 0)
+    u = √d (right branch)   or   √max(L, 0), L = -log(y / y*) if y / y* < 1/2 else -log1p(d / y*)
+    t = u n / w_max (right) or u n / v_max + n (left), clamped to [0, 2n];  i = min(⌊t⌋, 2n - 1)
+    p = Horner(coef[:, i], t - i);   g = (u >= w_max ? 1 : p) on the right,  g = y p on the left.
+
+Each program handles ROWS × 8 elements as a [ROWS, 8] tile, so one bits byte belongs to one tile row:
+the forward packs a row with an in-register sum, the backward loads one byte per row.  Offsets are 64-bit.
+
+Importing this module raises ImportError when Triton is missing (ops.py then keeps the PyTorch path).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ..activations import Activation, inverse_table
+from .bits import packed_size
+from .reference import device_coefficients
+
+try:  # Triton >= 3.0 (the CUDA libdevice wrappers); absent under very old releases
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover
+    from triton.language.extra.cuda import libdevice
+
+# tl.sum's own combine function: the interpreter recognises it (and sums with numpy), so the kernels also
+# run through an InterpretedFunction wrapped after import, where tl.sum (a compiled helper) cannot.
+_sum_combine = tl.standard._sum_combine
+
+__all__ = ["forward", "backward", "ACT_CODES"]
+
+ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "quick_gelu": 3}
+# A Python float under 2^-126 becomes a float64 constant in Triton (and drags the math to float64), so the
+# smallest float32 subnormal (reference._TINY) is made in the kernel from its bits: 0x00000001.
+
+# Launch shape: ROWS rows of 8 elements per program, with this many warps.
+FORWARD_ROWS, FORWARD_WARPS = 128, 4  # fastest in the H200 sweep (benchmarks/kernels.py --sweep)
+BACKWARD_ROWS, BACKWARD_WARPS = 128, 4
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr,
+    y_ptr,
+    bits_ptr,
+    n_elements,
+    row_start,
+    x_star,
+    ACT: tl.constexpr,
+    ROUND_INTERMEDIATE: tl.constexpr,
+    ROWS: tl.constexpr,
+    FULL_ROWS: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
+):
+    """y = f(x) in float32 (rounded once, or as torch's eager ops round); bits = pack([x >= x*])."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = row_start + pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    cols = tl.arange(0, 8)
+    offs = rows[:, None] * 8 + cols[None, :]
+    if FULL_ROWS:  # one mask per row of 8: loads and stores stay 16-byte vectors
+        row_mask = rows < n_elements // 8
+        mask = tl.broadcast_to(row_mask[:, None], [ROWS, 8])
+    else:
+        row_mask = rows * 8 < n_elements
+        mask = offs < n_elements
+    x = tl.load(x_ptr + offs, mask=mask, other=0)
+    if BF16_BY_HAND:  # noqa: SIM108  (x holds bfloat16 bits as int16: the interpreter's casts are inexact)
+        xf = ((x.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    else:
+        xf = x.to(tl.float32)
+    if ACT == 0:  # GELU (erf): x * 0.5 * (1 + erf(x * M_SQRT1_2))
+        z = xf * 0.7071067811865476
+        if LIBDEVICE:  # noqa: SIM108
+            e = libdevice.erf(z)
+        else:
+            e = tl.math.erf(z)
+        y = xf * 0.5 * (1.0 + e)
+    elif ACT == 1:  # GELU (tanh): 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))
+        inner = 0.7978845608028654 * (xf + 0.044715 * (xf * xf * xf))
+        if LIBDEVICE:
+            th = libdevice.tanh(inner)
+        else:  # tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2|u|)
+            e = tl.exp(-2.0 * tl.abs(inner))
+            th = (1.0 - e) / (1.0 + e)
+            th = tl.where(inner < 0, -th, th)
+        y = 0.5 * xf * (1.0 + th)
+    elif ACT == 2:  # SiLU: x / (1 + exp(-x))
+        if LIBDEVICE:  # noqa: SIM108
+            e = libdevice.exp(-xf)
+        else:
+            e = tl.exp(-xf)
+        y = tl.math.div_rn(xf, 1.0 + e)
+    else:  # QuickGELU: x * sigmoid(1.702 * x), three eager ops, each rounded to x's dtype
+        z = xf * 1.702
+        if ROUND_INTERMEDIATE:
+            if BF16_BY_HAND:
+                zb = z.to(tl.uint32, bitcast=True)
+                zb = ((zb + 0x7FFF + ((zb >> 16) & 1)) >> 16) << 16
+                z = tl.where(z == z, zb.to(tl.float32, bitcast=True), z)
+            else:
+                z = z.to(x.dtype).to(tl.float32)
+        if LIBDEVICE:  # noqa: SIM108
+            e = libdevice.exp(-z)
+        else:
+            e = tl.exp(-z)
+        s = tl.math.div_rn(1.0, 1.0 + e)
+        if ROUND_INTERMEDIATE:
+            if BF16_BY_HAND:
+                sb = s.to(tl.uint32, bitcast=True)
+                sb = ((sb + 0x7FFF + ((sb >> 16) & 1)) >> 16) << 16
+                s = tl.where(s == s, sb.to(tl.float32, bitcast=True), s)
+            else:
+                s = s.to(x.dtype).to(tl.float32)
+        y = xf * s
+    if BF16_BY_HAND:  # round to nearest even by hand: the interpreter's float32 -> bfloat16 truncates
+        yb = y.to(tl.uint32, bitcast=True)
+        yb = tl.where(y == y, (yb + 0x7FFF + ((yb >> 16) & 1)) >> 16, 0x7FC0)
+        tl.store(y_ptr + offs, yb.to(tl.int16), mask=mask)
+    else:
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    right = (xf >= x_star) & mask
+    byte = tl.reduce(right.to(tl.int32) << cols[None, :], 1, _sum_combine)
+    tl.store(bits_ptr + rows, byte.to(tl.uint8), mask=row_mask)
+
+
+@triton.jit
+def _backward_kernel(
+    dy_ptr,
+    y_ptr,
+    bits_ptr,
+    dx_ptr,
+    coef_ptr,
+    n_elements,
+    row_start,
+    y_hi,
+    y_lo,
+    inv_y_hi,
+    w_max,
+    scale_right,
+    scale_left,
+    N: tl.constexpr,
+    DEG: tl.constexpr,
+    ROWS: tl.constexpr,
+    FULL_ROWS: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    FAST: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
+):
+    """dx = dy · g_b(y); coef: the [DEG + 1, 2N] float32 table, row-major (coef j, interval i: j·2N + i)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = row_start + pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    cols = tl.arange(0, 8)
+    offs = rows[:, None] * 8 + cols[None, :]
+    if FULL_ROWS:  # one mask per row of 8: loads and stores stay 16-byte vectors
+        row_mask = rows < n_elements // 8
+        mask = tl.broadcast_to(row_mask[:, None], [ROWS, 8])
+    else:
+        row_mask = rows * 8 < n_elements
+        mask = offs < n_elements
+    byte = tl.load(bits_ptr + rows, mask=row_mask, other=0).to(tl.int32)
+    right = ((byte[:, None] >> cols[None, :]) & 1) != 0
+    y = tl.load(y_ptr + offs, mask=mask, other=0)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0)
+    if BF16_BY_HAND:  # int16 views of bfloat16 tensors (interpreter only)
+        y = ((y.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+        dy = ((dy.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    else:
+        y = y.to(tl.float32)
+        dy = dy.to(tl.float32)
+
+    d = tl.maximum((y - y_hi) - y_lo, 0.0)
+    tiny = tl.full([ROWS, 8], 1, tl.int32).to(tl.float32, bitcast=True)
+    if FAST:  # 16-bit y: y's rounding dwarfs these approximations (see backward's docstring)
+        q = y * inv_y_hi
+        arg = tl.where(q < 0.5, tl.maximum(q, tiny), 1.0 + d * inv_y_hi)
+        lg = tl.inline_asm_elementwise(
+            "lg2.approx.f32 $0, $1;", "=r,r", [arg], dtype=tl.float32, is_pure=True, pack=1
+        )
+        # left: u = √(log2(y*/y)); scale_left carries the √(ln 2) that makes it v = √(ln(y*/y))
+        a = tl.minimum(tl.maximum(tl.where(right, d, -lg), 0.0), 150.0)  # -log2(tiny) = 149
+        u = tl.inline_asm_elementwise(
+            "sqrt.approx.ftz.f32 $0, $1;", "=r,r", [a], dtype=tl.float32, is_pure=True, pack=1
+        )
+    elif LIBDEVICE:  # float32 y: one correctly rounded log; log1p(z) = log(w) z / (w - 1), w = 1 + z (Kahan)
+        q = y * inv_y_hi
+        z = d * inv_y_hi
+        w = 1.0 + z
+        small = q < 0.5
+        lg = libdevice.log(tl.where(small, tl.maximum(q, tiny), w))
+        log1p_z = tl.where(w == 1.0, z, lg * (z / (w - 1.0)))
+        log_ratio = -tl.where(small, lg, log1p_z)
+        a = tl.minimum(tl.maximum(tl.where(right, d, log_ratio), 0.0), 104.0)  # -log(tiny) = 103.28
+        u = tl.inline_asm_elementwise(
+            "sqrt.approx.f32 $0, $1;", "=r,r", [a], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:  # interpreter: numpy's float32 functions
+        q = tl.math.div_rn(y, y_hi)
+        z = tl.math.div_rn(d, y_hi)
+        log_q = tl.log(tl.maximum(q, tiny))
+        w = 1.0 + z
+        log1p_z = tl.where(w == 1.0, z, tl.log(w) * (z / (w - 1.0)))
+        log_ratio = tl.where(q < 0.5, -log_q, -log1p_z)
+        u = tl.math.sqrt_rn(tl.maximum(tl.where(right, d, log_ratio), 0.0))
+
+    t = tl.where(right, u * scale_right, u * scale_left + N)
+    if LIBDEVICE:  # t >= 0 (a NaN only from a NaN y, whose output is NaN below); fmin/fmax drop NaN
+        fi = tl.minimum(tl.floor(t), 2.0 * N - 1.0)
+    else:  # numpy propagates NaN: mirror reference._horner's nan_to_num and clamp
+        t = tl.where(t == t, t, 0.0)
+        t = tl.minimum(tl.maximum(t, 0.0), 2.0 * N)
+        fi = tl.minimum(tl.floor(t), 2.0 * N - 1.0)
+    s = t - fi
+    idx = fi.to(tl.int32)
+    p = tl.load(coef_ptr + idx)
+    for j in tl.static_range(1, DEG + 1):
+        p = p * s + tl.load(coef_ptr + j * (2 * N) + idx)
+    g = tl.where(right, tl.where(u >= w_max, 1.0, p), y * p)
+    g = tl.where(y == y, g, y)
+    dx = dy * g
+    if BF16_BY_HAND:
+        db = dx.to(tl.uint32, bitcast=True)
+        db = tl.where(dx == dx, (db + 0x7FFF + ((db >> 16) & 1)) >> 16, 0x7FC0)
+        tl.store(dx_ptr + offs, db.to(tl.int16), mask=mask)
+    else:
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _kernel(jitted, device: torch.device):
+    """(kernel, compiled): the compiled kernel on CUDA; Triton's interpreter on any other device
+    (also on CUDA when TRITON_INTERPRET=1 was set before this module was imported)."""
+    interpreted = type(jitted).__name__ == "InterpretedFunction"
+    if device.type == "cuda" or interpreted:
+        return jitted, not interpreted
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction(jitted.fn), False
+
+
+def _f32(v: float) -> float:
+    return float(np.float32(v))
+
+
+def _launch(kernel, n: int, rows: int, warps: int, args: tuple, **constexprs) -> None:
+    """Whole rows of 8 with per-row masks (vector loads), then the last partial row, if any, alone."""
+    full = n // 8
+    if full:
+        grid = (triton.cdiv(full, rows),)
+        kernel[grid](*args, **_place(constexprs, 0, True, rows, warps))
+    if n % 8:
+        kernel[(1,)](*args, **_place(constexprs, full, False, 1, 1))
+
+
+def _place(constexprs: dict, row_start: int, full_rows: bool, rows: int, warps: int) -> dict:
+    return constexprs | {"row_start": row_start, "FULL_ROWS": full_rows, "ROWS": rows, "num_warps": warps}
+
+
+def forward(x: torch.Tensor, act: Activation) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, bits): y a fresh tensor like ``x`` (shape, and strides for dense x), bits uint8 [ceil(n/8)]."""
+    n = x.numel()
+    bits = torch.empty(packed_size(n), dtype=torch.uint8, device=x.device)
+    xc = x.contiguous()
+    yc = torch.empty_like(xc)
+    if n:
+        kernel, compiled = _kernel(_forward_kernel, x.device)
+        by_hand = not compiled and x.dtype == torch.bfloat16
+        args = (xc.view(torch.int16) if by_hand else xc, yc.view(torch.int16) if by_hand else yc, bits, n)
+        _launch(
+            kernel,
+            n,
+            FORWARD_ROWS,
+            FORWARD_WARPS,
+            args,
+            x_star=_f32(act.x_star),
+            ACT=ACT_CODES[act.name],
+            ROUND_INTERMEDIATE=x.dtype != torch.float32,
+            LIBDEVICE=compiled,
+            BF16_BY_HAND=by_hand,
+        )
+    if xc is x:
+        return yc, bits
+    y = torch.empty_like(x)
+    y.copy_(yc)
+    return y, bits
+
+
+def backward(
+    dy: torch.Tensor, y: torch.Tensor, bits: torch.Tensor, act: Activation, *, fast: bool | None = None
+) -> torch.Tensor:
+    """dx = dy · g_b(y), a fresh tensor like ``dy``.
+
+    On CUDA, y / y* is y times a float32 reciprocal and √ is the hardware's approximate square root (both
+    within an ulp); log(y*/y) is libdevice's log with Kahan's log1p for float32 y, and, with ``fast``
+    (default for 16-bit y), the hardware's lg2.approx, whose ~1e-7 absolute error is far below 16-bit y's
+    rounding.  Under the interpreter: correctly rounded division and square root, numpy's log.
+    """
+    table = inverse_table(act)
+    n = y.numel()
+    dyc = dy.contiguous()
+    dxc = torch.empty_like(dyc)
+    if n:
+        kernel, compiled = _kernel(_backward_kernel, y.device)
+        if fast is None:
+            fast = y.dtype != torch.float32
+        # ACTPATCH_TRITON_GPU_MATH=0: the interpreter's portable math on the GPU too (diagnostics)
+        gpu_math = compiled and os.environ.get("ACTPATCH_TRITON_GPU_MATH", "1") == "1"
+        fast = bool(fast) and gpu_math
+        by_hand = not compiled and y.dtype == torch.bfloat16
+        yc = y.contiguous()
+        args = (
+            dyc.view(torch.int16) if by_hand else dyc,
+            yc.view(torch.int16) if by_hand else yc,
+            bits,
+            dxc.view(torch.int16) if by_hand else dxc,
+            device_coefficients(act, table, y.device),
+            n,
+        )
+        _launch(
+            kernel,
+            n,
+            BACKWARD_ROWS,
+            BACKWARD_WARPS,
+            args,
+            y_hi=table.y_star_hi,
+            y_lo=table.y_star_lo,
+            inv_y_hi=_f32(1.0 / table.y_star_hi),
+            w_max=table.w_max,
+            scale_right=_f32(table.n / table.w_max),
+            scale_left=_f32(table.n / table.v_max * (math.sqrt(math.log(2.0)) if fast else 1.0)),
+            N=table.n,
+            DEG=table.deg,
+            LIBDEVICE=gpu_math,
+            FAST=fast,
+            BF16_BY_HAND=by_hand,
+        )
+    if dyc is dy:
+        return dxc
+    dx = torch.empty_like(dy)
+    dx.copy_(dxc)
+    return dx

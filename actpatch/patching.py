@@ -1,0 +1,160 @@
+"""patch_model / unpatch_model / analyze: swap the activations worth inverting, in place and reversibly.
+
+Contract::
+
+    analyze(model, *, batch_size=1, seq_len=512, dtype=None, example_inputs=None,
+            include=None, exclude=None) -> PatchReport          # changes nothing
+    patch_model(model, *, include=None, exclude=None, example_inputs=None,
+                batch_size=1, seq_len=512, dtype=None) -> PatchReport   # patches in place
+    unpatch_model(model) -> list[str]                               # paths restored
+
+- ``include``/``exclude``: fnmatch patterns on module paths ("*.mlp.act_fn", "model.layers.0.*");
+  ``include=None`` selects every site, ``include=[]`` none.
+- ``dtype``: the dtype of the projection (a torch.dtype, or its name); None = the parameters' dtype.
+- ``example_inputs``: a dict of forward keyword arguments, a tuple of positional ones, or one tensor;
+  None synthesizes inputs from the model's config (see :mod:`actpatch.analysis.inputs`).
+- Works on models on the meta device (``accelerate.init_empty_weights``): nothing is allocated and the
+  report has ``dry_run=True``; patching a meta model swaps the modules all the same.
+
+Which sites are patched is decided by evidence (:mod:`actpatch.analysis.walker`).  The replacement
+module keeps the original in its ``__dict__`` (not as a submodule), so ``state_dict``, ``parameters``
+and ``named_modules`` paths do not change and :func:`unpatch_model` restores the very same objects.
+Patching twice changes nothing: sites already patched keep their replacement; patch_model only adds
+patches (call unpatch_model to start over).  For :func:`analyze`, ``Site.patched`` says whether
+patch_model would leave the site patched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .analysis.walker import walk
+from .nn import InvertedGELU, InvertedQuickGELU, InvertedSiLU
+from .report import PatchReport
+
+_ORIGINAL = "_actpatch_original"
+
+_REPLACEMENTS = {
+    "gelu": lambda: InvertedGELU("none"),
+    "gelu_tanh": lambda: InvertedGELU("tanh"),
+    "silu": InvertedSiLU,
+    "quick_gelu": InvertedQuickGELU,
+}
+
+
+def analyze(
+    model: nn.Module,
+    *,
+    batch_size: int = 1,
+    seq_len: int = 512,
+    dtype: torch.dtype | str | None = None,
+    example_inputs: object = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+) -> PatchReport:
+    """Find the activation sites of ``model`` and project the memory patching saves; changes nothing."""
+    _check_module(model)
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
+    with _originals_restored(model) as patched_now:
+        return walk(
+            model,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            dtype=_as_dtype(dtype),
+            example_inputs=example_inputs,
+            include=include,
+            exclude=exclude,
+            already_patched=patched_now,
+        )
+
+
+def patch_model(
+    model: nn.Module,
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    example_inputs: object = None,
+    batch_size: int = 1,
+    seq_len: int = 512,
+    dtype: torch.dtype | str | None = None,
+) -> PatchReport:
+    """Swap in place every activation the evidence says is worth inverting; returns the report."""
+    report = analyze(
+        model,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        dtype=dtype,
+        example_inputs=example_inputs,
+        include=include,
+        exclude=exclude,
+    )
+    current = patched_modules(model)
+    for site in report.patched_sites:
+        if site.path not in current:
+            _swap(model, site.path, site.activation)
+    return report
+
+
+def unpatch_model(model: nn.Module) -> list[str]:
+    """Put every original activation module back; returns the paths restored."""
+    _check_module(model)
+    restored = list(patched_modules(model))
+    for path, replacement in patched_modules(model).items():
+        _set(model, path, replacement.__dict__[_ORIGINAL])
+    return restored
+
+
+def patched_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> replacement, for every site patched by actpatch."""
+    return {path: m for path, m in model.named_modules() if _ORIGINAL in m.__dict__}
+
+
+def original_module(module: nn.Module) -> nn.Module | None:
+    """The module a replacement stands in for (None if ``module`` is not a replacement)."""
+    return module.__dict__.get(_ORIGINAL)
+
+
+def _swap(model: nn.Module, path: str, activation: str) -> None:
+    original = model.get_submodule(path)
+    replacement = _REPLACEMENTS[activation]()
+    replacement.train(original.training)
+    replacement.__dict__[_ORIGINAL] = original  # not a submodule: state_dict and paths stay the same
+    _set(model, path, replacement)
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    parent._modules[name] = module
+
+
+@contextlib.contextmanager
+def _originals_restored(model: nn.Module) -> Iterator[set[str]]:
+    """Originals in place while probing (so the evidence is the same), replacements put back after."""
+    patched = patched_modules(model)
+    for path, replacement in patched.items():
+        _set(model, path, replacement.__dict__[_ORIGINAL])
+    try:
+        yield set(patched)
+    finally:
+        for path, replacement in patched.items():
+            _set(model, path, replacement)
+
+
+def _check_module(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"actpatch expects a torch.nn.Module, got {type(model).__name__}")
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return value

@@ -1,0 +1,267 @@
+"""Fused Triton kernels vs torch's own activation kernels: time, bandwidth, >2^31 elements, accuracy on GPU.
+
+    python benchmarks/kernels.py [--device cuda] [--shape 8192 14336] [--sweep] [--accuracy] [--large]
+    python benchmarks/kernels.py --device cpu --quick       # smoke test (Triton interpreter)
+
+Bytes the kernels must move, per element of size s bytes: forward reads x, writes y and 1/8 byte of bits
+(2s + 1/8); backward reads y, dy and the bits, writes dx (3s + 1/8).  "% copy" is that count over the time,
+divided by the device-to-device copy bandwidth measured in the same run (bytes read + written).
+torch's fwd+bwd is F.<act>(x) then aten.<act>_backward(dy, x) (what autograd runs), timed as one function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from actpatch.activations import ACTIVATIONS
+from actpatch.kernels import reference
+from actpatch.kernels import triton as tk
+from actpatch.kernels.bits import packed_size
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def torch_ops(name: str):
+    """(forward, backward(dy, x)) of torch's own eager activation kernels."""
+    if name == "gelu":
+        return F.gelu, lambda dy, x: torch.ops.aten.gelu_backward(dy, x)
+    if name == "gelu_tanh":
+        return (
+            lambda x: F.gelu(x, approximate="tanh"),
+            lambda dy, x: torch.ops.aten.gelu_backward(dy, x, approximate="tanh"),
+        )
+    if name == "silu":
+        return F.silu, lambda dy, x: torch.ops.aten.silu_backward(dy, x)
+    return None
+
+
+def bench(fn, device: str, quick: bool) -> float:
+    """Median milliseconds."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return float(
+            do_bench(fn, warmup=25 if quick else 100, rep=50 if quick else 300, return_mode="median")
+        )
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[1]
+
+
+def copy_bandwidth(device: str, quick: bool) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    n = 2**20 if quick else 2**30  # bytes per buffer
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), device, quick)
+    return 2 * n / (ms * 1e-3)
+
+
+def time_activation(name: str, x: torch.Tensor, dy: torch.Tensor, args, copy_bw: float) -> dict:
+    """One activation on one tensor: ours and torch's, forward, backward and both."""
+    act = ACTIVATIONS[name]
+    s = x.element_size()
+    n = x.numel()
+    fwd_bytes, bwd_bytes = n * (2 * s + 1 / 8), n * (3 * s + 1 / 8)
+    y, bits = tk.forward(x, act)
+
+    def ours_both():
+        y2, b2 = tk.forward(x, act)
+        return tk.backward(dy, y2, b2, act)
+
+    r = {"activation": name, "dtype": str(x.dtype).removeprefix("torch."), "shape": list(x.shape)}
+    r["ours_fwd_ms"] = bench(lambda: tk.forward(x, act), args.device, args.quick)
+    r["ours_bwd_ms"] = bench(lambda: tk.backward(dy, y, bits, act), args.device, args.quick)
+    r["ours_fwdbwd_ms"] = bench(ours_both, args.device, args.quick)
+    if x.dtype != torch.float32 and args.device == "cuda":
+        r["ours_bwd_precise_ms"] = bench(
+            lambda: tk.backward(dy, y, bits, act, fast=False), args.device, args.quick
+        )
+    ops = torch_ops(name)
+    if ops is not None:
+        tf, tb = ops
+
+        def torch_both():
+            tf(x)
+            return tb(dy, x)
+
+        r["torch_fwd_ms"] = bench(lambda: tf(x), args.device, args.quick)
+        r["torch_fwdbwd_ms"] = bench(torch_both, args.device, args.quick)
+        r["ratio_vs_torch"] = r["ours_fwdbwd_ms"] / r["torch_fwdbwd_ms"]
+    r["fwd_pct_copy"] = 100 * fwd_bytes / (r["ours_fwd_ms"] * 1e-3) / copy_bw
+    r["bwd_pct_copy"] = 100 * bwd_bytes / (r["ours_bwd_ms"] * 1e-3) / copy_bw
+    r["fwdbwd_pct_copy"] = 100 * (fwd_bytes + bwd_bytes) / (r["ours_fwdbwd_ms"] * 1e-3) / copy_bw
+    r["floor_fwdbwd_ms"] = (fwd_bytes + bwd_bytes) / copy_bw * 1e3
+    print(
+        f"{name:<10} {r['dtype']:<8} ours fwd {r['ours_fwd_ms']:.4f} bwd {r['ours_bwd_ms']:.4f} "
+        f"fwd+bwd {r['ours_fwdbwd_ms']:.4f} ms ({r['fwd_pct_copy']:.0f}/{r['bwd_pct_copy']:.0f}/"
+        f"{r['fwdbwd_pct_copy']:.0f}% copy; floor {r['floor_fwdbwd_ms']:.4f})"
+        + (f" | torch fwd {r['torch_fwd_ms']:.4f} fwd+bwd {r['torch_fwdbwd_ms']:.4f}" if ops else "")
+        + (f" | x{r['ratio_vs_torch']:.3f}" if ops else "")
+        + (f" | bwd precise {r['ours_bwd_precise_ms']:.4f}" if "ours_bwd_precise_ms" in r else ""),
+        flush=True,
+    )
+    return r
+
+
+def kernel_table(args, copy_bw: float) -> list[dict]:
+    rows = []
+    acts = ["gelu", "silu"] if args.quick else list(ACTIVATIONS)
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        x = (torch.randn(args.shape, device=args.device) * 2).to(dtype)
+        dy = torch.randn_like(x)
+        for name in acts:
+            rows.append(time_activation(name, x, dy, args, copy_bw))
+        if dname == "bfloat16" and args.device == "cuda":  # the gathers' cost: every y in one interval
+            act = ACTIVATIONS["silu"]
+            y1 = torch.full_like(x, 0.5)
+            bits1 = torch.full((packed_size(x.numel()),), 255, dtype=torch.uint8, device=x.device)
+            t = bench(lambda: tk.backward(dy, y1, bits1, act), args.device, args.quick)  # noqa: B023
+            print(f"silu       bfloat16 bwd with every y = 0.5 (one table interval): {t:.4f} ms", flush=True)
+            rows.append({"activation": "silu", "dtype": dname, "note": "bwd, y constant", "ours_bwd_ms": t})
+    return rows
+
+
+def sweep(args, copy_bw: float) -> dict:
+    """Rows per program x warps on bf16 SiLU; the fastest forward and backward shapes are kept for the run."""
+    out: dict = {"forward": [], "backward": []}
+    x = (torch.randn(args.shape, device=args.device) * 2).to(torch.bfloat16)
+    dy = torch.randn_like(x)
+    act = ACTIVATIONS["silu"]
+    y, bits = tk.forward(x, act)
+    for rows in (128, 256, 512, 1024):
+        for warps in (4, 8, 16):
+            if rows * 8 < 32 * warps:
+                continue
+            tk.FORWARD_ROWS, tk.FORWARD_WARPS = tk.BACKWARD_ROWS, tk.BACKWARD_WARPS = rows, warps
+            f = bench(lambda: tk.forward(x, act), args.device, args.quick)
+            b = bench(lambda: tk.backward(dy, y, bits, act), args.device, args.quick)
+            out["forward"].append((f, rows, warps))
+            out["backward"].append((b, rows, warps))
+            print(f"sweep rows {rows:5d} warps {warps:2d}: fwd {f:.4f} bwd {b:.4f} ms", flush=True)
+    (_, tk.FORWARD_ROWS, tk.FORWARD_WARPS), (_, tk.BACKWARD_ROWS, tk.BACKWARD_WARPS) = (
+        min(out["forward"]),
+        min(out["backward"]),
+    )
+    out["chosen"] = {
+        "forward": [tk.FORWARD_ROWS, tk.FORWARD_WARPS],
+        "backward": [tk.BACKWARD_ROWS, tk.BACKWARD_WARPS],
+    }
+    print(f"sweep chose (rows, warps): {out['chosen']}", flush=True)
+    return out
+
+
+def large_check(args) -> dict:
+    """bf16 SiLU on 2^31 + 8003 elements: the last 800,003 elements against the reference."""
+    n = 2**31 + 8003 if not args.quick else 8 * 1000 + 3
+    act = ACTIVATIONS["silu"]
+    x = torch.empty(n, device=args.device, dtype=torch.bfloat16).normal_(0, 3)
+    t0 = time.perf_counter()
+    y, bits = tk.forward(x, act)
+    dx = tk.backward(y, y, bits, act)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    m = 8 * 100_000 + 3 if not args.quick else 803
+    tail = slice(n - m, n)
+    start = tail.start // 8
+    yr, _ = reference.forward(x[tail], act)
+    x_star = torch.tensor(act.x_star, dtype=torch.float32)
+    bits_ok = torch.equal(bits[start:], reference.pack_bits(x[tail].float() >= x_star.to(x.device)))
+    dxr = reference.backward(y[tail], y[tail], bits[start:], act)
+    y_ok = bool(((y[tail].float() - yr.float()).abs() <= 2**-7 * yr.float().abs()).all())
+    dx_ok = bool(((dx[tail].float() - dxr.float()).abs() <= 2**-7 * dxr.float().abs()).all())
+    res = {"n": n, "bits_ok": bits_ok, "y_ok": y_ok, "dx_ok": dx_ok, "seconds": elapsed}
+    print(f"large: n = {n} ({n / 2**31:.4f} x 2^31): y {y_ok}, bits {bits_ok}, dx {dx_ok}", flush=True)
+    del x, y, bits, dx
+    return res
+
+
+def accuracy_check(args) -> list[dict]:
+    """actpatch.accuracy's criterion on the GPU's output (autograd through the custom ops)."""
+    from actpatch.accuracy import all_finite_values, float32_grid, measure
+
+    out = []
+    for name, act in ACTIVATIONS.items():
+        for dname, dtype in DTYPES.items():
+            if dtype == torch.float32:  # a 10x thinner grid than benchmarks/accuracy.py's (CPU bisection)
+                x = float32_grid(act, n=200_001, n_min=40_001)
+            else:
+                x = all_finite_values(dtype)
+            if args.quick:
+                x = x[:: max(1, x.numel() // 3000)]
+            r = measure(name, x.to(args.device))
+            out.append(
+                {
+                    "activation": name,
+                    "dtype": dname,
+                    "inputs": r.x.numel(),
+                    "max_error": r.max_error,
+                    "limit_max": r.max_limit,
+                    "ratio": r.ratio,
+                    "violations": r.violations,
+                    "nonfinite": r.nonfinite,
+                    "passed": r.passed,
+                }
+            )
+            print(
+                f"accuracy {name:<10} {dname:<8} max err {r.max_error:.3e} limit {r.max_limit:.3e} "
+                f"ratio {r.ratio:.3f} past bound {r.violations} non-finite {r.nonfinite} "
+                f"{'PASS' if r.passed else 'FAIL'}",
+                flush=True,
+            )
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    p.add_argument("--shape", type=int, nargs="+", default=[8192, 14336])
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES))
+    p.add_argument("--sweep", action="store_true", help="rows per program x warps, bf16 SiLU")
+    p.add_argument("--large", action="store_true", help="correctness on more than 2^31 elements")
+    p.add_argument("--accuracy", action="store_true", help="accuracy criterion on this device's output")
+    p.add_argument("--json", help="write all results here")
+    args = p.parse_args()
+    if args.quick:
+        args.shape = [37, 129]
+    ok = True
+    res: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device}
+    res["torch"], res["triton"] = torch.__version__, tk.triton.__version__
+    res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    res["copy_bytes_per_s"] = copy_bw = copy_bandwidth(args.device, args.quick)
+    print(f"{res['device']}: copy bandwidth {copy_bw / 1e12:.3f} TB/s (read + write)", flush=True)
+    if args.sweep:
+        res["sweep"] = sweep(args, copy_bw)
+    res["launch"] = {
+        "forward": [tk.FORWARD_ROWS, tk.FORWARD_WARPS],
+        "backward": [tk.BACKWARD_ROWS, tk.BACKWARD_WARPS],
+    }
+    res["kernels"] = kernel_table(args, copy_bw)
+    if args.large:
+        res["large"] = large_check(args)
+        ok &= all(res["large"][k] for k in ("y_ok", "bits_ok", "dx_ok"))
+    if args.accuracy:
+        res["accuracy"] = acc = accuracy_check(args)
+        ok &= args.quick or all(r["passed"] for r in acc)  # --quick subsamples: not judged
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1, default=str)
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

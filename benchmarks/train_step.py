@@ -1,0 +1,316 @@
+"""Whole training step (forward + backward) with activations swapped by hand for actpatch's modules.
+
+    python benchmarks/train_step.py [--device cuda] [--models gpt2-medium bert-base llama3-8b-layer]
+                                    [--compile] [--json FILE]
+    python benchmarks/train_step.py --device cpu --quick     # smoke test with tiny shapes
+
+Models are built from transformers configs with random weights, bf16 (float32 with --device cpu), in
+training mode, loss = the model's own LM/MLM loss on random tokens.  Swaps: GPT-2 ``mlp.act`` (NewGELU, a
+Python tanh formula) -> InvertedGELU("tanh"); BERT's GELU -> InvertedGELU(); Llama's SiLU -> InvertedSiLU().
+
+- step time: median of CUDA-event-timed steps (forward, backward, grads set to None), eager and patched
+  measured alternately on one model instance;
+- saved activation bytes per token per layer: memory_allocated after the forward minus before, as the slope
+  between a 2-layer and a 4-layer model (embeddings, logits and loss drop out);
+- --compile: torch.compile of the patched model, graph breaks counted by torch._dynamo, none may come from
+  actpatch's ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from actpatch.nn import InvertedGELU, InvertedSiLU
+
+# name: (config factory(layers, quick), batch, seq, layers for the step time, swap function)
+
+
+def _gpt2(layers: int, quick: bool):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    h = 64 if quick else 1024
+    cfg = GPT2Config(n_layer=layers, n_embd=h, n_head=4 if quick else 16, n_positions=1024, vocab_size=50257)
+    return GPT2LMHeadModel(cfg)
+
+
+def _bert(layers: int, quick: bool):
+    from transformers import BertConfig, BertForMaskedLM
+
+    h = 64 if quick else 768
+    cfg = BertConfig(
+        num_hidden_layers=layers,
+        hidden_size=h,
+        num_attention_heads=4 if quick else 12,
+        intermediate_size=4 * h,
+    )
+    return BertForMaskedLM(cfg)
+
+
+def _llama(layers: int, quick: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        num_hidden_layers=layers,
+        hidden_size=64 if quick else 4096,
+        intermediate_size=224 if quick else 14336,
+        num_attention_heads=4 if quick else 32,
+        num_key_value_heads=2 if quick else 8,
+        vocab_size=1000 if quick else 128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _swap_gpt2(model, patched: dict) -> None:
+    for block in model.transformer.h:
+        _swap(block.mlp, "act", InvertedGELU("tanh"), patched)
+
+
+def _swap_bert(model, patched: dict) -> None:
+    for layer in model.bert.encoder.layer:
+        _swap(layer.intermediate, "intermediate_act_fn", InvertedGELU(), patched)
+
+
+def _swap_llama(model, patched: dict) -> None:
+    for layer in model.model.layers:
+        _swap(layer.mlp, "act_fn", InvertedSiLU(), patched)
+
+
+def _swap(parent, attr: str, new, patched: dict) -> None:
+    patched[(id(parent), attr)] = (parent, attr, getattr(parent, attr))
+    setattr(parent, attr, new)
+
+
+def unswap(patched: dict) -> None:
+    for parent, attr, old in patched.values():
+        setattr(parent, attr, old)
+    patched.clear()
+
+
+MODELS = {
+    "gpt2-medium": (_gpt2, 8, 1024, 12, _swap_gpt2),
+    "bert-base": (_bert, 32, 512, 12, _swap_bert),
+    "llama3-8b-layer": (_llama, 2, 4096, 4, _swap_llama),
+}
+QUICK = {"gpt2-medium": (2, 64, 2), "bert-base": (2, 64, 2), "llama3-8b-layer": (2, 64, 2)}
+
+
+def build(name: str, layers: int, args):
+    factory = MODELS[name][0]
+    torch.manual_seed(0)
+    with torch.device(args.device):  # random init on the device: seconds, not minutes, for 2B parameters
+        model = factory(layers, args.quick)
+    return model.to(dtype=args.dtype).train()
+
+
+def batch(model, b: int, s: int, device: str) -> dict:
+    ids = torch.randint(0, model.config.vocab_size, (b, s), device=device)
+    return {"input_ids": ids, "labels": ids}
+
+
+def step(model, inputs: dict) -> None:
+    model(**inputs).loss.backward()
+    for p in model.parameters():
+        p.grad = None
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(model, inputs: dict, device: str, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(model, inputs)
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step(model, inputs)
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def step_times(name: str, args) -> dict:
+    _, b, s, layers, swap = MODELS[name]
+    if args.quick:
+        b, s, layers = QUICK[name]
+    model = build(name, layers, args)
+    inputs = batch(model, b, s, args.device)
+    patched: dict = {}
+    times: dict[str, list[float]] = {"eager": [], "patched": []}
+    for rnd in range(args.rounds):
+        for mode in ("eager", "patched") if rnd % 2 == 0 else ("patched", "eager"):
+            if mode == "patched":
+                swap(model, patched)
+            time_steps(model, inputs, args.device, args.warmup)
+            times[mode] += time_steps(model, inputs, args.device, args.steps)
+            unswap(patched)
+    eager, ours = statistics.median(times["eager"]), statistics.median(times["patched"])
+    del model
+    _free(args.device)
+    return {
+        "layers": layers,
+        "batch": b,
+        "seq": s,
+        "eager_ms": eager,
+        "patched_ms": ours,
+        "ratio": ours / eager,
+    }
+
+
+def _free(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def saved_bytes(model, inputs: dict, device: str) -> int:
+    """Bytes autograd keeps after the forward: memory_allocated after minus before (CUDA)."""
+    if device != "cuda":  # CPU: sum the saved tensors' storage, once each
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(**inputs).loss
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+        return sum(seen.values())
+    sync(device)
+    before = torch.cuda.memory_allocated()
+    loss = model(**inputs).loss
+    sync(device)
+    after = torch.cuda.memory_allocated()
+    loss.backward()
+    for p in model.parameters():
+        p.grad = None
+    del loss
+    return after - before
+
+
+def memory_slope(name: str, args) -> dict:
+    _, b, s, _, swap = MODELS[name]
+    if args.quick:
+        b, s, _ = QUICK[name]
+    res = {}
+    per_mode: dict[str, dict[int, int]] = {"eager": {}, "patched": {}}
+    for layers in (2, 4):
+        model = build(name, layers, args)
+        inputs = batch(model, b, s, args.device)
+        for mode in ("eager", "patched"):
+            patched: dict = {}
+            if mode == "patched":
+                swap(model, patched)
+            step(model, inputs)  # warm-up (allocator, kernels)
+            per_mode[mode][layers] = saved_bytes(model, inputs, args.device)
+            unswap(patched)
+        del model, inputs
+        _free(args.device)
+    for mode, per_layers in per_mode.items():
+        res[f"{mode}_bytes_per_token_per_layer"] = (per_layers[4] - per_layers[2]) / 2 / (b * s)
+        res[f"{mode}_bytes"] = per_layers
+    return res
+
+
+def compile_check(args) -> dict:
+    """torch.compile a patched 2-layer GPT-2 (and a patched Llama layer pair); count graph breaks."""
+    import torch._dynamo as dynamo
+
+    out = {}
+    for name in ("gpt2-medium", "llama3-8b-layer"):
+        _, b, s, _, swap = MODELS[name]
+        b, s = (2, 64) if args.quick else (min(b, 2), min(s, 1024))
+        model = build(name, 2, args)
+        inputs = batch(model, b, s, args.device)
+        swap(model, {})
+        dynamo.reset()
+        dynamo.utils.counters.clear()
+        explanation = dynamo.explain(model)(**inputs)
+        reasons = [str(getattr(r, "reason", r)) for r in explanation.break_reasons]
+        compiled = torch.compile(model)
+        t0 = time.perf_counter()
+        step(compiled, inputs)
+        step(compiled, inputs)
+        sync(args.device)
+        breaks = dict(dynamo.utils.counters["graph_break"])
+        ours = [r for r in reasons + list(breaks) if "actpatch" in r.lower()]
+        out[name] = {
+            "explain_graph_breaks": explanation.graph_break_count,
+            "explain_reasons": reasons,
+            "counter_graph_breaks": breaks,
+            "actpatch_breaks": ours,
+            "compile_and_2_steps_s": time.perf_counter() - t0,
+        }
+        print(
+            f"compile {name}: graph breaks {explanation.graph_break_count} (from actpatch: {len(ours)})",
+            flush=True,
+        )
+        del model, compiled
+        _free(args.device)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="alternating eager/patched rounds")
+    p.add_argument("--no-time", action="store_true")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--json")
+    args = p.parse_args()
+    args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    if args.quick:
+        args.steps, args.warmup = 2, 1
+    res: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device}
+    import transformers
+
+    res["torch"], res["transformers"] = torch.__version__, transformers.__version__
+    ok = True
+    for name in args.models:
+        r = res[name] = {}
+        if not args.no_memory:
+            r.update(memory_slope(name, args))
+            print(
+                f"{name}: saved bytes/token/layer eager {r['eager_bytes_per_token_per_layer']:,.0f} "
+                f"patched {r['patched_bytes_per_token_per_layer']:,.0f}",
+                flush=True,
+            )
+        if not args.no_time:
+            r.update(step_times(name, args))
+            print(
+                f"{name}: step eager {r['eager_ms']:.2f} ms patched {r['patched_ms']:.2f} ms "
+                f"(x{r['ratio']:.3f}; {r['layers']} layers, batch {r['batch']}, seq {r['seq']})",
+                flush=True,
+            )
+    if args.compile:
+        res["compile"] = c = compile_check(args)
+        ok &= all(not v["actpatch_breaks"] for v in c.values())
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1, default=str)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

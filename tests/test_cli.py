@@ -1,0 +1,314 @@
+"""The ``actpatch`` command line: the installed console script end to end, CliRunner for the rest."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from actpatch.cli import app
+
+BIN = Path(sys.executable).with_name("actpatch")
+SCRIPT = str(BIN) if BIN.exists() else shutil.which("actpatch")
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "max_position_embeddings": 64,
+}
+SITE_KEYS = {"path", "activation", "consumer", "patched", "reason", "saved_bytes_per_token"}
+PROJECTION_KEYS = {
+    "batch_size",
+    "seq_len",
+    "dtype",
+    "activation_bytes_before",
+    "activation_bytes_after",
+    "saved_bytes",
+    "saved_fraction",
+}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache: nothing to find offline
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+def actpatch_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    assert SCRIPT, "the actpatch console script is not installed"
+    return subprocess.run(
+        [SCRIPT, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=os.environ
+    )
+
+
+def _config_dir(tmp_path: Path, config: dict | str, name: str = "model") -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return d
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, fragment: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("actpatch: error: ") and fragment in lines[0]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+# --- the console script, end to end ------------------------------------------------------------
+
+
+def test_models_lists_the_builtins():
+    proc = actpatch_cli("models", "--json")
+    assert proc.returncode == 0, proc.stderr
+    ids = {row["id"] for row in json.loads(proc.stdout)}
+    assert {"gpt2", "meta-llama/Llama-3.1-8B", "mistralai/Mixtral-8x7B-v0.1", "EleutherAI/pythia-1b"} <= ids
+
+
+def test_llama_8b_dry_run_figure():
+    """The issue's figure: offline, 32 sites, one bf16 [tokens x 14336] tensor per layer less its bit mask."""
+    args = ("convert", "meta-llama/Llama-3.1-8B", "--dry-run", "--batch-size", "1", "--seq-len", "4096")
+    start = time.perf_counter()
+    proc = actpatch_cli(*args, "--dtype", "bfloat16", "--json")
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)  # nothing but JSON on stdout
+    assert report["model"] == "meta-llama/Llama-3.1-8B" and report["dry_run"] is True
+    assert all(set(s) >= SITE_KEYS for s in report["sites"])
+    patched = [s for s in report["sites"] if s["patched"]]
+    assert [s["path"] for s in patched] == [f"model.layers.{i}.mlp.act_fn" for i in range(32)]
+    tokens, width = 4096, 14336
+    per_layer = tokens * width * 2 - tokens * width // 8
+    p = report["projection"]
+    assert set(p) >= PROJECTION_KEYS
+    assert (p["batch_size"], p["seq_len"], p["dtype"]) == (1, 4096, "bfloat16")
+    assert p["saved_bytes"] == 32 * per_layer == p["activation_bytes_before"] - p["activation_bytes_after"]
+    assert p["saved_fraction"] == pytest.approx(p["saved_bytes"] / p["activation_bytes_before"])
+    assert elapsed < 60
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 2 * 1024 * 1024  # KiB
+
+
+def test_human_output_has_table_and_summary():
+    proc = actpatch_cli("convert", "gpt2", "--dry-run", "--seq-len", "1024")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "transformer.h.11.mlp.act" in out and "module path" in out and "saved B/token" in out
+    assert "12 of 12 sites patched" in out
+    assert "activation memory:" in out and "->" in out and "%" in out and "batch 1 × seq 1024, float32" in out
+
+
+def test_verify_and_output_on_a_tiny_local_model(tmp_path):
+    model_dir = _config_dir(tmp_path, TINY_LLAMA)
+    out = tmp_path / "patched"
+    proc = actpatch_cli("convert", str(model_dir), "--verify", "--output", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    check = report["verify"]
+    assert check["ok"] and check["output_max_abs_diff"] == 0.0
+    assert 0 < check["grad_rel"] < 1e-3  # the backward is approximated, not skipped
+    assert report["output"] == str(out)
+    recorded = json.loads((out / "actpatch_manifest.json").read_text())
+    assert [s["path"] for s in recorded["sites"]] == [s["path"] for s in report["sites"] if s["patched"]]
+    assert (out / "model.safetensors").is_file()
+
+    import actpatch
+
+    loaded = actpatch.load_patched(out)
+    for site in recorded["sites"]:
+        assert type(loaded.get_submodule(site["path"])).__module__.startswith("actpatch")
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (["convert", "./no/such/model", "--dry-run"], 2, "no such file or directory"),
+        (["convert", "nobody/not-a-model-id", "--dry-run"], 2, "unknown model"),
+        (["convert", "gpt2", "--dtype", "int8"], 2, "--dtype"),
+        (["convert", "gpt2", "--dry-run", "--output", "x"], 2, "--dry-run"),
+    ],
+)
+def test_usage_errors(args, code, fragment):
+    _assert_one_line_error(actpatch_cli(*args), code, fragment)
+
+
+def test_invalid_json_config_fails_with_one_line(tmp_path):
+    d = _config_dir(tmp_path, '{"model_type": "llama",')
+    _assert_one_line_error(actpatch_cli("convert", str(d), "--dry-run"), 1, "not valid JSON")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    d = _config_dir(tmp_path, '{"model_type": "llama",')
+    proc = actpatch_cli("convert", str(d), "--dry-run", "--debug")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("actpatch: error: ")
+
+
+def test_unwritable_output_leaves_nothing(tmp_path):
+    model_dir = _config_dir(tmp_path, TINY_LLAMA)
+    (tmp_path / "file").write_text("")
+    proc = actpatch_cli("convert", str(model_dir), "--output", str(tmp_path / "file" / "out"))
+    _assert_one_line_error(proc, 1, "not a directory")
+    assert {p.name for p in tmp_path.iterdir()} - {"hf-home"} == {"file", "model"}
+    assert (tmp_path / "file").read_text() == ""
+
+
+# --- CliRunner -----------------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def _json(result) -> dict:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_include_and_exclude_patterns():
+    all_sites = _json(invoke("convert", "gpt2", "--dry-run", "--json"))
+    assert sum(s["patched"] for s in all_sites["sites"]) == 12
+    only = _json(invoke("convert", "gpt2", "--dry-run", "--json", "--include", "transformer.h.1.*"))
+    assert {s["path"] for s in only["sites"] if s["patched"]} == {"transformer.h.1.mlp.act"}
+    some = _json(
+        invoke("convert", "gpt2", "--dry-run", "--json", "--exclude", "transformer.h.1*,transformer.h.2.*")
+    )
+    patched = {s["path"] for s in some["sites"] if s["patched"]}
+    assert len(patched) == 12 - 4 and "transformer.h.10.mlp.act" not in patched
+    skipped = [s for s in some["sites"] if not s["patched"]]
+    assert skipped and all(s["reason"] for s in skipped)
+    assert some["projection"]["saved_bytes"] < all_sites["projection"]["saved_bytes"]
+
+
+def test_projection_scales_with_the_shape():
+    small = _json(invoke("convert", "gpt2", "--dry-run", "--json", "--seq-len", "128"))["projection"]
+    big = _json(invoke("convert", "gpt2", "--dry-run", "--json", "--seq-len", "256", "--batch-size", "2"))[
+        "projection"
+    ]
+    half = _json(invoke("convert", "gpt2", "--dry-run", "--json", "--seq-len", "128", "--dtype", "bfloat16"))
+    assert big["saved_bytes"] == 4 * small["saved_bytes"]
+    assert (
+        half["projection"]["dtype"] == "bfloat16" and half["projection"]["saved_bytes"] < small["saved_bytes"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ({**TINY_LLAMA, "hidden_size": "big"}, "hidden_size"),
+        ({"model_type": "not-a-transformers-type"}, "not known to transformers"),
+    ],
+)
+def test_bad_configs_exit_1(tmp_path, config, fragment):
+    result = invoke("convert", str(_config_dir(tmp_path, config)), "--dry-run")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("actpatch: error: ") and fragment in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_existing_output_is_a_usage_error(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("")
+    result = invoke("convert", str(_config_dir(tmp_path, TINY_LLAMA)), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "not an empty directory" in result.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep"]
+
+
+def test_failing_save_leaves_no_directory(tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def failing_save(self, directory, **kwargs):
+        (Path(directory) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", failing_save)
+    model_dir = _config_dir(tmp_path, TINY_LLAMA)
+    result = invoke("convert", str(model_dir), "--output", str(tmp_path / "new" / "out"))
+    assert result.exit_code == 1 and "No space left on device" in result.stderr
+    assert not (tmp_path / "new").exists()
+    assert not [p for p in tmp_path.rglob("*") if "actpatch-partial" in p.name]
+
+
+def test_verify_failure_exits_1_and_saves_nothing(tmp_path, monkeypatch):
+    from actpatch.cli import verify as verify_mod
+
+    real = verify_mod.verify
+
+    def pessimist(model, patch, **kw):
+        result, patched = real(model, patch, **kw)
+        result.grad_rel = float("nan")
+        return result, patched
+
+    monkeypatch.setattr(verify_mod, "verify", pessimist)
+    model_dir = _config_dir(tmp_path, TINY_LLAMA)
+    result = invoke("convert", str(model_dir), "--verify", "--output", str(tmp_path / "out"))
+    assert result.exit_code == 1 and "beyond tolerance" in result.stderr and "FAILED" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_models_table():
+    result = invoke("models")
+    assert result.exit_code == 0 and "meta-llama/Llama-3.1-70B" in result.stdout and "28672" in result.stdout
+
+
+def test_render_of_a_hand_built_report():
+    from types import SimpleNamespace as NS
+
+    from rich.console import Console
+
+    from actpatch.cli import render
+
+    report = NS(
+        model="m",
+        dry_run=True,
+        sites=[
+            NS(
+                path="a.act",
+                activation="silu",
+                consumer="mul",
+                patched=True,
+                reason="",
+                saved_bytes_per_token=26880,
+            ),
+            NS(
+                path="b.act",
+                activation="gelu",
+                consumer="dropout",
+                patched=False,
+                reason="dropout",
+                saved_bytes_per_token=0,
+            ),
+        ],
+        projection=NS(
+            batch_size=1,
+            seq_len=8,
+            dtype="bfloat16",
+            activation_bytes_before=2048,
+            activation_bytes_after=1024,
+            saved_bytes=1024,
+            saved_fraction=0.5,
+        ),
+    )
+    console = Console(record=True, width=200)
+    render.render_report(console, report)
+    text = console.export_text()
+    assert "26,880" in text and "no: dropout" in text and "1 of 2 sites patched" in text
+    assert "2.00 KiB -> 1.00 KiB" in text and "50.0%" in text
+    assert render.format_bytes(3 * 1024**3) == "3.00 GiB" and render.format_bytes(12) == "12 B"

@@ -1,0 +1,154 @@
+"""patch_model / unpatch_model over tiny models of many families: same losses, close gradients, fewer
+saved bytes (by what the report projects), idempotence, exact restore, unchanged state_dict."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import FAMILIES, saved_bytes, tiny_model
+
+import actpatch
+from actpatch.analysis.inputs import input_spec
+from actpatch.patching import patched_modules
+
+BATCH, SEQ = 2, 12
+
+
+def _seeded(model, kwargs):
+    torch.manual_seed(1)  # the same dropout masks in every forward
+    return saved_bytes(model, kwargs)
+
+
+def _step(model, kwargs):
+    model.zero_grad(set_to_none=True)
+    nbytes, loss = _seeded(model, kwargs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return nbytes, loss.detach(), grads
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patch_keeps_loss_close_grads_and_saves_what_it_projects(family):
+    model = tiny_model(family)
+    _, kwargs = input_spec(model).make(BATCH, SEQ)
+    before_bytes, before_loss, before_grads = _step(model, kwargs)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    report = actpatch.patch_model(model, batch_size=BATCH, seq_len=SEQ)
+    after_bytes, after_loss, after_grads = _step(model, kwargs)
+
+    torch.testing.assert_close(after_loss, before_loss, rtol=1e-5, atol=1e-6)
+    assert after_grads.keys() == before_grads.keys()
+    for name, g in before_grads.items():
+        err = (after_grads[name] - g).norm()
+        assert err <= 2e-3 * g.norm() + 1e-6, (name, float(err), float(g.norm()))
+    assert after_bytes <= before_bytes
+    projected = report.projection
+    assert projected.saved_bytes == pytest.approx(before_bytes - after_bytes, rel=0.02, abs=64)
+    assert projected.activation_bytes_before == pytest.approx(before_bytes, rel=0.02)
+    assert set(model.state_dict()) == set(state)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "whisper", "clip", "mixtral"])
+def test_second_patch_changes_nothing_and_unpatch_restores_exactly(family):
+    model = tiny_model(family)
+    _, kwargs = input_spec(model).make(BATCH, SEQ)
+    originals = dict(model.named_modules())
+    reference_bytes, reference_loss = _seeded(model, kwargs)
+    keys = list(model.state_dict())
+
+    first = actpatch.patch_model(model)
+    swapped = dict(model.named_modules())
+    second = actpatch.patch_model(model)
+    assert dict(model.named_modules()) == swapped
+    assert [(s.path, s.patched, s.reason) for s in second.sites] == [
+        (s.path, s.patched, s.reason) for s in first.sites
+    ]
+    assert second.projection == first.projection
+    assert list(model.state_dict()) == keys
+    assert set(patched_modules(model)) == {s.path for s in first.patched_sites}
+
+    restored = actpatch.unpatch_model(model)
+    assert sorted(restored) == sorted(s.path for s in first.patched_sites)
+    after = dict(model.named_modules())
+    assert after.keys() == originals.keys()
+    assert all(after[k] is originals[k] for k in originals)
+    nbytes, loss = _seeded(model, kwargs)
+    assert nbytes == reference_bytes
+    assert torch.equal(loss, reference_loss)
+    assert actpatch.unpatch_model(model) == []
+
+
+def test_include_exclude_select_sites():
+    model = tiny_model("llama")
+    report = actpatch.patch_model(model, include=["model.layers.1.*"])
+    assert [s.path for s in report.patched_sites] == ["model.layers.1.mlp.act_fn"]
+    skipped = next(s for s in report.sites if s.path == "model.layers.0.mlp.act_fn")
+    assert skipped.reason == "excluded by include/exclude"
+    assert set(patched_modules(model)) == {"model.layers.1.mlp.act_fn"}
+
+    model = tiny_model("llama")
+    report = actpatch.patch_model(model, exclude=["*.layers.0.*"])
+    assert [s.path for s in report.patched_sites] == ["model.layers.1.mlp.act_fn"]
+    assert actpatch.patch_model(tiny_model("llama"), include=[]).patched_sites == []
+
+
+def test_analyze_changes_nothing_and_reports_patched_sites_of_a_patched_model():
+    model = tiny_model("gpt2")
+    modules = dict(model.named_modules())
+    rng = torch.get_rng_state()
+    report = actpatch.analyze(model)
+    assert dict(model.named_modules()) == modules
+    assert torch.equal(torch.get_rng_state(), rng)
+    actpatch.patch_model(model)
+    again = actpatch.analyze(model)
+    assert [s.patched for s in again.sites] == [s.patched for s in report.sites]
+    assert again.projection == report.projection
+
+
+def test_eval_mode_model_is_patched_and_keeps_its_mode():
+    model = tiny_model("bert").eval()
+    report = actpatch.patch_model(model)
+    assert len(report.patched_sites) == 3
+    assert not any(m.training for m in model.modules())
+    model.train()
+    _, kwargs = input_spec(model).make(BATCH, SEQ)
+    reference = copy.deepcopy(model)
+    actpatch.unpatch_model(reference)
+    assert torch.equal(_seeded(model, kwargs)[1], _seeded(reference, kwargs)[1])
+
+
+def test_lora_model_is_patched_where_frozen_layers_still_save_the_output():
+    peft = pytest.importorskip("peft")
+    base = tiny_model("llama")
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, target_modules=["down_proj"], lora_dropout=0.0, init_lora_weights=False)
+    )
+    _, kwargs = input_spec(model).make(BATCH, SEQ)
+    before_bytes, before_loss, before_grads = _step(model, kwargs)
+    report = actpatch.patch_model(model, batch_size=BATCH, seq_len=SEQ)
+    # Layer 0 sees no gradient yet (everything before its down_proj is frozen); in layer 1,
+    # the gating mul saves the activation's output: worth patching.
+    first = report.sites[0]
+    assert first.reason.startswith("no gradient flows")
+    assert [s.path for s in report.patched_sites] == ["base_model.model.model.layers.1.mlp.act_fn"]
+    after_bytes, after_loss, after_grads = _step(model, kwargs)
+    torch.testing.assert_close(after_loss, before_loss)
+    assert before_bytes - after_bytes == pytest.approx(report.projection.saved_bytes, rel=0.02)
+    for name, g in before_grads.items():
+        assert (after_grads[name] - g).norm() <= 2e-3 * g.norm() + 1e-6, name
+
+
+def test_lora_dropout_before_frozen_consumer_leaves_nothing_to_gain():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tiny_model("gpt_neox"), peft.LoraConfig(r=4, target_modules=["dense_4h_to_h"], lora_dropout=0.1)
+    )
+    report = actpatch.patch_model(model)
+    assert report.patched_sites == []
+    # Layer 1: dropout feeds lora_A, and the frozen base Linear keeps no input.
+    assert report.sites[1].reason.startswith("output not saved"), report.sites[1]

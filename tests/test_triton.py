@@ -1,0 +1,338 @@
+"""Triton kernels against the PyTorch reference.
+
+On CPU the launchers run the kernels through Triton's interpreter (they wrap each kernel in an
+InterpretedFunction for non-CUDA tensors, so this works whatever was imported first); one test also runs
+them in a fresh process started with TRITON_INTERPRET=1.  Tests marked ``gpu`` need CUDA and run through
+the device tool; a skip there is not a pass.
+
+Tolerances: y within one unit in the last place of the dtype, plus |x|·2⁻²¹ where the formula cancels
+(1 + erf(z) or 1 + tanh(z) deep in the left tail, y tiny); bits identical; dx within one ulp in
+bfloat16/float16, and within 2e-6·|dy| + 1e-6·|dx| in float32 (the reference's t = u·n/v_max + n keeps
+s = t - ⌊t⌋ to about 8e-6, so one-ulp differences in u move p by up to ~1e-6).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+
+from actpatch.activations import ACTIVATIONS, inverse_table  # noqa: E402
+from actpatch.kernels import reference  # noqa: E402
+from actpatch.kernels import triton as tk  # noqa: E402
+from actpatch.kernels.bits import pack_bits, packed_size  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+NAMES = list(ACTIVATIONS)
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+warnings.filterwarnings("ignore", category=RuntimeWarning)  # numpy overflow notes from the interpreter
+
+
+def expected_bits(x: torch.Tensor, name: str) -> torch.Tensor:
+    """pack([x >= x*]) with x compared in float32."""
+    x_star = torch.tensor(ACTIVATIONS[name].x_star, dtype=torch.float32)
+    return pack_bits(x.float() >= x_star.to(x.device))
+
+
+def ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of |v| in ``dtype`` (subnormal spacing near zero), as float64."""
+    info = torch.finfo(dtype)
+    emin = math.log2(info.smallest_normal)
+    e = torch.floor(torch.log2(v.double().abs().clamp_min(info.smallest_normal))).clamp_min(emin)
+    return torch.exp2(e - {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype])
+
+
+def assert_y_close(y: torch.Tensor, yr: torch.Tensor, x: torch.Tensor) -> None:
+    """Equal, or within one ulp of the dtype plus |x|·2⁻²¹ (8 float32 ulps of the erf/tanh/exp term).
+
+    On CPU, |x| >= 1e30 is left out and float32 subnormal results may differ by flushing: torch's CPU
+    kernels overflow, give NaN or flush to zero there where CUDA's (and the kernels) do not.
+    """
+    assert y.shape == yr.shape and y.dtype == yr.dtype
+    skip_huge = not y.is_cuda
+    y, yr, x = y.cpu(), yr.cpu(), x.cpu()
+    same = (y == yr) | (y.isnan() & yr.isnan())
+    diff = (y.double() - yr.double()).abs()
+    bound = ulp(yr, y.dtype) + x.double().abs().nan_to_num(posinf=0.0) * 2.0**-21
+    ok = same | (torch.isfinite(y) & torch.isfinite(yr) & (diff <= bound))
+    if skip_huge:
+        ok |= ~(x.float().abs() < 1e30) | (diff <= torch.finfo(torch.float32).smallest_normal)
+    assert ok.all(), f"y mismatch at x={x[~ok][:5].tolist()}: {y[~ok][:5].tolist()} vs {yr[~ok][:5].tolist()}"
+
+
+def assert_dx_close(dx: torch.Tensor, dxr: torch.Tensor, dy: torch.Tensor) -> None:
+    assert dx.shape == dxr.shape and dx.dtype == dxr.dtype
+    dx, dxr, dy = dx.cpu(), dxr.cpu(), dy.cpu()
+    same = (dx == dxr) | (dx.isnan() & dxr.isnan())
+    diff = (dx.double() - dxr.double()).abs()
+    if dx.dtype == torch.float32:
+        bound = 2e-6 * dy.double().abs() + 1e-6 * dxr.double().abs()
+    else:
+        bound = ulp(dxr, dx.dtype)
+    ok = same | (torch.isfinite(dx) & torch.isfinite(dxr) & (diff <= bound))
+    assert ok.all(), f"dx mismatch: {dx[~ok][:5].tolist()} vs {dxr[~ok][:5].tolist()}"
+
+
+def edge_inputs(name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Zeros, infinities, NaN, subnormals, the dtype's extremes, values around x*, and a random spread."""
+    info = torch.finfo(dtype)
+    tiny = float(info.smallest_normal)
+    sub = tiny * 2.0 ** -(info.bits - 9 if dtype == torch.float32 else 3)
+    specials = [0.0, -0.0, math.inf, -math.inf, math.nan, tiny, -tiny, sub, -sub, info.max, -info.max]
+    specials += [1e-30, -1e-30, 1e4, -1e4, 60.0, -60.0, 90.0, -90.0, 120.0, -120.0]
+    x_star = torch.tensor(ACTIVATIONS[name].x_star, dtype=torch.float32).to(dtype)
+    near = [x_star]
+    for direction in (-math.inf, math.inf):
+        v = x_star
+        for _ in range(6):
+            v = torch.nextafter(v.float(), torch.tensor(direction)).to(dtype)
+            if dtype != torch.float32:  # nextafter in float32 may round back; step in the dtype's grid
+                v = v + torch.sign(torch.tensor(direction)).to(dtype) * ulp(v, dtype).to(dtype)
+            near.append(v)
+    g = torch.Generator().manual_seed(1234)
+    parts = [
+        torch.tensor(specials, dtype=torch.float32).to(dtype),
+        torch.stack(near).to(dtype),
+        (torch.randn(997, generator=g) * 4).to(dtype),
+        torch.linspace(-12, 6, 1001).to(dtype),
+        torch.linspace(-1.6, -0.5, 333).to(dtype),
+    ]
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_and_backward_match_reference(name, dtype):
+    act = ACTIVATIONS[name]
+    x = edge_inputs(name, dtype)
+    y, bits = tk.forward(x, act)
+    yr, _ = reference.forward(x, act)
+    assert_y_close(y, yr, x)
+    assert torch.equal(bits, expected_bits(x, name))
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    dx = tk.backward(dy, yr, bits, act)
+    assert_dx_close(dx, reference.backward(dy, yr, bits, act), dy)
+    finite = torch.isfinite(yr)
+    assert torch.isfinite(dx[finite]).all()
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 63, 2047, 2048, 2049, 5001])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sizes(n, dtype):
+    act = ACTIVATIONS["silu"]
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3).to(dtype)
+    y, bits = tk.forward(x, act)
+    assert y.shape == (n,) and bits.shape == (packed_size(n),) and bits.dtype == torch.uint8
+    assert_y_close(y, reference.forward(x, act)[0], x)
+    assert torch.equal(bits, expected_bits(x, "silu"))
+    dy = torch.randn_like(x)
+    dx = tk.backward(dy, y, bits, act)
+    assert_dx_close(dx, reference.backward(dy, y, bits, act), dy)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh"])
+def test_non_contiguous(name, dtype):
+    act = ACTIVATIONS[name]
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(37, 19, 3, generator=g) * 3).to(dtype)
+    for x in (base.transpose(0, 1), base[:, ::2, 1], base.permute(2, 0, 1)):
+        assert not x.is_contiguous()
+        y, bits = tk.forward(x, act)
+        yr, _ = reference.forward(x, act)
+        assert y.shape == x.shape and y.stride() == torch.empty_like(x).stride()
+        assert_y_close(y.reshape(-1), yr.reshape(-1), x.reshape(-1))
+        assert torch.equal(bits, expected_bits(x, name))
+        dy = torch.randn(x.shape[::-1], generator=g).to(dtype).transpose(0, -1)  # non-contiguous too
+        dx = tk.backward(dy, y, bits, act)
+        assert dx.shape == dy.shape
+        assert_dx_close(dx.reshape(-1), reference.backward(dy, y, bits, act).reshape(-1), dy.reshape(-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", NAMES)
+def test_backward_is_finite_on_every_finite_y(name, dtype):
+    """y = ±0, subnormal, below y* by rounding, at y*, huge (right), +inf (right: g = 1)."""
+    act = ACTIVATIONS[name]
+    table = inverse_table(act)
+    info = torch.finfo(dtype)
+    ys = torch.tensor(table.y_star_hi, dtype=torch.float32)
+    common = [0.0, -0.0, float(info.smallest_normal), -float(info.smallest_normal), -1e-30, 1e-30, -1e-3]
+    common += [float(v) for v in (ys, torch.nextafter(ys, torch.tensor(-1.0)), ys - 1e-3, ys - 0.1)]
+    right_only = [float(info.max), 5.0]
+    y = torch.tensor(common + right_only + common, dtype=torch.float32).to(dtype)
+    right = torch.tensor([True] * (len(common) + len(right_only)) + [False] * len(common))
+    bits = pack_bits(right)
+    dy = torch.ones_like(y)
+    dx = tk.backward(dy, y, bits, act)
+    assert torch.isfinite(dx).all(), dx
+    assert_dx_close(dx, reference.backward(dy, y, bits, act), dy)
+    y_inf = torch.tensor([math.inf], dtype=dtype)
+    assert tk.backward(torch.ones_like(y_inf), y_inf, pack_bits(torch.tensor([True])), act).item() == 1.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=1, max_size=70),
+    st.sampled_from(NAMES),
+    st.sampled_from(DTYPES),
+)
+def test_property_any_float32_input(values, name, dtype):
+    act = ACTIVATIONS[name]
+    x = torch.tensor(values, dtype=torch.float32).to(dtype)
+    y, bits = tk.forward(x, act)
+    assert_y_close(y, reference.forward(x, act)[0], x)
+    assert torch.equal(bits, expected_bits(x, name))
+    dy = torch.ones_like(x)
+    assert_dx_close(tk.backward(dy, y, bits, act), reference.backward(dy, y, bits, act), dy)
+
+
+def test_under_triton_interpret_env():
+    """The kernels as the interpreter sees them when TRITON_INTERPRET=1 is set before Triton's import."""
+    code = (
+        "import torch\n"
+        "from actpatch.activations import ACTIVATIONS\n"
+        "from actpatch.kernels import reference, triton as tk\n"
+        "assert type(tk._forward_kernel).__name__ == 'InterpretedFunction'\n"
+        "for name, act in ACTIVATIONS.items():\n"
+        "    for dt in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "        x = (torch.randn(301) * 3).to(dt)\n"
+        "        y, b = tk.forward(x, act)\n"
+        "        yr, br = reference.forward(x, act)\n"
+        "        assert (y.float() - yr.float()).abs().max() <= 1e-2 * yr.float().abs().max()\n"
+        "        dx = tk.backward(torch.ones_like(y), y, b, act)\n"
+        "        dxr = reference.backward(torch.ones_like(y), y, b, act)\n"
+        "        assert (dx.float() - dxr.float()).abs().max() <= 1e-2, (name, dt)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", NAMES)
+def test_gpu_forward_is_torch_and_backward_is_reference_on_every_16bit_value(name, dtype):
+    from actpatch.accuracy import all_finite_values
+
+    act = ACTIVATIONS[name]
+    x = torch.cat([all_finite_values(dtype), torch.tensor([math.inf, -math.inf, math.nan]).to(dtype)]).cuda()
+    y, bits = tk.forward(x, act)
+    yr = act.forward(x)  # torch's own CUDA ops
+    same = (y == yr) | (y.isnan() & yr.isnan())
+    assert same.float().mean() > 0.999  # bitwise but for libdevice/CUDA-version ulps in cancelling tails
+    assert_y_close(y, yr, x)
+    assert torch.equal(bits, expected_bits(x, name))
+    dy = torch.randn(x.shape, device="cuda").to(dtype)
+    dx = tk.backward(dy, yr, bits, act)
+    dxr = reference.backward(dy, yr, bits, act)
+    assert_dx_close(dx, dxr, dy)
+    assert torch.isfinite(dx[torch.isfinite(yr)]).all()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("name", NAMES)
+def test_gpu_float32(name):
+    act = ACTIVATIONS[name]
+    x = torch.cat([edge_inputs(name, torch.float32), torch.randn(1_000_003) * 4]).cuda()
+    y, bits = tk.forward(x, act)
+    yr = act.forward(x)
+    assert_y_close(y, yr, x)
+    assert torch.equal(bits, expected_bits(x, name))
+    dy = torch.randn_like(x)
+    assert_dx_close(tk.backward(dy, yr, bits, act), reference.backward(dy, yr, bits, act), dy)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_sizes_and_layouts(dtype):
+    act = ACTIVATIONS["gelu"]
+    for n in (1, 7, 8, 9, 2047, 2049, 1_000_001):
+        x = (torch.randn(n, device="cuda") * 3).to(dtype)
+        y, bits = tk.forward(x, act)
+        assert_y_close(y, act.forward(x), x)
+        assert torch.equal(bits, expected_bits(x, "gelu"))
+    x = (torch.randn(129, 67, 5, device="cuda") * 3).to(dtype).transpose(0, 2)
+    y, bits = tk.forward(x, act)
+    assert y.stride() == torch.empty_like(x).stride()
+    assert_y_close(y.reshape(-1), act.forward(x).reshape(-1), x.reshape(-1))
+    assert torch.equal(bits, expected_bits(x, "gelu"))
+    dy = torch.randn_like(x)
+    assert_dx_close(tk.backward(dy, y, bits, act), reference.backward(dy, y, bits, act), dy)
+    empty = torch.empty(0, 3, device="cuda", dtype=dtype)
+    y, bits = tk.forward(empty, act)
+    assert y.shape == (0, 3) and bits.numel() == 0
+    assert tk.backward(empty, empty, bits, act).shape == (0, 3)
+
+
+@gpu
+@needs_cuda
+def test_gpu_ops_dispatch_to_triton(monkeypatch):
+    import actpatch.functional as AF
+
+    calls = []
+    fwd, bwd = tk.forward, tk.backward
+    monkeypatch.setattr(tk, "forward", lambda *a, **k: (calls.append("f"), fwd(*a, **k))[1])
+    monkeypatch.setattr(tk, "backward", lambda *a, **k: (calls.append("b"), bwd(*a, **k))[1])
+    x = torch.randn(1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    AF.silu(x).sum().backward()
+    assert calls == ["f", "b"]
+
+
+@gpu
+@needs_cuda
+def test_gpu_more_than_2_to_the_31_elements():
+    n = 2**31 + 8 * 1000 + 3
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    act = ACTIVATIONS["silu"]
+    x = torch.empty(n, device="cuda", dtype=torch.bfloat16).normal_(0, 3)
+    y, bits = tk.forward(x, act)
+    dx = tk.backward(y, y, bits, act)  # dy = y: no extra buffer
+    tail = slice(n - 8 * 100_000 - 3, n)  # starts on a byte boundary: n - tail is a multiple of 8
+    start = tail.start // 8
+    assert_y_close(y[tail], act.forward(x[tail]), x[tail])
+    assert torch.equal(bits[start:], expected_bits(x[tail], "silu"))
+    assert_dx_close(dx[tail], reference.backward(y[tail], y[tail], bits[start:], act), y[tail])
+    del x, y, bits, dx
+    torch.cuda.empty_cache()
+
+
+@gpu
+@needs_cuda
+def test_gpu_compile_has_no_graph_breaks():
+    from actpatch.nn import InvertedGELU, InvertedSiLU
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 256),
+        InvertedGELU(),
+        torch.nn.Linear(256, 256),
+        InvertedSiLU(),
+        torch.nn.Linear(256, 8),
+    ).cuda()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(32, 64, device="cuda")
+    compiled(x).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for a, b in zip(grads, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
