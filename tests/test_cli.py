@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_models import TINY_LLAMA
 from typer.testing import CliRunner
 
 from actpatch.cli import app
@@ -19,17 +20,6 @@ from actpatch.cli import app
 BIN = Path(sys.executable).with_name("actpatch")
 SCRIPT = str(BIN) if BIN.exists() else shutil.which("actpatch")
 
-TINY_LLAMA = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 128,
-    "max_position_embeddings": 64,
-}
 SITE_KEYS = {"path", "activation", "consumer", "patched", "reason", "saved_bytes_per_token"}
 PROJECTION_KEYS = {
     "batch_size",

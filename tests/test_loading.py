@@ -7,21 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TINY_LLAMA
 
 from actpatch import configs, loading
 from actpatch.loading import ModelLoadError, ModelNotFoundError
-
-TINY_LLAMA = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 128,
-    "max_position_embeddings": 64,
-}
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TINY_LLAMA
 
 import actpatch
 from actpatch import manifest
@@ -19,18 +20,6 @@ from actpatch.manifest import (
     OutputError,
     OutputExistsError,
 )
-
-TINY_LLAMA = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 128,
-    "max_position_embeddings": 64,
-}
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,19 @@ import torch
 import transformers as tf
 from torch import nn
 
+# A tiny Llama config.json, for tests that write a local model directory.
+TINY_LLAMA = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "max_position_embeddings": 64,
+}
+
 COMMON = dict(num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, vocab_size=96)
 LLAMA_LIKE = dict(COMMON, hidden_size=32, intermediate_size=64, num_key_value_heads=2)
 
