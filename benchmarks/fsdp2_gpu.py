@@ -6,7 +6,7 @@ and records the loss per step, the peak memory (``torch.cuda.max_memory_allocate
 time.  ``--patch after`` patches the model after ``accelerator.prepare`` (as ActPatchCallback does inside
 a Trainer, on the sharded model); ``before`` patches the plain model first.
 
-    python benchmarks/fsdp2_gpu.py                          # one process; sets the torch.distributed env
+    python benchmarks/fsdp2_gpu.py                          # baseline, then patched: one process each
     python benchmarks/fsdp2_gpu.py --patch after --steps 50 --json out.json
 
 Without CUDA it prints "SKIPPED: ..." and exits 0 (multi-GPU FSDP has its own benchmark).
@@ -18,7 +18,9 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -57,6 +59,9 @@ def run(args: argparse.Namespace, patched: bool) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated()  # sharded parameters (and anything left over)
+    with_grad = sum(p.grad is not None for p in model.parameters())
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # DTensor shards
+    param_bytes = sum(t.numel() * t.element_size() for t in local)
     losses, times = [], []
     for x in batches:
         x = x.to(accelerator.device)
@@ -75,20 +80,31 @@ def run(args: argparse.Namespace, patched: bool) -> dict:
         "fsdp_version": accelerator.state.fsdp_plugin.fsdp_version,
         "distributed_type": str(accelerator.distributed_type),
         "losses": losses,
+        "resident_bytes": resident,
+        "param_bytes": param_bytes,
+        "params_with_grad_at_start": with_grad,
         "peak_bytes": torch.cuda.max_memory_allocated(),
         "peak_above_start_bytes": torch.cuda.max_memory_allocated() - resident,
         "median_step_s": statistics.median(times[2:] or times),
         "patched_sites": len(report.patched_sites) if report else 0,
         "projected_saved_bytes": report.projection.saved_bytes if report else 0,
     }
-    accelerator.free_memory()
-    del model, opt
-    torch.cuda.empty_cache()
-    from accelerate.state import AcceleratorState
-
-    if hasattr(AcceleratorState, "_reset_state"):  # a fresh Accelerator for the next run
-        AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator.end_training()
     return out
+
+
+def run_in_child(args: argparse.Namespace, patched: bool, port: int) -> dict:
+    """``run`` in a fresh process: accelerate's state is one per process, and each run needs its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "run.json")
+        argv = [sys.executable, __file__, "--child", "patched" if patched else "baseline", "--json", out]
+        for k in ("steps", "batch", "seq", "hidden", "intermediate", "layers", "patch"):
+            argv += [f"--{k}", str(getattr(args, k))]
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+               "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}  # fmt: skip
+        subprocess.run(argv, env=env, check=True)
+        with open(out) as f:
+            return json.load(f)
 
 
 def main() -> None:
@@ -101,21 +117,29 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--patch", choices=("before", "after"), default="before")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--child", choices=("baseline", "patched"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("SKIPPED: FSDP2 benchmark needs a CUDA device (none found)")
         return
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "RANK": "0", "LOCAL_RANK": "0",
-                 "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():  # fmt: skip
-        os.environ.setdefault(k, v)
-    base = run(args, patched=False)
-    pat = run(args, patched=True)
+    if args.child:
+        with open(args.json, "w") as f:
+            json.dump(run(args, patched=args.child == "patched"), f)
+        return
+    base = run_in_child(args, patched=False, port=29531)
+    pat = run_in_child(args, patched=True, port=29532)
     dev = max(abs(p - b) / abs(b) for b, p in zip(base["losses"], pat["losses"], strict=True))
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  {pat['distributed_type']}")
     print(f"FSDP{pat['fsdp_version']}, bf16, batch {args.batch} x seq {args.seq}, {args.layers} layers")
     print(f"patched sites: {pat['patched_sites']} (patched {args.patch} prepare)")
     less = base["peak_above_start_bytes"] - pat["peak_above_start_bytes"]
     print(f"peak memory: {base['peak_bytes'] / 2**30:.3f} GiB -> {pat['peak_bytes'] / 2**30:.3f} GiB")
+    print(
+        f"allocated at the start of the loop: {base['resident_bytes']:,} B -> {pat['resident_bytes']:,} B "
+        f"(parameters {base['param_bytes']:,} B -> {pat['param_bytes']:,} B; holding a .grad: "
+        f"{base['params_with_grad_at_start']} -> "
+        f"{pat['params_with_grad_at_start']})"
+    )
     print(
         f"peak above the start of the loop: {base['peak_above_start_bytes']:,} B -> "
         f"{pat['peak_above_start_bytes']:,} B ({less:,} B less; projected by actpatch: "

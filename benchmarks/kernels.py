@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from actpatch.activations import ACTIVATIONS
+from actpatch.activations import ACTIVATIONS, inverse_table
 from actpatch.kernels import reference
 from actpatch.kernels import triton as tk
 from actpatch.kernels.bits import packed_size
@@ -134,23 +134,28 @@ def kernel_table(args, copy_bw: float) -> list[dict]:
 
 
 def sweep(args, copy_bw: float) -> dict:
-    """Rows per program x warps on bf16 SiLU; the fastest forward and backward shapes are kept for the run."""
-    out: dict = {"forward": [], "backward": []}
+    """Rows per program x warps on bf16 GELU and SiLU (the shapes with the least total time are kept for the
+    run), then the backward with inverse tables of other sizes (intervals per branch x degree)."""
+    out: dict = {"forward": [], "backward": [], "tables": []}
     x = (torch.randn(args.shape, device=args.device) * 2).to(torch.bfloat16)
     dy = torch.randn_like(x)
-    act = ACTIVATIONS["silu"]
-    y, bits = tk.forward(x, act)
-    for rows in (128, 256, 512, 1024):
-        for warps in (4, 8, 16):
-            if rows * 8 < 32 * warps:
-                continue
-            tk.FORWARD_ROWS, tk.FORWARD_WARPS = tk.BACKWARD_ROWS, tk.BACKWARD_WARPS = rows, warps
-            f = bench(lambda: tk.forward(x, act), args.device, args.quick)
-            b = bench(lambda: tk.backward(dy, y, bits, act), args.device, args.quick)
-            out["forward"].append((f, rows, warps))
-            out["backward"].append((b, rows, warps))
-            print(f"sweep rows {rows:5d} warps {warps:2d}: fwd {f:.4f} bwd {b:.4f} ms", flush=True)
-    (_, tk.FORWARD_ROWS, tk.FORWARD_WARPS), (_, tk.BACKWARD_ROWS, tk.BACKWARD_WARPS) = (
+    acts = [ACTIVATIONS["gelu"], ACTIVATIONS["silu"]]
+    saved = [tk.forward(x, act) for act in acts]
+    for rows, warps in ((64, 2), (128, 4), (128, 8), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8)):
+        tk.FORWARD_ROWS, tk.FORWARD_WARPS = tk.BACKWARD_ROWS, tk.BACKWARD_WARPS = rows, warps
+        f = [bench(lambda a=a: tk.forward(x, a), args.device, args.quick) for a in acts]
+        b = [
+            bench(lambda a=a, yb=yb: tk.backward(dy, *yb, a), args.device, args.quick)
+            for a, yb in zip(acts, saved, strict=True)
+        ]
+        out["forward"].append((sum(f), rows, warps, f))
+        out["backward"].append((sum(b), rows, warps, b))
+        print(
+            f"sweep rows {rows:5d} warps {warps:2d}: fwd gelu {f[0]:.4f} silu {f[1]:.4f}"
+            f" | bwd gelu {b[0]:.4f} silu {b[1]:.4f} ms",
+            flush=True,
+        )
+    (_, tk.FORWARD_ROWS, tk.FORWARD_WARPS, _), (_, tk.BACKWARD_ROWS, tk.BACKWARD_WARPS, _) = (
         min(out["forward"]),
         min(out["backward"]),
     )
@@ -159,6 +164,13 @@ def sweep(args, copy_bw: float) -> dict:
         "backward": [tk.BACKWARD_ROWS, tk.BACKWARD_WARPS],
     }
     print(f"sweep chose (rows, warps): {out['chosen']}", flush=True)
+    for n, deg in ((64, 5), (32, 5), (16, 6), (8, 7)):
+        times = []
+        for act, (y, bits) in zip(acts, saved, strict=True):
+            table = inverse_table(act, n, deg)
+            times.append(bench(lambda: tk.backward(dy, y, bits, act, table=table), args.device, args.quick))  # noqa: B023
+        out["tables"].append({"n": n, "deg": deg, "bwd_ms": times})
+        print(f"table {n:3d} intervals/branch x degree {deg}: bwd gelu {times[0]:.4f} silu {times[1]:.4f} ms")
     return out
 
 
@@ -230,7 +242,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     p.add_argument("--shape", type=int, nargs="+", default=[8192, 14336])
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES))
-    p.add_argument("--sweep", action="store_true", help="rows per program x warps, bf16 SiLU")
+    p.add_argument("--sweep", action="store_true", help="launch shapes and table sizes, bf16")
     p.add_argument("--large", action="store_true", help="correctness on more than 2^31 elements")
     p.add_argument("--accuracy", action="store_true", help="accuracy criterion on this device's output")
     p.add_argument("--json", help="write all results here")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 from accelerate import Accelerator
@@ -96,6 +97,11 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump(result, f)
     ok = result["params_equal_across_ranks"] and result["still_patched"] == result["patched_sites"] > 0
+    # gloo's worker threads drop the gathered tensors after the collective has returned, and need the GIL
+    # for it; DDP's reducer frees the process group at exit, whose destructor joins those threads while
+    # holding the GIL (pytorch/pytorch#56297): a deadlock, unless they are done first.
+    accelerator.wait_for_everyone()
+    time.sleep(0.5)
     accelerator.end_training()
     if not ok:
         raise SystemExit("DDP check failed")

@@ -78,7 +78,7 @@ def _fit(t0: np.ndarray, h: float, deg: int, target) -> np.ndarray:
 
 
 @cache
-def inverse_table(act: Activation, n: int = 64, deg: int = 5) -> InverseTable:
+def inverse_table(act: Activation, n: int = 16, deg: int = 6) -> InverseTable:
     ys = act.y_star
     hi = _f32(ys)
     lo = _f32(ys - hi)

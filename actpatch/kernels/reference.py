@@ -12,12 +12,12 @@ from ..activations import Activation, InverseTable, inverse_table
 from .bits import pack_bits, unpack_bits
 
 _TINY = float(torch.finfo(torch.float32).smallest_normal) / 2**23  # smallest subnormal
-_COEFFICIENTS: dict[tuple[str, torch.device], torch.Tensor] = {}
+_COEFFICIENTS: dict[tuple[str, int, int, torch.device], torch.Tensor] = {}
 
 
 def device_coefficients(act: Activation, table: InverseTable, device: torch.device) -> torch.Tensor:
     """The table's float32 coefficients [deg+1, 2n] on ``device``, cached."""
-    key = (act.name, device)
+    key = (act.name, table.n, table.deg, device)
     if key not in _COEFFICIENTS:
         _COEFFICIENTS[key] = table.coefficients.to(device=device, dtype=torch.float32).contiguous()
     return _COEFFICIENTS[key]

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every GPU figure of docs/benchmarks.md, in two parts that each fit one 10-minute device call:
+#   bash benchmarks/gpu_session.sh kernels    # GPU tests, kernel sweep/table/>2^31/accuracy
+#   bash benchmarks/gpu_session.sh models     # projection vs memory_allocated, SASS mix, training steps, FSDP2
+# Logs and JSON go to $OUT (default gpu-results/).  Each step has a time limit; its exit status is logged.
+set -u
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+
+step() {  # step NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($(date -u +%H:%M:%S)): $*"
+    timeout "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
+    echo "== $name rc=$? ($(date -u +%H:%M:%S))" | tee -a "$OUT/$name.log"
+}
+
+case ${1:-kernels} in
+kernels)
+    step pytest_gpu 170 python3 -m pytest tests/test_triton.py tests/test_integrations.py -m gpu -q -rs -p no:cacheprovider
+    step kernels 280 python3 benchmarks/kernels.py --sweep --large --accuracy --json "$OUT/kernels.json"
+    step stream_floor 60 python3 benchmarks/stream_floor.py
+    ;;
+models)
+    step projection 90 python3 benchmarks/projection_gpu.py
+    step sass 40 python3 benchmarks/kernel_sass.py --save "$OUT"
+    step train_step 260 python3 benchmarks/train_step.py --json "$OUT/train_step.json"
+    step fsdp2_before 70 python3 benchmarks/fsdp2_gpu.py --patch before --json "$OUT/fsdp2_before.json"
+    step fsdp2_after 70 python3 benchmarks/fsdp2_gpu.py --patch after --json "$OUT/fsdp2_after.json"
+    ;;
+*)
+    echo "usage: gpu_session.sh kernels|models" >&2
+    exit 2
+    ;;
+esac
