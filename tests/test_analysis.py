@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import accelerate
@@ -103,6 +105,21 @@ def test_frozen_consumer_keeps_nothing():
     model.down.requires_grad_(False)
     report = actpatch.analyze(model, example_inputs=torch.randn(2, 4, 8))
     assert report.sites[0].reason.startswith("output not saved")
+
+
+def test_analysis_keeps_nothing_alive():
+    """The probe's graph dies with it: once a wrapper (FSDP, .to()) replaces the parameters, the old ones
+    are freed (a graph kept alive by a saved-tensor cycle once held every parameter and activation)."""
+    model = tiny_model("llama")
+    old = [weakref.ref(p) for p in model.parameters()]
+    actpatch.patch_model(model, batch_size=2, seq_len=16)
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = nn.Parameter(p.detach().clone())
+    del m, p
+    gc.collect()
+    assert sum(r() is not None for r in old) == 0
 
 
 def test_model_without_activations_gives_empty_report():

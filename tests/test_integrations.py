@@ -384,6 +384,7 @@ def test_fsdp2_fully_shard_then_patch_gradients_match():
     does not shard on CPU; benchmarks/fsdp2_gpu.py runs accelerate's FSDP2 on a GPU.)"""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
     x = batch()
     ref = _llama_grads(tiny_llama(), x)
@@ -396,6 +397,8 @@ def test_fsdp2_fully_shard_then_patch_gradients_match():
         assert type(model).__name__ == "FSDPLlamaForCausalLM"
         report = actpatch.patch_model(model, batch_size=4, seq_len=16)
         assert {s.path for s in report.patched_sites} == {f"model.layers.{i}.mlp.act_fn" for i in range(2)}
+        # The probe's forward has no backward: every parameter is sharded again (a DTensor) after it.
+        assert all(isinstance(p, DTensor) for p in model.parameters())
         model.zero_grad(set_to_none=True)
         model(input_ids=x, labels=x).loss.backward()
         got = {n: p.grad.full_tensor() for n, p in model.named_parameters()}

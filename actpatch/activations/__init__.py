@@ -1,6 +1,6 @@
 """Activation families actpatch can invert, by name."""
 
-from .approximation import InverseTable, inverse_table
+from .approximation import InverseTable, inverse_table, table_for
 from .base import Activation
 from .gelu import GELU
 from .sigmoid_gated import GELU_TANH, QUICK_GELU, QUICK_GELU_SCALE, SILU
@@ -17,4 +17,5 @@ __all__ = [
     "QUICK_GELU_SCALE",
     "SILU",
     "inverse_table",
+    "table_for",
 ]

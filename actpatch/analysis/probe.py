@@ -198,8 +198,11 @@ class _Probe(TorchFunctionMode):
         scalable = t.is_floating_point() and t.dtype == self.model_dtype
         inside = frozenset(id(c) for c in self.open)
         self.saved.append(SavedTensor(storage_key(t), storage_nbytes(t), scalable, f"{here} ({op})", inside))
-        self.keep.append(t)
-        return t
+        self.keep.append(t)  # alive until finish(): no storage is reused (and re-keyed) mid-probe
+        # Nothing for the graph to hold: a node saving its own output through a hook that returns the
+        # tensor forms a cycle the garbage collector cannot see, which kept the whole probe graph (every
+        # parameter and activation) alive after the probe.
+        return None
 
     def finish(self) -> None:
         for t in self.keep:
@@ -273,8 +276,21 @@ def run_probe(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype) -
     finally:
         pre.remove()
         post.remove()
+        _reshard(model)
     return ProbeResult(saved=probe.saved, calls=probe.calls, excluded_storages=excluded)
 
 
-def _unpack(t: torch.Tensor) -> torch.Tensor:
-    return t
+def _reshard(model: nn.Module) -> None:
+    """FSDP2 leaves the root's parameters unsharded after a forward, for the backward that follows;
+    after a probe none does, so shard them again (else they stay allocated, unsharded, until training)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: no public FSDP2
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _unpack(_: None) -> torch.Tensor:
+    raise RuntimeError("actpatch's probe forward keeps no tensors for backward; do not backpropagate it")

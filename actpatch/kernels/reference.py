@@ -6,9 +6,10 @@ backward: dx = dy · g_b(y), g from the fitted InverseTable (see activations/app
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from ..activations import Activation, InverseTable, inverse_table
+from ..activations import Activation, InverseTable, table_for
 from .bits import pack_bits, unpack_bits
 
 _TINY = float(torch.finfo(torch.float32).smallest_normal) / 2**23  # smallest subnormal
@@ -36,13 +37,20 @@ def _horner(coef: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+def right_end(n: int) -> float:
+    """The float32 just below n: t on the right branch stops there, at the end of interval n - 1."""
+    return float(np.nextafter(np.float32(n), np.float32(0)))
+
+
 def inverse_derivative(y: torch.Tensor, right: torch.Tensor, act: Activation) -> torch.Tensor:
-    """g_b(y) ≈ f'(f_b^{-1}(y)) in float32, elementwise; y any float dtype, right a bool tensor.
+    """g_b(y) ≈ f'(f_b^{-1}(y)) in float32, elementwise; y any float dtype (its size picks the table,
+    ``table_for``), right a bool tensor.
 
     u = w = √d on the right branch and u = v = √log(y*/y) on the left select intervals of one table:
-    t = u n / w_max (right, intervals 0..n-1) or n + u n / v_max (left, n..2n-1).
+    t = min(u n / w_max, n⁻) on the right (intervals 0..n-1, the last one the constant 1: past w_max
+    too) or n + u n / v_max on the left (n..2n-1).  g = p on the right, y p on the left; NaN for NaN y.
     """
-    table = inverse_table(act)
+    table = table_for(act, y.dtype)
     coef = device_coefficients(act, table, y.device)
     n = table.n
     y = y.float()
@@ -50,11 +58,9 @@ def inverse_derivative(y: torch.Tensor, right: torch.Tensor, act: Activation) ->
     q = y / table.y_star_hi
     log_ratio = torch.where(q < 0.5, -torch.log(q.clamp_min(_TINY)), -torch.log1p(d / table.y_star_hi))
     u = torch.where(right, d, log_ratio).clamp_min(0.0).sqrt()
-    t = torch.where(right, u * (n / table.w_max), u * (n / table.v_max) + n)
+    t = torch.where(right, (u * (n / table.w_max)).clamp_max(right_end(n)), u * (n / table.v_max) + n)
     p = _horner(coef, t)
-    g_right = torch.where(u >= table.w_max, torch.ones_like(p), p)
-    g = torch.where(right, g_right, y * p)
-    return torch.where(y.isnan(), y, g)
+    return torch.where(y.isnan(), y, torch.where(right, p, y * p))
 
 
 def forward(x: torch.Tensor, act: Activation) -> tuple[torch.Tensor, torch.Tensor]:

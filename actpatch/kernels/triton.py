@@ -3,13 +3,13 @@
 forward(x)            reads x once, writes y = f(x) (torch's own eager formula, in float32) and the
                       packed branch bits [x >= x*] (element i is bit i % 8 of byte i // 8, row-major).
 backward(dy, y, bits) reads y, bits and dy once, writes dx = dy · g_b(y) once, where g_b is the fitted
-                      inverse-derivative table of ``actpatch.activations.inverse_table`` evaluated exactly
-                      as ``reference.inverse_derivative`` does:
+                      inverse-derivative table of ``actpatch.activations.table_for`` (its size follows
+                      y's dtype) evaluated as ``reference.inverse_derivative`` does:
 
     d = max((y - y*_hi) - y*_lo, 0)
     u = √d (right branch)   or   √max(L, 0), L = -log(y / y*) if y / y* < 1/2 else -log1p(d / y*)
-    t = u n / w_max (right) or u n / v_max + n (left), clamped to [0, 2n];  i = min(⌊t⌋, 2n - 1)
-    p = Horner(coef[:, i], t - i);   g = (u >= w_max ? 1 : p) on the right,  g = y p on the left.
+    t = min(u n / w_max, n⁻) (right) or u n / v_max + n (left), in [0, 2n);  i = ⌊t⌋
+    p = Horner(coef[:, i], t - i);   g = p on the right,  g = y p on the left.
 
 Each program handles ROWS × 8 elements as a [ROWS, 8] tile, so one bits byte belongs to one tile row:
 the forward packs a row with an in-register sum, the backward loads one byte per row.  Offsets are 64-bit.
@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..activations import Activation, InverseTable, inverse_table
+from ..activations import Activation, InverseTable, table_for
 from .bits import packed_size
-from .reference import device_coefficients
+from .reference import device_coefficients, right_end
 
 try:  # Triton >= 3.0 (the CUDA libdevice wrappers); absent under very old releases
     from triton.language.extra import libdevice
@@ -149,7 +149,7 @@ def _backward_kernel(
     y_hi,
     y_lo,
     inv_y_hi,
-    w_max,
+    t_right_max,
     scale_right,
     scale_left,
     N: tl.constexpr,
@@ -182,7 +182,9 @@ def _backward_kernel(
         y = y.to(tl.float32)
         dy = dy.to(tl.float32)
 
-    d = tl.maximum((y - y_hi) - y_lo, 0.0)
+    # NaN y (gelu(+inf) is NaN, on the right branch) must give NaN dx: on the GPU it flows through
+    # NaN-propagating max/min to t, whose index converts to 0 (float-to-int of NaN is 0), into p.
+    d = tl.maximum((y - y_hi) - y_lo, 0.0, propagate_nan=tl.PropagateNan.ALL)
     tiny = tl.full([ROWS, 8], 1, tl.int32).to(tl.float32, bitcast=True)
     if FAST:  # 16-bit y: y's rounding dwarfs these approximations (see backward's docstring)
         q = y * inv_y_hi
@@ -190,8 +192,8 @@ def _backward_kernel(
         lg = tl.inline_asm_elementwise(
             "lg2.approx.f32 $0, $1;", "=r,r", [arg], dtype=tl.float32, is_pure=True, pack=1
         )
-        # left: u = √(log2(y*/y)); scale_left carries the √(ln 2) that makes it v = √(ln(y*/y))
-        a = tl.minimum(tl.maximum(tl.where(right, d, -lg), 0.0), 150.0)  # -log2(tiny) = 149
+        # left: u = √(log2(y*/y)) <= √149; scale_left carries the √(ln 2) that makes it v = √(ln(y*/y))
+        a = tl.maximum(tl.where(right, d, -lg), 0.0, propagate_nan=tl.PropagateNan.ALL)
         u = tl.inline_asm_elementwise(
             "sqrt.approx.ftz.f32 $0, $1;", "=r,r", [a], dtype=tl.float32, is_pure=True, pack=1
         )
@@ -203,7 +205,7 @@ def _backward_kernel(
         lg = libdevice.log(tl.where(small, tl.maximum(q, tiny), w))
         log1p_z = tl.where(w == 1.0, z, lg * (z / (w - 1.0)))
         log_ratio = -tl.where(small, lg, log1p_z)
-        a = tl.minimum(tl.maximum(tl.where(right, d, log_ratio), 0.0), 104.0)  # -log(tiny) = 103.28
+        a = tl.maximum(tl.where(right, d, log_ratio), 0.0, propagate_nan=tl.PropagateNan.ALL)  # <= 103.28
         u = tl.inline_asm_elementwise(
             "sqrt.approx.f32 $0, $1;", "=r,r", [a], dtype=tl.float32, is_pure=True, pack=1
         )
@@ -216,10 +218,11 @@ def _backward_kernel(
         log_ratio = tl.where(q < 0.5, -log_q, -log1p_z)
         u = tl.math.sqrt_rn(tl.maximum(tl.where(right, d, log_ratio), 0.0))
 
-    t = tl.where(right, u * scale_right, u * scale_left + N)
-    if LIBDEVICE:  # t >= 0 (a NaN only from a NaN y, whose output is NaN below); fmin/fmax drop NaN
-        fi = tl.minimum(tl.floor(t), 2.0 * N - 1.0)
-    else:  # numpy propagates NaN: mirror reference._horner's nan_to_num and clamp
+    t_right = tl.minimum(u * scale_right, t_right_max, propagate_nan=tl.PropagateNan.ALL)
+    t = tl.where(right, t_right, u * scale_left + N)
+    if LIBDEVICE:  # t in [0, 2N) (v < v_max down to the smallest subnormal y) or NaN
+        fi = tl.floor(t)
+    else:  # numpy's NaN-to-int is undefined: mirror reference._horner's nan_to_num and clamp
         t = tl.where(t == t, t, 0.0)
         t = tl.minimum(tl.maximum(t, 0.0), 2.0 * N)
         fi = tl.minimum(tl.floor(t), 2.0 * N - 1.0)
@@ -228,8 +231,9 @@ def _backward_kernel(
     p = tl.load(coef_ptr + idx)
     for j in tl.static_range(1, DEG + 1):
         p = p * s + tl.load(coef_ptr + j * (2 * N) + idx)
-    g = tl.where(right, tl.where(u >= w_max, 1.0, p), y * p)
-    g = tl.where(y == y, g, y)
+    g = tl.where(right, p, y * p)
+    if not LIBDEVICE:  # numpy: NaN t was zeroed above
+        g = tl.where(y == y, g, y)
     dx = dy * g
     if BF16_BY_HAND:
         db = dx.to(tl.uint32, bitcast=True)
@@ -312,9 +316,9 @@ def backward(
     within an ulp); log(y*/y) is libdevice's log with Kahan's log1p for float32 y, and, with ``fast``
     (default for 16-bit y), the hardware's lg2.approx, whose ~1e-7 absolute error is far below 16-bit y's
     rounding.  Under the interpreter: correctly rounded division and square root, numpy's log.
-    ``table`` (default ``inverse_table(act)``, what the reference path uses) is for benchmarks of its size.
+    ``table`` (default ``table_for(act, y.dtype)``, what the reference path uses): for benchmarks of size.
     """
-    table = table or inverse_table(act)
+    table = table or table_for(act, y.dtype)
     n = y.numel()
     dyc = dy.contiguous()
     dxc = torch.empty_like(dyc)
@@ -344,7 +348,7 @@ def backward(
             y_hi=table.y_star_hi,
             y_lo=table.y_star_lo,
             inv_y_hi=_f32(1.0 / table.y_star_hi),
-            w_max=table.w_max,
+            t_right_max=right_end(table.n),
             scale_right=_f32(table.n / table.w_max),
             scale_left=_f32(table.n / table.v_max * (math.sqrt(math.log(2.0)) if fast else 1.0)),
             N=table.n,
