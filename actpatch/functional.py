@@ -1,9 +1,13 @@
-"""Autograd-aware inverted activations.
+"""Autograd-aware inverted activations and gated products.
 
 Each function returns exactly what its torch counterpart returns.  When a gradient will be taken
 (grad mode on, x requires grad, x float32/bfloat16/float16) autograd keeps only the returned output y
 and ceil(n/8) bytes of branch bits [x >= x*]; the backward computes f'(x) from them.  Otherwise
 (no grad, inference_mode, float64) the plain torch op runs and nothing extra is computed or kept.
+
+``silu_mul(gate, up)`` and ``gelu_mul(gate, up)`` return act(gate) * up (torch's two ops, bitwise) and
+keep the product plus, per element, the gate (or up where act(gate) is 0) and two bits
+(``actpatch.kernels.gated``), for gate and up of one shape and dtype; otherwise the plain ops run.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch.nn.functional as F
 
 from .activations import ACTIVATIONS
 from .activations.sigmoid_gated import quick_gelu_forward
-from .kernels.ops import OPS
+from .kernels import gated
+from .kernels.ops import GATED_OPS, OPS
 
 INVERTIBLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -43,3 +48,28 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """QuickGELU, x σ(1.702 x) (CLIP's activation)."""
     return _inverted("quick_gelu", x, quick_gelu_forward)
+
+
+def _gated(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if (
+        (gate.requires_grad or up.requires_grad)
+        and torch.is_grad_enabled()
+        and gate.dtype in INVERTIBLE_DTYPES
+        and gate.dtype == up.dtype
+        and gate.shape == up.shape
+        and gate.device == up.device
+    ):
+        return GATED_OPS[name][0](gate, up)[0]
+    return gated.act_forward(name, gate) * up
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's product F.silu(gate) * up."""
+    return _gated("silu", gate, up)
+
+
+def gelu_mul(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GeGLU's product F.gelu(gate, approximate=approximate) * up."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu_mul: approximate is 'none' or 'tanh', got {approximate!r}")
+    return _gated("gelu" if approximate == "none" else "gelu_tanh", gate, up)

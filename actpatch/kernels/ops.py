@@ -3,6 +3,8 @@
 ``actpatch::<name>(Tensor x) -> (Tensor y, Tensor bits)``  the forward (y is returned to the caller,
 autograd saves y itself and the bits);
 ``actpatch::<name>_backward(Tensor dy, Tensor y, Tensor bits) -> Tensor``  dx = dy · g_b(y).
+``actpatch::<name>_mul(Tensor a, Tensor b) -> (Tensor m, Tensor k, Tensor bits)``  the gated product
+m = act(a) · b for silu, gelu, gelu_tanh (``gated.py``); ``<name>_mul_backward(dm, m, k, bits)`` -> (da, db).
 
 Every device runs the pure-PyTorch reference; CUDA runs the fused Triton kernels when Triton imports.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..activations import ACTIVATIONS, Activation
-from . import reference
+from . import gated, reference
 from .bits import packed_size
 
 DOUBLE_BACKWARD_ERROR = (
@@ -71,3 +73,40 @@ def _register(act: Activation) -> tuple[object, object]:
 
 
 OPS: dict[str, tuple[object, object]] = {name: _register(act) for name, act in ACTIVATIONS.items()}
+
+
+def _register_gated(name: str) -> tuple[object, object]:
+    @torch.library.custom_op(f"actpatch::{name}_mul", mutates_args=())
+    def fwd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return gated.forward(a, b, name)
+
+    @fwd.register_fake
+    def _(a, b):
+        bits = a.new_empty(2 * packed_size(a.numel()), dtype=torch.uint8)
+        return torch.empty_like(a), torch.empty_like(a), bits
+
+    @torch.library.custom_op(f"actpatch::{name}_mul_backward", mutates_args=())
+    def bwd(
+        dm: torch.Tensor, m: torch.Tensor, k: torch.Tensor, bits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return gated.backward(dm, m, k, bits, name)
+
+    @bwd.register_fake
+    def _(dm, m, k, bits):
+        return torch.empty_like(dm), torch.empty_like(dm)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*output)
+
+    def backward(ctx, dm, _dk, _dbits):
+        return bwd(dm, *ctx.saved_tensors)
+
+    def second_order(ctx, _dda, _ddb):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    bwd.register_autograd(second_order, setup_context=lambda ctx, inputs, output: None)
+    return fwd, bwd
+
+
+GATED_OPS: dict[str, tuple[object, object]] = {name: _register_gated(name) for name in gated.GATED}

@@ -1,0 +1,159 @@
+"""Gated products silu_mul / gelu_mul: torch's forward bitwise, two saved tensors, eager's gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import actpatch.functional as AF
+from actpatch.kernels import gated
+from actpatch.kernels.bits import packed_size
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+PRODUCTS = {
+    "silu": (AF.silu_mul, lambda a, b: F.silu(a) * b),
+    "gelu": (AF.gelu_mul, lambda a, b: F.gelu(a) * b),
+    "gelu_tanh": (
+        lambda a, b: AF.gelu_mul(a, b, approximate="tanh"),
+        lambda a, b: F.gelu(a, approximate="tanh") * b,
+    ),
+}
+
+
+def edge_gates(dtype: torch.dtype) -> list[float]:
+    info = torch.finfo(dtype)
+    tiny = float(info.smallest_normal) * (2.0**-3 if dtype != torch.float32 else 2.0**-20)
+    return [0.0, -0.0, tiny, -tiny, -1.0, -1.2784645, 1.0, 30.0, -30.0, -1e4, -float(info.max), 1e-3]
+
+
+def grads(fn, a: torch.Tensor, b: torch.Tensor, dm: torch.Tensor):
+    a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+    m = fn(a, b)
+    da, db = torch.autograd.grad(m, (a, b), dm)
+    return m, da, db
+
+
+def assert_close_at_scale(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """fp32: within 1e-5 of the gradient's scale (its largest magnitude); bf16/fp16: within one unit in the
+    last place at that scale (what rounding the gradient to the dtype allows)."""
+    assert torch.isfinite(got[torch.isfinite(ref)]).all()
+    finite = torch.isfinite(ref)
+    scale = ref[finite].float().abs().max()
+    if ref.dtype == torch.float32:
+        tol = 1e-5 * scale
+    else:
+        top = scale.to(ref.dtype)
+        tol = (torch.nextafter(top, torch.tensor(math.inf, dtype=ref.dtype)) - top).float()
+    err = (got[finite].float() - ref[finite].float()).abs().max()
+    assert err <= tol, f"max error {err.item():.3e} > {tol.item():.3e} (scale {scale.item():.3e})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(PRODUCTS))
+def test_forward_bitwise_and_gradients_of_eager(name, dtype):
+    ours, eager = PRODUCTS[name]
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(300, 257, generator=g) * 3).to(dtype)
+    b = torch.randn(300, 257, generator=g).to(dtype)
+    a.view(-1)[: len(edge_gates(dtype))] = torch.tensor(edge_gates(dtype)).to(dtype)
+    b.view(-1)[-3:] = 0.0  # up = 0
+    dm = torch.randn(a.shape, generator=g).to(dtype)
+    m, da, db = grads(ours, a, b, dm)
+    mr, dar, dbr = grads(eager, a, b, dm)
+    assert torch.equal(m, mr)
+    # db = dm · act(a), act(a) recomputed bitwise from the kept gate, wherever |act(a)| >= 2^-13
+    kept_gate = gated.act_forward(name, a).abs() >= 2**-13
+    assert torch.equal(db[kept_gate], dbr[kept_gate])
+    assert_close_at_scale(db, dbr)
+    assert_close_at_scale(da, dar)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(PRODUCTS))
+def test_edge_gates_elementwise(name, dtype):
+    """gate = ±0 and tiny (act(gate) nearly 0: up is kept, slope 1/2), very negative (act(gate) and its
+    slope nearly 0), up = 0: each gradient element against eager's, to the dtype's rounding (at least
+    at magnitude 1)."""
+    ours, eager = PRODUCTS[name]
+    gates = torch.tensor(edge_gates(dtype)).to(dtype)
+    a = gates.repeat_interleave(3)
+    b = torch.tensor([1.5, -2.0, 0.0]).repeat(len(gates)).to(dtype)
+    dm = torch.ones_like(a)
+    m, da, db = grads(ours, a, b, dm)
+    mr, dar, dbr = grads(eager, a, b, dm)
+    assert torch.equal(m, mr)
+    tol = 1e-5 if dtype == torch.float32 else 2.0 ** -(7 if dtype == torch.bfloat16 else 10)
+    for got, ref in ((da, dar), (db, dbr)):
+        bad = (got.float() - ref.float()).abs() > tol * ref.float().abs().clamp_min(1.0)
+        assert not bad.any(), (a[bad].tolist(), b[bad].tolist(), got[bad].tolist(), ref[bad].tolist())
+
+
+def test_fp16_overflow_of_the_product_never_gives_nan():
+    """|act(gate) · up| > 65504: the product is inf (as eager's); gradients stay finite, db is eager's."""
+    a = torch.tensor([300.0, 300.0, -300.0, 2.0], dtype=torch.float16)
+    b = torch.tensor([300.0, -300.0, 1.0, 70000.0 / 2**3], dtype=torch.float16)
+    dm = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float16)
+    m, da, db = grads(AF.silu_mul, a, b, dm)
+    mr, dar, dbr = grads(PRODUCTS["silu"][1], a, b, dm)
+    assert torch.equal(m, mr) and torch.isinf(m[:2]).all()
+    assert torch.isfinite(da).all() and not da.isnan().any()
+    assert torch.equal(db, dbr)
+    assert torch.equal(da[2:], dar[2:])
+
+
+@pytest.mark.parametrize("name", sorted(PRODUCTS))
+def test_saves_the_product_the_gate_and_two_bit_masks(name):
+    ours, _ = PRODUCTS[name]
+    n = 1000 * 37 + 5
+    a = torch.randn(n, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(n, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        m = ours(a * 1, b * 1)  # non-leaf inputs, as in a model
+    ptrs = {t.untyped_storage().data_ptr(): t for t in saved}
+    assert m.untyped_storage().data_ptr() in ptrs  # the product itself: down_proj shares it
+    others = [t for p, t in ptrs.items() if p != m.untyped_storage().data_ptr()]
+    assert sorted(t.untyped_storage().nbytes() for t in others) == sorted([2 * packed_size(n), n * 2])
+
+
+def test_falls_back_to_the_plain_product():
+    a, b = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True)
+    with torch.no_grad():
+        assert torch.equal(AF.silu_mul(a, b), F.silu(a) * b)
+    wide = torch.randn(1, 6, requires_grad=True)  # broadcasting: not one shape
+    assert "actpatch" not in str(AF.silu_mul(a, wide).grad_fn)
+    assert "actpatch" not in str(AF.silu_mul(a.double(), b.double()).grad_fn)
+    with pytest.raises(ValueError, match="approximate"):
+        AF.gelu_mul(a, b, approximate="erf")
+
+
+def test_double_backward_is_a_clear_error():
+    a, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    (da,) = torch.autograd.grad(AF.silu_mul(a, b).sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        da.sum().backward()
+
+
+def test_compiles_without_graph_breaks():
+    class GatedMLP(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate, self.up = torch.nn.Linear(16, 48), torch.nn.Linear(16, 48)
+            self.down = torch.nn.Linear(48, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down(AF.silu_mul(self.gate(x), self.up(x)))
+
+    torch.manual_seed(0)
+    model = GatedMLP()
+    x = torch.randn(4, 16)
+    model(x).square().sum().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    torch.compile(model, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
+    for r, p in zip(ref, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-6)
