@@ -27,16 +27,25 @@ patch_model would leave the site patched.
 from __future__ import annotations
 
 import contextlib
+import functools
+import types
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from . import functional as F
 from .analysis.walker import walk
 from .nn import InvertedGELU, InvertedQuickGELU, InvertedSiLU
 from .report import PatchReport
 
 _ORIGINAL = "_actpatch_original"
+_GATED = "_actpatch_gated"  # on a fused gated MLP: its (gate, up, down, activation)
+_PRODUCTS = {
+    "silu": F.silu_mul,
+    "gelu": F.gelu_mul,
+    "gelu_tanh": functools.partial(F.gelu_mul, approximate="tanh"),
+}
 
 _REPLACEMENTS = {
     "gelu": lambda: InvertedGELU("none"),
@@ -55,6 +64,7 @@ def analyze(
     example_inputs: object = None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
+    gated: bool = False,
 ) -> PatchReport:
     """Find the activation sites of ``model`` and project the memory patching saves; changes nothing."""
     _check_module(model)
@@ -70,6 +80,7 @@ def analyze(
             include=include,
             exclude=exclude,
             already_patched=patched_now,
+            gated=gated,
         )
 
 
@@ -82,8 +93,10 @@ def patch_model(
     batch_size: int = 1,
     seq_len: int = 512,
     dtype: torch.dtype | str | None = None,
+    gated: bool = False,
 ) -> PatchReport:
-    """Swap in place every activation the evidence says is worth inverting; returns the report."""
+    """Swap in place every activation the evidence says is worth inverting; returns the report.
+    With ``gated``, gated MLPs (down(act(gate(x)) * up(x))) compute their product fused instead."""
     report = analyze(
         model,
         batch_size=batch_size,
@@ -92,26 +105,34 @@ def patch_model(
         example_inputs=example_inputs,
         include=include,
         exclude=exclude,
+        gated=gated,
     )
     current = patched_modules(model)
     for site in report.patched_sites:
-        if site.path not in current:
+        if site.path in current:
+            continue
+        if site.kind == "gated":
+            _fuse(model.get_submodule(site.path), *report.gated_parts[site.path], site.activation)
+        else:
             _swap(model, site.path, site.activation)
     return report
 
 
 def unpatch_model(model: nn.Module) -> list[str]:
-    """Put every original activation module back; returns the paths restored."""
+    """Put every original activation module (and gated MLP forward) back; returns the paths restored."""
     _check_module(model)
-    restored = list(patched_modules(model))
-    for path, replacement in patched_modules(model).items():
-        _set(model, path, replacement.__dict__[_ORIGINAL])
-    return restored
+    patched = patched_modules(model)
+    for path, module in patched.items():
+        if _GATED in module.__dict__:
+            _unfuse(module)
+        else:
+            _set(model, path, module.__dict__[_ORIGINAL])
+    return list(patched)
 
 
 def patched_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> replacement, for every site patched by actpatch."""
-    return {path: m for path, m in model.named_modules() if _ORIGINAL in m.__dict__}
+    """Module path -> replacement (or fused gated MLP), for every site patched by actpatch."""
+    return {path: m for path, m in model.named_modules() if _ORIGINAL in m.__dict__ or _GATED in m.__dict__}
 
 
 def original_module(module: nn.Module) -> nn.Module | None:
@@ -127,6 +148,23 @@ def _swap(model: nn.Module, path: str, activation: str) -> None:
     _set(model, path, replacement)
 
 
+def _fuse(mlp: nn.Module, gate: str, up: str, down: str, activation: str) -> None:
+    """mlp.forward(x) becomes down(act(gate(x)) * up(x)) with the product fused (an instance attribute:
+    the class, its parameters and state_dict are untouched)."""
+    mlp.__dict__[_GATED] = (gate, up, down, activation)
+    mlp.forward = types.MethodType(_gated_forward, mlp)
+
+
+def _gated_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    gate, up, down, activation = self.__dict__[_GATED]
+    product = _PRODUCTS[activation](getattr(self, gate)(x), getattr(self, up)(x))
+    return getattr(self, down)(product)
+
+
+def _unfuse(mlp: nn.Module) -> None:
+    del mlp.__dict__["forward"], mlp.__dict__[_GATED]
+
+
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -137,13 +175,20 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
 def _originals_restored(model: nn.Module) -> Iterator[set[str]]:
     """Originals in place while probing (so the evidence is the same), replacements put back after."""
     patched = patched_modules(model)
-    for path, replacement in patched.items():
-        _set(model, path, replacement.__dict__[_ORIGINAL])
+    fused = {path: m.__dict__[_GATED] for path, m in patched.items() if _GATED in m.__dict__}
+    for path, module in patched.items():
+        if path in fused:
+            _unfuse(module)
+        else:
+            _set(model, path, module.__dict__[_ORIGINAL])
     try:
         yield set(patched)
     finally:
-        for path, replacement in patched.items():
-            _set(model, path, replacement)
+        for path, module in patched.items():
+            if path in fused:
+                _fuse(module, *fused[path])
+            else:
+                _set(model, path, module)
 
 
 def _check_module(model: object) -> None:

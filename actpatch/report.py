@@ -16,6 +16,8 @@ Contract (the CLI and the manifest rely on it; ``to_dict()`` returns exactly the
                  reason: str | None    why not, when not patched
                  saved_bytes_per_token: int   bytes of saved activations freed per token (batch x seq
                                        position) at the projection's dtype, 0 when not patched
+                 kind: str             "activation" (the activation module is swapped) or "gated" (path
+                                       is a gated MLP whose act(gate) * up is fused: patch_model(gated=True))
     Projection   batch_size: int, seq_len: int, dtype: str ("bfloat16")
                  activation_bytes_before: int   bytes saved for backward by one forward (parameters
                                                 excluded) at that shape and dtype, unpatched
@@ -39,6 +41,7 @@ class Site:
     patched: bool = False
     reason: str | None = None
     saved_bytes_per_token: int = 0
+    kind: str = "activation"
 
 
 @dataclass
@@ -67,6 +70,8 @@ class PatchReport:
     dry_run: bool
     sites: list[Site]
     projection: Projection
+    # gated site path -> its (gate, up, down) child names, for patch_model; not part of to_dict()
+    gated_parts: dict[str, tuple[str, str, str]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def patched_sites(self) -> list[Site]:
@@ -79,8 +84,10 @@ class PatchReport:
         return [s for s in self.sites if not s.patched]
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields as JSON-ready nested dicts and lists."""
-        return asdict(self)
+        """All fields of the contract as JSON-ready nested dicts and lists."""
+        d = asdict(self)
+        del d["gated_parts"]
+        return d
 
     def __str__(self) -> str:
         p = self.projection

@@ -143,6 +143,7 @@ def test_to_dict_has_the_contract_keys_and_is_json():
         "patched",
         "reason",
         "saved_bytes_per_token",
+        "kind",
     }
     assert set(d["projection"]) == {
         "batch_size",

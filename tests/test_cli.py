@@ -20,7 +20,7 @@ from actpatch.cli import app
 BIN = Path(sys.executable).with_name("actpatch")
 SCRIPT = str(BIN) if BIN.exists() else shutil.which("actpatch")
 
-SITE_KEYS = {"path", "activation", "consumer", "patched", "reason", "saved_bytes_per_token"}
+SITE_KEYS = {"path", "activation", "consumer", "patched", "reason", "saved_bytes_per_token", "kind"}
 PROJECTION_KEYS = {
     "batch_size",
     "seq_len",

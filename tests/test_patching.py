@@ -29,14 +29,15 @@ def _step(model, kwargs):
     return nbytes, loss.detach(), grads
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["activations", "gated"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_patch_keeps_loss_close_grads_and_saves_what_it_projects(family):
+def test_patch_keeps_loss_close_grads_and_saves_what_it_projects(family, gated):
     model = tiny_model(family)
     _, kwargs = input_spec(model).make(BATCH, SEQ)
     before_bytes, before_loss, before_grads = _step(model, kwargs)
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    report = actpatch.patch_model(model, batch_size=BATCH, seq_len=SEQ)
+    report = actpatch.patch_model(model, batch_size=BATCH, seq_len=SEQ, gated=gated)
     after_bytes, after_loss, after_grads = _step(model, kwargs)
 
     torch.testing.assert_close(after_loss, before_loss, rtol=1e-5, atol=1e-6)
@@ -53,17 +54,20 @@ def test_patch_keeps_loss_close_grads_and_saves_what_it_projects(family):
         assert torch.equal(v, state[k]), k
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "whisper", "clip", "mixtral"])
-def test_second_patch_changes_nothing_and_unpatch_restores_exactly(family):
+@pytest.mark.parametrize(
+    ("family", "gated"), [("gpt2", False), ("llama", False), ("llama", True), ("whisper", False),
+                          ("clip", False), ("mixtral", False), ("gemma", True)]
+)  # fmt: skip
+def test_second_patch_changes_nothing_and_unpatch_restores_exactly(family, gated):
     model = tiny_model(family)
     _, kwargs = input_spec(model).make(BATCH, SEQ)
     originals = dict(model.named_modules())
     reference_bytes, reference_loss = _seeded(model, kwargs)
     keys = list(model.state_dict())
 
-    first = actpatch.patch_model(model)
+    first = actpatch.patch_model(model, gated=gated)
     swapped = dict(model.named_modules())
-    second = actpatch.patch_model(model)
+    second = actpatch.patch_model(model, gated=gated)
     assert dict(model.named_modules()) == swapped
     assert [(s.path, s.patched, s.reason) for s in second.sites] == [
         (s.path, s.patched, s.reason) for s in first.sites
@@ -77,6 +81,7 @@ def test_second_patch_changes_nothing_and_unpatch_restores_exactly(family):
     after = dict(model.named_modules())
     assert after.keys() == originals.keys()
     assert all(after[k] is originals[k] for k in originals)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # fused MLPs have their class's back
     nbytes, loss = _seeded(model, kwargs)
     assert nbytes == reference_bytes
     assert torch.equal(loss, reference_loss)
@@ -152,3 +157,27 @@ def test_lora_dropout_before_frozen_consumer_leaves_nothing_to_gain():
     assert report.patched_sites == []
     # Layer 1: dropout feeds lora_A, and the frozen base Linear keeps no input.
     assert report.sites[1].reason.startswith("output not saved"), report.sites[1]
+
+
+GATED_FAMILIES = {"llama", "mistral", "qwen2", "gemma", "gemma2", "deepseek_v3", "qwen2_moe"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gated_mlps_are_found_by_what_ran(family):
+    """Fused where the MLP's forward is exactly down(act(gate(x)) * up(x)); never where it is not (t5's
+    dropout, phi3's fused gate_up, MoE experts, non-gated MLPs)."""
+    model = tiny_model(family)
+    _, kwargs = input_spec(model).make(BATCH, SEQ)
+    reference = _seeded(model, kwargs)[1]
+    report = actpatch.patch_model(model, batch_size=BATCH, seq_len=SEQ, gated=True)
+    fused = [s for s in report.patched_sites if s.kind == "gated"]
+    assert bool(fused) == (family in GATED_FAMILIES), [s.path for s in fused]
+    for site in fused:
+        act = next(s for s in report.sites if s.path.startswith(site.path + ".") and s.kind == "activation")
+        assert act.reason == f"fused into the gated product at {site.path}"
+        assert site.consumer.startswith(site.path + ".")  # the down projection saves the product
+    loss = _seeded(model, kwargs)[1]
+    if all(s.kind == "gated" for s in report.patched_sites):  # the fused forward is torch's, bitwise
+        assert torch.equal(loss, reference)
+    else:
+        torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)

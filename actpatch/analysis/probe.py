@@ -17,6 +17,7 @@ kept alive until the probe ends, so no address is reused while it is compared.
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,16 +85,28 @@ class Call:
 
 
 @dataclass
+class Event:
+    """A module called or an op run directly in a module's forward (not inside a child)."""
+
+    what: str  # the child's module path, or the op's name
+    module: bool
+    inputs: tuple[int, ...]  # storages of its tensor arguments
+    output: int | None = None  # storage of its output, when a tensor
+
+
+@dataclass
 class ProbeResult:
     saved: list[SavedTensor]
     calls: list[Call]
     excluded_storages: set[int]  # parameters and buffers
+    events: dict[str, list[Event]] = field(default_factory=dict)  # module path -> what ran directly in it
 
 
 @dataclass
 class _Frame:
     path: str
     call: Call | None
+    event: Event
 
 
 class _Probe(TorchFunctionMode):
@@ -109,6 +122,7 @@ class _Probe(TorchFunctionMode):
         self.outputs: dict[int, Call] = {}
         self.keep: list[torch.Tensor] = []
         self.counters: dict[str, int] = {}
+        self.events: dict[str, list[Event]] = defaultdict(list)
         self.pack = self._pack  # one bound-method object, compared by identity below
 
     # -- module hooks -------------------------------------------------------------------------------
@@ -128,10 +142,14 @@ class _Probe(TorchFunctionMode):
         if isinstance(x, torch.Tensor) and x.is_floating_point() and is_candidate(module):
             call = Call(site=path, kind=kind, module=module, activation=None, input_storage=storage_key(x))
             self._open(call)
-        self.stack.append(_Frame(path, call))
+        event = Event(path, True, tuple(storage_key(t) for t in _tensors(args, {})))
+        self.events[caller].append(event)
+        self.stack.append(_Frame(path, call, event))
 
     def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         frame = self.stack.pop()
+        if isinstance(output, torch.Tensor):
+            frame.event.output = storage_key(output)
         if frame.call is not None:
             self._close(frame.call, output)
 
@@ -162,8 +180,11 @@ class _Probe(TorchFunctionMode):
         if name == "scaled_dot_product_attention" and isinstance(args[0], torch.Tensor) and args[0].is_meta:
             func = fused_sdpa
         here = self.stack[-1].path if self.stack else ""
+        event = None
         if name not in _METADATA_OPS:
             self._note_consumers(name, here, args, kwargs)
+            event = Event(name, False, tuple(storage_key(t) for t in _tensors(args, kwargs)))
+            self.events[here].append(event)
         call = None
         activation = functional_activation(name, kwargs)
         x = args[0] if args else kwargs.get("input")
@@ -175,6 +196,8 @@ class _Probe(TorchFunctionMode):
             out = func(*args, **kwargs)
         finally:
             self.ops.pop()
+        if event is not None and isinstance(out, torch.Tensor):
+            event.output = storage_key(out)
         if call is not None:
             self._close(call, out)
         return out
@@ -277,7 +300,7 @@ def run_probe(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype) -
         pre.remove()
         post.remove()
         _reshard(model)
-    return ProbeResult(saved=probe.saved, calls=probe.calls, excluded_storages=excluded)
+    return ProbeResult(saved=probe.saved, calls=probe.calls, excluded_storages=excluded, events=probe.events)
 
 
 def _reshard(model: nn.Module) -> None:

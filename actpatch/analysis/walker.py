@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..kernels.gated import GATED
 from ..report import PatchReport, Projection, Site
+from . import gated
 from .inputs import input_spec, model_dtype, unwrap
 from .memory import Bytes, Fit, fit_kind, probe_shapes
 from .probe import Call, ProbeResult, run_probe
@@ -53,8 +55,10 @@ def walk(
     include: list[str] | None,
     exclude: list[str] | None,
     already_patched: set[str],
+    gated: bool = False,
 ) -> PatchReport:
-    """Analyse ``model`` (whose originals are in place) and decide every site; changes nothing."""
+    """Analyse ``model`` (whose originals are in place) and decide every site; changes nothing.
+    With ``gated``, an activation inside a gated MLP (``gated.match``) is fused with its product."""
     target = dtype or model_dtype(model)
     with torch.random.fork_rng(devices=[]):
         kinds = {id(m): classify_module(m) for m in model.modules() if is_candidate(m)}
@@ -65,23 +69,30 @@ def walk(
         probes = [run_probe(model, *spec.make(b, s), probe_dtype) for b, s in shapes]
     sites = _collect_sites(model, probes[0], kinds)
     evidences = [_Evidence(p) for p in probes]
-    decided: list[tuple[_Site, Site]] = []
+    decided: list[tuple[Site, list[Bytes]]] = []  # each site, and what it frees at each probe shape
+    gated_parts: dict[str, tuple[str, str, str]] = {}
     for site in sites:
-        reason, consumer = evidences[0].judge(site)
+        evidence, consumer = evidences[0].judge(site)
+        reason = evidence
         if reason is None and not _selected(site.path, include, exclude):
             reason = "excluded by include/exclude"
         if site.path in already_patched:
             reason = None
-        decided.append((site, Site(site.path, site.activation, consumer, reason is None, reason)))
+        fused = _gated_site(site, evidence, probes, include, exclude, already_patched) if gated else None
+        if fused is not None:
+            fused_site, fused_gains, gated_parts[fused_site.path] = fused
+            reason = f"fused into the gated product at {fused_site.path}"
+            decided.append((fused_site, fused_gains))
+        gains = [e.gain(_calls_of(e.probe, site)) for e in evidences]
+        decided.append((Site(site.path, site.activation, consumer, reason is None, reason), gains))
 
     kind = fit_kind(spec.seq_dependent, spec.fixed_shape)
     ratio = target.itemsize / probe_dtype.itemsize
     total = Fit(shapes, [_total_bytes(p) for p in probes], kind).at(batch_size, seq_len, ratio)
     saved = 0.0
-    for internal, site in decided:
+    for site, gains in decided:
         if not site.patched:
             continue
-        gains = [e.gain(_calls_of(e.probe, internal)) for e in evidences]
         site_saved = max(Fit(shapes, gains, kind).at(batch_size, seq_len, ratio), 0.0)
         site.saved_bytes_per_token = round(site_saved / (batch_size * seq_len))
         saved += site_saved
@@ -89,7 +100,9 @@ def walk(
     projection = Projection(
         batch_size, seq_len, str(target).removeprefix("torch."), before, before - round(saved)
     )
-    return PatchReport(_model_name(model), _is_meta(model), [s for _, s in decided], projection)
+    report = PatchReport(_model_name(model), _is_meta(model), [s for s, _ in decided], projection)
+    report.gated_parts = gated_parts
+    return report
 
 
 @contextlib.contextmanager
@@ -105,6 +118,41 @@ def _meta_cast(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     finally:
         for p, d in zip(params, dtypes, strict=True):
             p.data = p.data.to(d)
+
+
+def _gated_site(
+    site: _Site,
+    evidence: str | None,
+    probes: list[ProbeResult],
+    include: list[str] | None,
+    exclude: list[str] | None,
+    already_patched: set[str],
+) -> tuple[Site, list[Bytes], tuple[str, str, str]] | None:
+    """The gated site replacing ``site`` (a patchable activation in a gated MLP at every probe shape),
+    what it frees at each probe shape, and its (gate, up, down) child names."""
+    if site.activation not in GATED or site.kind != "module" or evidence is not None:
+        return None
+    mlps, gains = [], []
+    for probe in probes:
+        calls = _calls_of(probe, site)
+        mlp = gated.match(probe, site.path) if len(calls) == 1 else None
+        if mlp is None:
+            return None
+        mlps.append(mlp)
+        gains.append(gated.gain(probe, mlp, calls[0]))
+    mlp = mlps[0]
+    if any((m.parent, m.gate, m.up, m.down) != (mlp.parent, mlp.gate, mlp.up, mlp.down) for m in mlps):
+        return None
+    if gains[0].scalable + gains[0].fixed <= 0:
+        return None
+    reason = None
+    if not (_selected(mlp.parent, include, exclude) or _selected(site.path, include, exclude)):
+        reason = "excluded by include/exclude"
+    if mlp.parent in already_patched:
+        reason = None
+    consumer = next((s.where for s in probes[0].saved if s.storage == mlp.storages[3]), None)
+    fused = Site(mlp.parent, site.activation, consumer, reason is None, reason, kind="gated")
+    return fused, gains, (mlp.gate, mlp.up, mlp.down)
 
 
 def _collect_sites(model: nn.Module, probe: ProbeResult, kinds: dict[int, str | None]) -> list[_Site]:
