@@ -48,11 +48,13 @@ class OutputExistsError(OutputError):
 
 @dataclass
 class ManifestSite:
-    """One patched site: its module path, the activation, and the module class swapped in."""
+    """One patched site: its module path, the activation, the module class swapped in (for a gated
+    site: the MLP's own class, whose product is fused) and the site's kind."""
 
     path: str
     activation: str
     module: str | None = None
+    kind: str = "activation"
 
 
 @dataclass
@@ -98,7 +100,9 @@ def build_manifest(
     from . import __version__
 
     sites = [
-        ManifestSite(s.path, s.activation, _module_class(model, s.path)) for s in report.sites if s.patched
+        ManifestSite(s.path, s.activation, _module_class(model, s.path), s.kind)
+        for s in report.sites
+        if s.patched
     ]
     return Manifest(
         sites=sites,
@@ -160,8 +164,9 @@ def reapply(
 ) -> Any:
     """Patch ``model`` at the sites recorded in ``manifest`` (a Manifest, its file or its directory).
 
-    Runs :func:`actpatch.patch_model` with ``include`` set to exactly the recorded paths (other
-    keyword arguments are passed on; the probe defaults to a short sequence) and returns its
+    Runs :func:`actpatch.patch_model` with ``include`` set to exactly the recorded paths and
+    ``gated`` set when a recorded site is gated (other keyword arguments are passed on; the probe
+    defaults to a short sequence) and returns its
     PatchReport.  With ``strict`` (the default), a patched set that differs from the recorded one
     raises ManifestError and the model is unpatched again.
     """
@@ -169,6 +174,7 @@ def reapply(
 
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
+    patch_kwargs.setdefault("gated", any(s.kind == "gated" for s in manifest.sites))
     if not manifest.sites:
         return patch_model(model, include=[], **{"seq_len": 16, **patch_kwargs})
     report = patch_model(

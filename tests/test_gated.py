@@ -157,3 +157,25 @@ def test_compiles_without_graph_breaks():
     torch.compile(model, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
     for r, p in zip(ref, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_llama_compiles_without_graph_breaks_and_keeps_its_gradients():
+    import transformers as tf
+    from tiny_models import TINY_LLAMA
+
+    import actpatch
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_LLAMA)).train()
+    x = torch.randint(0, 100, (2, 16))
+    model(input_ids=x, labels=x).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    report = actpatch.patch_model(model, batch_size=2, seq_len=16, gated=True)
+    assert all(s.kind == "gated" for s in report.patched_sites) and report.patched_sites
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.compile(model, backend="aot_eager")(input_ids=x, labels=x).loss.backward()
+    assert not torch._dynamo.utils.counters["graph_break"]
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-6)

@@ -208,6 +208,22 @@ def test_peft_lora_gradients_unchanged_and_frozen_consumers_reported():
     assert_grads_close(ref, _lora_grads(model, x))
 
 
+def test_peft_lora_on_a_gated_mlp_is_fused_and_gradients_unchanged():
+    """LoRA on gate/up/down: the wrapped projections are still what the MLP's forward calls, so the MLP
+    is fused; the product op keeps what the LoRA branches need (their inputs are x and the product)."""
+    peft = pytest.importorskip("peft")
+    x = batch()
+    model = peft.get_peft_model(
+        tiny_llama(),
+        peft.LoraConfig(r=4, init_lora_weights=False, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    )
+    ref = _lora_grads(model, x)
+    report = actpatch.patch_model(model, batch_size=4, seq_len=16, gated=True)
+    fused = [s.path for s in report.patched_sites if s.kind == "gated"]
+    assert fused == [f"base_model.model.model.layers.{i}.mlp" for i in range(2)], report
+    assert_grads_close(ref, _lora_grads(model, x))
+
+
 # -- gradient checkpointing and torch.compile --------------------------------------------------------
 
 

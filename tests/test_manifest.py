@@ -111,6 +111,21 @@ def test_save_and_load_patched_restores_the_same_sites(tiny, tmp_path):
         assert torch.equal(tiny(input_ids=ids).logits, loaded(input_ids=ids).logits)
 
 
+def test_gated_sites_are_recorded_and_fused_again(tiny, tmp_path):
+    report = actpatch.patch_model(tiny, seq_len=16, gated=True)
+    fused = {s.path for s in report.patched_sites if s.kind == "gated"}
+    assert fused == {f"model.layers.{i}.mlp" for i in range(TINY_LLAMA["num_hidden_layers"])}
+    manifest.save_patched(tiny, tmp_path / "out", report)
+    recorded = manifest.read_manifest(tmp_path / "out")
+    assert {s.path for s in recorded.sites if s.kind == "gated"} == fused
+    loaded = actpatch.load_patched(tmp_path / "out")
+    assert {p for p, m in loaded.named_modules() if "forward" in m.__dict__} == fused
+    ids = torch.randint(0, 128, (1, 8))
+    tiny.eval()
+    with torch.no_grad():
+        assert torch.equal(tiny(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
 def test_reapply_on_a_model_loaded_by_hand(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 

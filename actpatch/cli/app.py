@@ -150,6 +150,10 @@ def convert(
         bool,
         typer.Option("--verify", help="Compare one forward/backward on a random batch, patched vs original."),
     ] = False,
+    gated: Annotated[
+        bool,
+        typer.Option("--gated", help="Also fuse gated MLPs (SwiGLU, GeGLU): keep the product and the gate."),
+    ] = False,
     trust_remote_code: Annotated[
         bool, typer.Option("--trust-remote-code", help="Allow code from the model's repository to run.")
     ] = False,
@@ -168,6 +172,7 @@ def convert(
             json_output=json_output,
             output=output,
             verify=verify,
+            gated=gated,
             trust_remote_code=trust_remote_code,
             debug=debug,
         )
@@ -186,6 +191,7 @@ def _convert(
     output: Path | None,
     verify: bool,
     trust_remote_code: bool,
+    gated: bool = False,
     debug: bool = False,
 ) -> None:
     import torch
@@ -211,6 +217,7 @@ def _convert(
         "dtype": torch_dtype,
         "include": include,
         "exclude": exclude,
+        "gated": gated,
     }
 
     what = "config (meta device, no weights)" if dry_run else "model"
