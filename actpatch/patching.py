@@ -3,10 +3,10 @@
 Contract::
 
     analyze(model, *, batch_size=1, seq_len=512, dtype=None, example_inputs=None,
-            include=None, exclude=None) -> PatchReport          # changes nothing
+            include=None, exclude=None, gated=False) -> PatchReport          # changes nothing
     patch_model(model, *, include=None, exclude=None, example_inputs=None,
-                batch_size=1, seq_len=512, dtype=None) -> PatchReport   # patches in place
-    unpatch_model(model) -> list[str]                               # paths restored
+                batch_size=1, seq_len=512, dtype=None, gated=False) -> PatchReport   # in place
+    unpatch_model(model) -> list[str]                                          # paths restored
 
 - ``include``/``exclude``: fnmatch patterns on module paths ("*.mlp.act_fn", "model.layers.0.*");
   ``include=None`` selects every site, ``include=[]`` none.
@@ -19,6 +19,8 @@ Contract::
 Which sites are patched is decided by evidence (:mod:`actpatch.analysis.walker`).  The replacement
 module keeps the original in its ``__dict__`` (not as a submodule), so ``state_dict``, ``parameters``
 and ``named_modules`` paths do not change and :func:`unpatch_model` restores the very same objects.
+A fused gated MLP (``gated=True``) keeps its class and children; only an instance ``forward`` is added
+(and removed by :func:`unpatch_model`).
 Patching twice changes nothing: sites already patched keep their replacement; patch_model only adds
 patches (call unpatch_model to start over).  For :func:`analyze`, ``Site.patched`` says whether
 patch_model would leave the site patched.

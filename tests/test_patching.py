@@ -181,3 +181,14 @@ def test_gated_mlps_are_found_by_what_ran(family):
         assert torch.equal(loss, reference)
     else:
         torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_gated_include_exclude_name_the_mlp_or_its_activation():
+    model = tiny_model("llama")
+    only_first = actpatch.analyze(model, gated=True, include=["model.layers.0.mlp"])
+    assert [s.path for s in only_first.patched_sites] == ["model.layers.0.mlp"]
+    by_act = actpatch.analyze(model, gated=True, include=["*.act_fn"])
+    assert {s.path for s in by_act.patched_sites} == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    # Excluding the MLP leaves its activation to be inverted on its own.
+    no_fusion = actpatch.analyze(model, gated=True, exclude=["model.layers.1.mlp"])
+    assert {s.path for s in no_fusion.patched_sites} == {"model.layers.0.mlp", "model.layers.1.mlp.act_fn"}

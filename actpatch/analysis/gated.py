@@ -51,10 +51,10 @@ def match(probe: ProbeResult, act_path: str) -> GatedMLP | None:
     down = next((e for e in children if e.inputs == (mul.output,)), None)
     if gate is None or up is None or down is None or len({id(gate), id(up), id(down)}) != 3:
         return None
-    (x,) = called[0].inputs or (None,)
     wired = (
         set(mul.inputs) == {act.output, up.output}
-        and gate.inputs == up.inputs == (x,)
+        and gate.inputs == up.inputs == called[0].inputs
+        and len(called[0].inputs) == 1
         and called[0].output == down.output is not None
     )
     if not wired:
@@ -72,18 +72,14 @@ def gain(probe: ProbeResult, mlp: GatedMLP, act_call: Call) -> Bytes:
     nobody else keeps, less what the fused op adds: one tensor of the gate's size, two bit masks, and the
     product where nothing saved it."""
     g, s, u, m = mlp.storages
-    ours = {g: lambda x: id(act_call) in x.inside, s: _by(mlp), u: _by(mlp), m: lambda x: False}
-    freed = 0.0
-    product_saved = False
-    for storage, is_ours in ours.items():
+    product_op = f"{mlp.parent} (mul)"
+    freed = Bytes()
+    for storage in (g, s, u):
         savers = [x for x in probe.saved if x.storage == storage]
-        product_saved |= storage == m and bool(savers)
-        if savers and storage != m and all(is_ours(x) for x in savers):
-            freed += savers[0].nbytes
-    n, size = act_call.numel, act_call.numel * act_call.dtype.itemsize
-    return Bytes(freed - size - (0 if product_saved else size), -2.0 * math.ceil(n / 8))
-
-
-def _by(mlp: GatedMLP):
-    where = f"{mlp.parent} (mul)"
-    return lambda x: x.where == where
+        ours = [x for x in savers if (id(act_call) in x.inside if storage == g else x.where == product_op)]
+        if savers and len(ours) == len(savers):
+            freed += Bytes(savers[0].nbytes, 0.0) if savers[0].scalable else Bytes(0.0, savers[0].nbytes)
+    size = act_call.numel * act_call.dtype.itemsize
+    product_saved = any(x.storage == m for x in probe.saved)
+    added = Bytes(size if product_saved else 2 * size, 2.0 * math.ceil(act_call.numel / 8))
+    return Bytes(freed.scalable - added.scalable, freed.fixed - added.fixed)

@@ -11,7 +11,10 @@ A site is patchable when all of these hold on the probe:
 6. no other op saved its input's storage (a fused gate_up projection keeps it alive anyway);
 7. swapping frees more than the branch bits it adds.
 
-Sites that pass are then filtered by ``include``/``exclude`` (fnmatch patterns on the path).
+Sites that pass are then filtered by ``include``/``exclude`` (fnmatch patterns on the path).  With
+``gated``, a site that passes and whose parent module is a gated MLP at every probe shape
+(:func:`actpatch.analysis.gated.match`) yields a site of kind "gated" at the parent, fused when it frees
+memory; the activation site is then reported as fused into it.
 """
 
 from __future__ import annotations
@@ -81,8 +84,9 @@ def walk(
         fused = _gated_site(site, evidence, probes, include, exclude, already_patched) if gated else None
         if fused is not None:
             fused_site, fused_gains, gated_parts[fused_site.path] = fused
-            reason = f"fused into the gated product at {fused_site.path}"
             decided.append((fused_site, fused_gains))
+            if fused_site.patched:
+                reason = f"fused into the gated product at {fused_site.path}"
         gains = [e.gain(_calls_of(e.probe, site)) for e in evidences]
         decided.append((Site(site.path, site.activation, consumer, reason is None, reason), gains))
 
@@ -146,7 +150,9 @@ def _gated_site(
     if gains[0].scalable + gains[0].fixed <= 0:
         return None
     reason = None
-    if not (_selected(mlp.parent, include, exclude) or _selected(site.path, include, exclude)):
+    paths = (mlp.parent, site.path)  # either path may be named in include; neither may be excluded
+    included = any(_selected(p, include, None) for p in paths)
+    if not (included and all(_selected(p, None, exclude) for p in paths)):
         reason = "excluded by include/exclude"
     if mlp.parent in already_patched:
         reason = None
