@@ -42,7 +42,7 @@ from .nn import InvertedGELU, InvertedQuickGELU, InvertedSiLU
 from .report import PatchReport
 
 _ORIGINAL = "_actpatch_original"
-_GATED = "_actpatch_gated"  # on a fused gated MLP: its (gate, up, down, activation)
+_GATED = "_actpatch_gated"  # on a fused gated MLP: its (gate, up, down, split, activation)
 _PRODUCTS = {
     "silu": F.silu_mul,
     "gelu": F.gelu_mul,
@@ -150,17 +150,22 @@ def _swap(model: nn.Module, path: str, activation: str) -> None:
     _set(model, path, replacement)
 
 
-def _fuse(mlp: nn.Module, gate: str, up: str, down: str, activation: str) -> None:
-    """mlp.forward(x) becomes down(act(gate(x)) * up(x)) with the product fused (an instance attribute:
-    the class, its parameters and state_dict are untouched)."""
-    mlp.__dict__[_GATED] = (gate, up, down, activation)
+def _fuse(mlp: nn.Module, gate: str, up: str, down: str, split: str, activation: str) -> None:
+    """mlp.forward(x) becomes down(act(gate(x)) * up(x)) (or, with ``split``, the two halves of one
+    gate_up(x)) with the product fused: an instance attribute; the class, its parameters and state_dict
+    are untouched."""
+    mlp.__dict__[_GATED] = (gate, up, down, split, activation)
     mlp.forward = types.MethodType(_gated_forward, mlp)
 
 
 def _gated_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    gate, up, down, activation = self.__dict__[_GATED]
-    product = _PRODUCTS[activation](getattr(self, gate)(x), getattr(self, up)(x))
-    return getattr(self, down)(product)
+    gate, up, down, split, activation = self.__dict__[_GATED]
+    if split:
+        a, b = getattr(self, gate)(x).chunk(2, dim=-1)
+        a, b = (a, b) if split == "gate_first" else (b, a)
+    else:
+        a, b = getattr(self, gate)(x), getattr(self, up)(x)
+    return getattr(self, down)(_PRODUCTS[activation](a, b))
 
 
 def _unfuse(mlp: nn.Module) -> None:

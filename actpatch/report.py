@@ -70,8 +70,8 @@ class PatchReport:
     dry_run: bool
     sites: list[Site]
     projection: Projection
-    # gated site path -> its (gate, up, down) child names, for patch_model; not part of to_dict()
-    gated_parts: dict[str, tuple[str, str, str]] = field(default_factory=dict, repr=False, compare=False)
+    # gated site path -> (gate, up, down, split) child names, for patch_model; not part of to_dict()
+    gated_parts: dict[str, tuple[str, str, str, str]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def patched_sites(self) -> list[Site]:

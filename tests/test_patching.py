@@ -56,7 +56,7 @@ def test_patch_keeps_loss_close_grads_and_saves_what_it_projects(family, gated):
 
 @pytest.mark.parametrize(
     ("family", "gated"), [("gpt2", False), ("llama", False), ("llama", True), ("whisper", False),
-                          ("clip", False), ("mixtral", False), ("gemma", True)]
+                          ("clip", False), ("mixtral", False), ("gemma", True), ("phi3", True)]
 )  # fmt: skip
 def test_second_patch_changes_nothing_and_unpatch_restores_exactly(family, gated):
     model = tiny_model(family)
@@ -159,13 +159,13 @@ def test_lora_dropout_before_frozen_consumer_leaves_nothing_to_gain():
     assert report.sites[1].reason.startswith("output not saved"), report.sites[1]
 
 
-GATED_FAMILIES = {"llama", "mistral", "qwen2", "gemma", "gemma2", "deepseek_v3", "qwen2_moe"}
+GATED_FAMILIES = {"llama", "mistral", "qwen2", "gemma", "gemma2", "deepseek_v3", "qwen2_moe", "phi3"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gated_mlps_are_found_by_what_ran(family):
     """Fused where the MLP's forward is exactly down(act(gate(x)) * up(x)); never where it is not (t5's
-    dropout, phi3's fused gate_up, MoE experts, non-gated MLPs)."""
+    dropout, MoE experts, non-gated MLPs); with a fused gate_up projection (phi3) too."""
     model = tiny_model(family)
     _, kwargs = input_spec(model).make(BATCH, SEQ)
     reference = _seeded(model, kwargs)[1]

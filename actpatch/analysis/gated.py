@@ -1,14 +1,15 @@
-"""Gated MLPs, recognised by what ran: a module whose forward is down(act(gate(x)) * up(x)) and nothing else.
+"""Gated MLPs, recognised by what ran: a module whose forward is down(act(gate) * up) and nothing else.
 
-The probe's events of the parent module must be exactly its three child projections, the activation
-site and one product, wired as
+The probe's events of the parent module must be exactly one of
 
-    gate(x) -> act -> mul <- up(x),   mul -> down,   x = the parent's input,   down's output = its output
+    gate(x) -> act -> mul <- up(x),   mul -> down                (Llama, Mistral, Qwen2, Gemma, DeepSeek)
+    gate_up(x) -> chunk(2, dim=-1) -> gate, up -> act(gate) -> mul <- up,   mul -> down   (Phi-3, GLM)
 
-(Llama, Mistral, Qwen2, Gemma, DeepSeek dense MLPs).  Anything else in the forward (dropout, casts, a
-fused gate_up projection and its split, MoE routing) and the parent is not fused.  The fused product
-(``actpatch.functional.silu_mul`` / ``gelu_mul``) keeps m and one n-element tensor plus 2 bits an element
-where eager keeps the gate (act's input), act's output and up (the product's inputs) and m (down's).
+with x the parent's input and down's output its output.  Anything else in the forward (dropout, casts,
+MoE routing) and the parent is not fused.  The fused product (``actpatch.functional.silu_mul`` /
+``gelu_mul``) keeps m and one n-element tensor plus 2 bits an element, where eager keeps the gate (act's
+input), act's output and up (the product's inputs) and m (down's); with a fused gate_up projection the
+gate and up are views of its 2n-element output, which eager keeps whole.
 """
 
 from __future__ import annotations
@@ -20,15 +21,21 @@ from .memory import Bytes
 from .probe import Call, Event, ProbeResult
 
 _PRODUCTS = frozenset({"mul", "__mul__", "__rmul__", "multiply"})
+_HALVES = {(2, ("dim", -1)), (2, -1)}  # the constants of .chunk(2, dim=-1) / .chunk(2, -1)
 
 
 @dataclass(frozen=True)
 class GatedMLP:
     parent: str  # module path of the MLP
-    gate: str  # child attribute names
+    gate: str  # child attribute names (gate == up: one gate_up projection, split by ``split``)
     up: str
     down: str
-    storages: tuple[int, int, int, int]  # gate's output, act's output, up's output, the product
+    split: str  # "" (two projections), "gate_first" or "up_first" (the halves of chunk(2, dim=-1))
+    storages: tuple[int, int, int, int]  # gate, act's output, up, the product
+
+    @property
+    def parts(self) -> tuple[str, str, str, str]:
+        return self.gate, self.up, self.down, self.split
 
 
 def match(probe: ProbeResult, act_path: str) -> GatedMLP | None:
@@ -37,30 +44,41 @@ def match(probe: ProbeResult, act_path: str) -> GatedMLP | None:
     grand = parent.rpartition(".")[0]
     called = [e for e in probe.events.get(grand, ()) if e.module and e.what == parent]
     events = probe.events.get(parent, [])
-    if not parent or len(called) != 1 or len(events) != 5:
+    if not parent or len(called) != 1 or len(called[0].inputs) != 1 or len(events) != 5:
         return None
     act = next((e for e in events if e.module and e.what == act_path), None)
     mul = next((e for e in events if not e.module and e.what in _PRODUCTS), None)
+    ops = [e for e in events if not e.module]
     children = [e for e in events if e.module and e is not act]
-    if act is None or mul is None or len(children) != 3 or len(mul.inputs) != 2 or len(act.inputs) != 1:
+    if act is None or mul is None or len(mul.inputs) != 2 or len(act.inputs) != 1:
         return None
     if any(e.what.rpartition(".")[0] != parent for e in children):
         return None
-    gate = next((e for e in children if e.output == act.inputs[0]), None)
-    up = next((e for e in children if e.output in mul.inputs and e.output != act.output), None)
     down = next((e for e in children if e.inputs == (mul.output,)), None)
-    if gate is None or up is None or down is None or len({id(gate), id(up), id(down)}) != 3:
+    if down is None or called[0].output != down.output or down.output is None:
         return None
-    wired = (
-        set(mul.inputs) == {act.output, up.output}
-        and gate.inputs == up.inputs == called[0].inputs
-        and len(called[0].inputs) == 1
-        and called[0].output == down.output is not None
-    )
-    if not wired:
+    storages = lambda g, u: (g.output, act.output, u.output, mul.output)  # noqa: E731
+    if len(children) == 3 and len(ops) == 1:  # gate(x), up(x)
+        gate = next((e for e in children if e.output == act.inputs[0]), None)
+        up = next((e for e in children if e.output in mul.inputs and e.output != act.output), None)
+        if gate is None or up is None or len({id(gate), id(up), id(down)}) != 3:
+            return None
+        if set(mul.inputs) != {act.output, up.output} or not gate.inputs == up.inputs == called[0].inputs:
+            return None
+        return GatedMLP(parent, _attr(gate), _attr(up), _attr(down), "", storages(gate, up))
+    chunk = next((e for e in ops if e.what == "chunk"), None)
+    if len(children) != 2 or chunk is None or chunk.constants not in _HALVES:  # gate_up(x), chunk
         return None
-    storages = (gate.output, act.output, up.output, mul.output)
-    return GatedMLP(parent, _attr(gate), _attr(up), _attr(down), storages)
+    gate_up = next((e for e in children if e is not down), None)
+    both = gate_up.output
+    if gate_up.inputs != called[0].inputs or chunk.inputs != (both,) or act.inputs != (both,):
+        return None
+    up_offset = next((o for i, o in zip(mul.inputs, mul.offsets, strict=True) if i == both), None)
+    if set(mul.inputs) != {both, act.output} or up_offset is None or up_offset == act.offsets[0]:
+        return None
+    split = "gate_first" if act.offsets[0] < up_offset else "up_first"
+    name = _attr(gate_up)
+    return GatedMLP(parent, name, name, _attr(down), split, storages(gate_up, gate_up))
 
 
 def _attr(event: Event) -> str:
@@ -74,10 +92,9 @@ def gain(probe: ProbeResult, mlp: GatedMLP, act_call: Call) -> Bytes:
     g, s, u, m = mlp.storages
     product_op = f"{mlp.parent} (mul)"
     freed = Bytes()
-    for storage in (g, s, u):
+    for storage in dict.fromkeys((g, s, u)):  # a fused gate_up: gate and up share one storage
         savers = [x for x in probe.saved if x.storage == storage]
-        ours = [x for x in savers if (id(act_call) in x.inside if storage == g else x.where == product_op)]
-        if savers and len(ours) == len(savers):
+        if savers and all(id(act_call) in x.inside or x.where == product_op for x in savers):
             freed += Bytes(savers[0].nbytes, 0.0) if savers[0].scalable else Bytes(0.0, savers[0].nbytes)
     size = act_call.numel * act_call.dtype.itemsize
     product_saved = any(x.storage == m for x in probe.saved)

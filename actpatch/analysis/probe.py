@@ -32,6 +32,7 @@ from .sites import functional_activation, is_candidate
 _METADATA_OPS = frozenset(
     {"__get__", "size", "dim", "numel", "stride", "is_contiguous", "data_ptr", "untyped_storage"}
     | {"element_size", "is_floating_point", "__len__", "__format__", "__repr__", "get_device", "__bool__"}
+    | {"storage_offset"}
 )
 # Data-dependent Python control flow on meta tensors ("if (mask == 0).all():") gets these answers.
 _DATA_DEPENDENT = {"__bool__": False, "item": 0}
@@ -91,7 +92,9 @@ class Event:
     what: str  # the child's module path, or the op's name
     module: bool
     inputs: tuple[int, ...]  # storages of its tensor arguments
+    offsets: tuple[int, ...] = ()  # and their storage offsets (which view of a storage)
     output: int | None = None  # storage of its output, when a tensor
+    constants: tuple = ()  # an op's non-tensor arguments: positional, then sorted keyword items
 
 
 @dataclass
@@ -142,7 +145,7 @@ class _Probe(TorchFunctionMode):
         if isinstance(x, torch.Tensor) and x.is_floating_point() and is_candidate(module):
             call = Call(site=path, kind=kind, module=module, activation=None, input_storage=storage_key(x))
             self._open(call)
-        event = Event(path, True, tuple(storage_key(t) for t in _tensors(args, {})))
+        event = _event(path, True, args, {})
         self.events[caller].append(event)
         self.stack.append(_Frame(path, call, event))
 
@@ -183,7 +186,7 @@ class _Probe(TorchFunctionMode):
         event = None
         if name not in _METADATA_OPS:
             self._note_consumers(name, here, args, kwargs)
-            event = Event(name, False, tuple(storage_key(t) for t in _tensors(args, kwargs)))
+            event = _event(name, False, args, kwargs)
             self.events[here].append(event)
         call = None
         activation = functional_activation(name, kwargs)
@@ -234,6 +237,25 @@ class _Probe(TorchFunctionMode):
                 call.inplace = call.inplace or "in-place op"
         self.keep.clear()
         self.outputs.clear()
+
+
+def _event(what: str, module: bool, args: tuple, kwargs: dict) -> Event:
+    tensors = list(_tensors(args, kwargs))
+    constants = (
+        ()
+        if module
+        else (
+            *(a for a in args if isinstance(a, int | float | str | bool)),
+            *sorted((k, v) for k, v in kwargs.items() if isinstance(v, int | float | str | bool)),
+        )
+    )
+    return Event(
+        what,
+        module,
+        tuple(storage_key(t) for t in tensors),
+        tuple(t.storage_offset() for t in tensors),
+        constants=constants,
+    )
 
 
 def _tensors(args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:

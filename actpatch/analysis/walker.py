@@ -12,9 +12,11 @@ A site is patchable when all of these hold on the probe:
 7. swapping frees more than the branch bits it adds.
 
 Sites that pass are then filtered by ``include``/``exclude`` (fnmatch patterns on the path).  With
-``gated``, a site that passes and whose parent module is a gated MLP at every probe shape
-(:func:`actpatch.analysis.gated.match`) yields a site of kind "gated" at the parent, fused when it frees
-memory; the activation site is then reported as fused into it.
+``gated``, an activation that passes rules 1-4 and whose parent module is a gated MLP at every probe
+shape (:func:`actpatch.analysis.gated.match`) yields a site of kind "gated" at the parent, fused when it
+frees memory (rules 5 and 6 do not apply: the fused product keeps its own tensors, and a fused gate_up
+output kept alive through the product's input is what fusing frees); the activation site is then
+reported as fused into it.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def walk(
     sites = _collect_sites(model, probes[0], kinds)
     evidences = [_Evidence(p) for p in probes]
     decided: list[tuple[Site, list[Bytes]]] = []  # each site, and what it frees at each probe shape
-    gated_parts: dict[str, tuple[str, str, str]] = {}
+    gated_parts: dict[str, tuple[str, str, str, str]] = {}
     for site in sites:
         evidence, consumer = evidences[0].judge(site)
         reason = evidence
@@ -81,7 +83,8 @@ def walk(
             reason = "excluded by include/exclude"
         if site.path in already_patched:
             reason = None
-        fused = _gated_site(site, evidence, probes, include, exclude, already_patched) if gated else None
+        basic = evidences[0].basic_reason(site)
+        fused = _gated_site(site, basic, probes, include, exclude, already_patched) if gated else None
         if fused is not None:
             fused_site, fused_gains, gated_parts[fused_site.path] = fused
             decided.append((fused_site, fused_gains))
@@ -126,15 +129,16 @@ def _meta_cast(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
 
 def _gated_site(
     site: _Site,
-    evidence: str | None,
+    basic_reason: str | None,
     probes: list[ProbeResult],
     include: list[str] | None,
     exclude: list[str] | None,
     already_patched: set[str],
-) -> tuple[Site, list[Bytes], tuple[str, str, str]] | None:
-    """The gated site replacing ``site`` (a patchable activation in a gated MLP at every probe shape),
-    what it frees at each probe shape, and its (gate, up, down) child names."""
-    if site.activation not in GATED or site.kind != "module" or evidence is not None:
+) -> tuple[Site, list[Bytes], tuple[str, str, str, str]] | None:
+    """The gated site replacing ``site`` (an activation passing rules 1-4 in a gated MLP at every probe
+    shape; its input may be kept alive by the product: fusing frees it), what it frees at each probe
+    shape, and its parts (``GatedMLP.parts``)."""
+    if site.activation not in GATED or site.kind != "module" or basic_reason is not None:
         return None
     mlps, gains = [], []
     for probe in probes:
@@ -145,7 +149,7 @@ def _gated_site(
         mlps.append(mlp)
         gains.append(gated.gain(probe, mlp, calls[0]))
     mlp = mlps[0]
-    if any((m.parent, m.gate, m.up, m.down) != (mlp.parent, mlp.gate, mlp.up, mlp.down) for m in mlps):
+    if any((m.parent, m.parts) != (mlp.parent, mlp.parts) for m in mlps):
         return None
     if gains[0].scalable + gains[0].fixed <= 0:
         return None
@@ -158,7 +162,7 @@ def _gated_site(
         reason = None
     consumer = next((s.where for s in probes[0].saved if s.storage == mlp.storages[3]), None)
     fused = Site(mlp.parent, site.activation, consumer, reason is None, reason, kind="gated")
-    return fused, gains, (mlp.gate, mlp.up, mlp.down)
+    return fused, gains, mlp.parts
 
 
 def _collect_sites(model: nn.Module, probe: ProbeResult, kinds: dict[int, str | None]) -> list[_Site]:
@@ -221,6 +225,23 @@ class _Evidence:
         return self._reason(site), consumer
 
     def _reason(self, site: _Site) -> str | None:
+        reason = self.basic_reason(site)
+        if reason is not None:
+            return reason
+        for call in site.calls:
+            if not self._outside(call.output_storage, call):
+                used = f" (used by {call.consumers[0]})" if call.consumers else ""
+                return f"output not saved by a later op{used}"
+            keepers = self._outside(call.input_storage, call)
+            if keepers:
+                return f"input kept alive by {keepers[0].where} (shared storage, e.g. a fused projection)"
+        gain = self.gain(site.calls)
+        if gain.scalable + gain.fixed <= 0:
+            return "nothing to gain"
+        return None
+
+    def basic_reason(self, site: _Site) -> str | None:
+        """Rules 1-4: what any swap of this site needs, whatever saves its output or keeps its input."""
         if site.activation not in INVERTIBLE:
             return f"unsupported activation ({site.activation})"
         if site.kind == "functional":
@@ -238,15 +259,6 @@ class _Evidence:
                 return "inside a checkpointed block: nothing is saved there, nothing to gain"
             if call.inplace:
                 return f"output modified in place ({call.inplace})"
-            if not self._outside(call.output_storage, call):
-                used = f" (used by {call.consumers[0]})" if call.consumers else ""
-                return f"output not saved by a later op{used}"
-            keepers = self._outside(call.input_storage, call)
-            if keepers:
-                return f"input kept alive by {keepers[0].where} (shared storage, e.g. a fused projection)"
-        gain = self.gain(site.calls)
-        if gain.scalable + gain.fixed <= 0:
-            return "nothing to gain"
         return None
 
     def gain(self, calls: list[Call]) -> Bytes:
