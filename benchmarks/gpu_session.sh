@@ -20,8 +20,8 @@ step() {  # step NAME SECONDS COMMAND...
 
 case ${1:-kernels} in
 kernels)
-    step pytest_gpu 170 python3 -m pytest tests/test_triton.py tests/test_integrations.py -m gpu -q -rs -p no:cacheprovider
-    step kernels 280 python3 benchmarks/kernels.py --sweep --large --accuracy --json "$OUT/kernels.json"
+    step pytest_gpu 170 python3 -m pytest tests -m gpu -q -rs -p no:cacheprovider
+    step kernels 280 python3 benchmarks/kernels.py --sweep --large --accuracy --gated --json "$OUT/kernels.json"
     step stream_floor 60 python3 benchmarks/stream_floor.py
     ;;
 models)

@@ -1,6 +1,7 @@
 """Fused Triton kernels vs torch's own activation kernels: time, bandwidth, >2^31 elements, accuracy on GPU.
 
     python benchmarks/kernels.py [--device cuda] [--shape 8192 14336] [--sweep] [--accuracy] [--large]
+                                 [--gated]
     python benchmarks/kernels.py --device cpu --quick       # smoke test (Triton interpreter)
 
 Bytes the kernels must move, per element of size s bytes: forward reads x, writes y and 1/8 byte of bits
@@ -174,6 +175,46 @@ def sweep(args, copy_bw: float) -> dict:
     return out
 
 
+def gated_table(args, copy_bw: float) -> list[dict]:
+    """silu_mul / gelu_mul (triton_gated) against eager act(a) * b, forward and forward+backward, bf16."""
+    from actpatch.kernels import gated
+    from actpatch.kernels import triton_gated as tg
+
+    rows = []
+    g = torch.Generator(device=args.device).manual_seed(0)
+    a, b, dm = (torch.randn(args.shape, device=args.device, generator=g).to(torch.bfloat16) for _ in range(3))
+    n, s = a.numel(), a.element_size()
+    for name in gated.GATED:
+        m, k, bits = tg.forward(a, b, name)
+
+        def ours_both(name=name):
+            m2, k2, b2 = tg.forward(a, b, name)
+            return tg.backward(dm, m2, k2, b2, name)
+
+        def eager_both(name=name):  # what eager autograd runs: act, the product; then da and db
+            act = gated.act_forward(name, a)
+            _ = act * b
+            return gated.act_backward(name, dm * b, a), dm * act
+
+        r = {"activation": f"{name}_mul", "dtype": "bfloat16", "shape": list(a.shape)}
+        r["ours_fwd_ms"] = bench(lambda name=name: tg.forward(a, b, name), args.device, args.quick)
+        r["ours_bwd_ms"] = bench(lambda: tg.backward(dm, m, k, bits, name), args.device, args.quick)  # noqa: B023
+        r["ours_fwdbwd_ms"] = bench(ours_both, args.device, args.quick)
+        r["torch_fwd_ms"] = bench(lambda name=name: gated.act_forward(name, a) * b, args.device, args.quick)
+        r["torch_fwdbwd_ms"] = bench(eager_both, args.device, args.quick)
+        r["ratio_vs_torch"] = r["ours_fwdbwd_ms"] / r["torch_fwdbwd_ms"]
+        moved = n * (4 * s + 1 / 4) + n * (5 * s + 1 / 4)  # a, b -> m, k, bits; dm, m, k, bits -> da, db
+        r["fwdbwd_pct_copy"] = 100 * moved / (r["ours_fwdbwd_ms"] * 1e-3) / copy_bw
+        print(
+            f"{name + '_mul':<14} bf16 ours fwd {r['ours_fwd_ms']:.4f} bwd {r['ours_bwd_ms']:.4f} "
+            f"fwd+bwd {r['ours_fwdbwd_ms']:.4f} ms ({r['fwdbwd_pct_copy']:.0f}% copy) | eager fwd "
+            f"{r['torch_fwd_ms']:.4f} fwd+bwd {r['torch_fwdbwd_ms']:.4f} | x{r['ratio_vs_torch']:.3f}",
+            flush=True,
+        )
+        rows.append(r)
+    return rows
+
+
 def large_check(args) -> dict:
     """bf16 SiLU on 2^31 + 8003 elements: the last 800,003 elements against the reference."""
     n = 2**31 + 8003 if not args.quick else 8 * 1000 + 3
@@ -245,6 +286,7 @@ def main() -> int:
     p.add_argument("--sweep", action="store_true", help="launch shapes and table sizes, bf16")
     p.add_argument("--large", action="store_true", help="correctness on more than 2^31 elements")
     p.add_argument("--accuracy", action="store_true", help="accuracy criterion on this device's output")
+    p.add_argument("--gated", action="store_true", help="the gated products' kernels against eager, bf16")
     p.add_argument("--json", help="write all results here")
     args = p.parse_args()
     if args.quick:
@@ -262,6 +304,8 @@ def main() -> int:
         "backward": [tk.BACKWARD_ROWS, tk.BACKWARD_WARPS],
     }
     res["kernels"] = kernel_table(args, copy_bw)
+    if args.gated:
+        res["gated"] = gated_table(args, copy_bw)
     if args.large:
         res["large"] = large_check(args)
         ok &= all(res["large"][k] for k in ("y_ok", "bits_ok", "dx_ok"))

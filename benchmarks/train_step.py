@@ -6,7 +6,8 @@
 
 Models are built from transformers configs with random weights, bf16 (float32 with --device cpu), in
 training mode, loss = the model's own LM/MLM loss on random tokens.  Swaps: GPT-2 ``mlp.act`` (NewGELU, a
-Python tanh formula) -> InvertedGELU("tanh"); BERT's GELU -> InvertedGELU(); Llama's SiLU -> InvertedSiLU().
+Python tanh formula) -> InvertedGELU("tanh"); BERT's GELU -> InvertedGELU(); Llama's SiLU -> InvertedSiLU();
+llama3-8b-layer-gated: Llama's MLP computes down(silu_mul(gate(x), up(x))), as patch_model(gated=True) does.
 
 - step time: median of CUDA-event-timed steps (forward, backward, grads set to None), eager and patched
   measured alternately on one model instance;
@@ -26,6 +27,7 @@ import time
 
 import torch
 
+from actpatch.functional import silu_mul
 from actpatch.nn import InvertedGELU, InvertedSiLU
 
 # name: (config factory(layers, quick), batch, seq, layers for the step time, swap function)
@@ -83,6 +85,13 @@ def _swap_llama(model, patched: dict) -> None:
         _swap(layer.mlp, "act_fn", InvertedSiLU(), patched)
 
 
+def _swap_llama_gated(model, patched: dict) -> None:
+    """The MLP fused as patch_model(gated=True) fuses it: down(silu_mul(gate(x), up(x)))."""
+    for layer in model.model.layers:
+        fused = lambda x, m=layer.mlp: m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x)))  # noqa: E731
+        _swap(layer.mlp, "forward", fused, patched)
+
+
 def _swap(parent, attr: str, new, patched: dict) -> None:
     patched[(id(parent), attr)] = (parent, attr, getattr(parent, attr))
     setattr(parent, attr, new)
@@ -98,8 +107,9 @@ MODELS = {
     "gpt2-medium": (_gpt2, 8, 1024, 12, _swap_gpt2),
     "bert-base": (_bert, 32, 512, 12, _swap_bert),
     "llama3-8b-layer": (_llama, 2, 4096, 4, _swap_llama),
+    "llama3-8b-layer-gated": (_llama, 2, 4096, 4, _swap_llama_gated),
 }
-QUICK = {"gpt2-medium": (2, 64, 2), "bert-base": (2, 64, 2), "llama3-8b-layer": (2, 64, 2)}
+QUICK = {name: (2, 64, 2) for name in MODELS}
 
 
 def build(name: str, layers: int, args):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .bits import pack_bits, packed_size, unpack_bits
 
 GATED = ("silu", "gelu", "gelu_tanh")
-_KEEP_B_BELOW = {torch.float32: 2.0**-18, torch.bfloat16: 2.0**-13, torch.float16: 2.0**-13}  # T
+KEEP_B_BELOW = {torch.float32: 2.0**-18, torch.bfloat16: 2.0**-13, torch.float16: 2.0**-13}  # T
 
 
 def act_forward(name: str, a: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,7 @@ def forward(a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, 
     """(m, k, bits): bits holds u then z, each packed 8 per byte (2 · ceil(n/8) bytes)."""
     s = act_forward(name, a)
     m = s * b
-    keep_b = s.abs() < _KEEP_B_BELOW.get(s.dtype, 0.0)
+    keep_b = s.abs() < KEEP_B_BELOW.get(s.dtype, 0.0)
     k = torch.where(keep_b, b, a)
     bits = torch.cat([pack_bits(keep_b), pack_bits(a.float() > -1.0)])
     return m, k, bits

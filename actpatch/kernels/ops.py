@@ -32,6 +32,14 @@ def _cuda_kernels():
     return triton_kernels
 
 
+def _cuda_gated_kernels():
+    try:
+        from . import triton_gated
+    except ImportError:
+        return None
+    return triton_gated
+
+
 def _register(act: Activation) -> tuple[object, object]:
     name = act.name
 
@@ -94,6 +102,11 @@ def _register_gated(name: str) -> tuple[object, object]:
     @bwd.register_fake
     def _(dm, m, k, bits):
         return torch.empty_like(dm), torch.empty_like(dm)
+
+    kernels = _cuda_gated_kernels()
+    if kernels is not None:
+        fwd.register_kernel("cuda")(lambda a, b: kernels.forward(a, b, name))
+        bwd.register_kernel("cuda")(lambda dm, m, k, bits: kernels.backward(dm, m, k, bits, name))
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output)

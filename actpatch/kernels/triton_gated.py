@@ -1,0 +1,165 @@
+"""Fused Triton kernels for the gated products of ``gated.py`` (CUDA; Triton's interpreter in tests).
+
+forward(a, b)              reads a and b once; writes m = act(a) · b, k (a, or b where |act(a)| < T) and
+                           the two bit masks [u (k holds b), z (a > -1)] once.
+backward(dm, m, k, bits)   reads them once; writes da and db once.
+
+The arithmetic is ``gated.py``'s, element by element, in float32 with the dtype's roundings where torch
+rounds: act(a) as torch's own CUDA kernels compute it (``act``), rounded to the dtype; the product of the
+rounded values, rounded; in backward, b = m / act(a) rounded to the dtype, clamped to its finite range,
+and act'(a) as torch's silu_backward / gelu_backward compute it (``act_grad``).  Tiles are [ROWS, 8] as
+in ``triton.py``, so each bit-mask byte belongs to one tile row.  Under Triton's interpreter (only with
+TRITON_INTERPRET=1, where nested kernels work) float32 and float16 match torch; bfloat16 is rounded by
+truncation there, so it is checked on the GPU only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .bits import packed_size
+from .gated import KEEP_B_BELOW
+from .triton import _kernel, _launch, libdevice
+
+GATED_CODES = {"gelu": 0, "gelu_tanh": 1, "silu": 2}
+ROWS, WARPS = 64, 2
+
+
+@triton.jit
+def _exp(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        return libdevice.exp(x)
+    return tl.exp(x)
+
+
+@triton.jit
+def _erf(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        return libdevice.erf(x)
+    return tl.math.erf(x)
+
+
+@triton.jit
+def _tanh(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        return libdevice.tanh(x)
+    e = tl.exp(-2.0 * tl.abs(x))  # tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2|u|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def act(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """act(x) in float32, written as torch's CUDA kernels write it."""
+    if ACT == 0:  # GELU: x * 0.5 * (1 + erf(x * M_SQRT1_2))
+        return x * 0.5 * (1.0 + _erf(x * 0.7071067811865476, LIBDEVICE))
+    elif ACT == 1:  # GELU tanh: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))
+        return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * (x * x * x)), LIBDEVICE))
+    else:  # SiLU: x / (1 + exp(-x))
+        return tl.math.div_rn(x, 1.0 + _exp(-x, LIBDEVICE))
+
+
+@triton.jit
+def act_grad(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """act'(x) in float32, written as torch's gelu_backward / silu_backward CUDA kernels write it."""
+    if ACT == 0:  # cdf + x * pdf, pdf = exp(-x^2 / 2) / sqrt(2 pi)
+        cdf = 0.5 * (1.0 + _erf(x * 0.7071067811865476, LIBDEVICE))
+        return cdf + x * (_exp(-0.5 * x * x, LIBDEVICE) * 0.3989422804014327)
+    elif ACT == 1:
+        inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
+        t = _tanh(inner, LIBDEVICE)
+        dinner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
+    else:  # sigmoid * (1 + x * (1 - sigmoid))
+        s = tl.math.div_rn(1.0, 1.0 + _exp(-x, LIBDEVICE))
+        return s * (1.0 + x * (1.0 - s))
+
+
+@triton.jit
+def _tile(n_elements, row_start, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr):
+    rows = row_start + tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    cols = tl.arange(0, 8)
+    offs = rows[:, None] * 8 + cols[None, :]
+    if FULL_ROWS:  # one mask per row of 8: loads and stores stay vectors
+        row_mask = rows < n_elements // 8
+        mask = tl.broadcast_to(row_mask[:, None], [ROWS, 8])
+    else:
+        row_mask = rows * 8 < n_elements
+        mask = offs < n_elements
+    return rows, cols, offs, row_mask, mask
+
+
+@triton.jit
+def _forward_kernel(
+    a_ptr, b_ptr, m_ptr, k_ptr, bits_ptr, n_elements, n_bytes, row_start, keep_below,
+    ACT: tl.constexpr, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr, LIBDEVICE: tl.constexpr,
+):  # fmt: skip
+    rows, cols, offs, row_mask, mask = _tile(n_elements, row_start, ROWS, FULL_ROWS)
+    a = tl.load(a_ptr + offs, mask=mask, other=0)
+    b = tl.load(b_ptr + offs, mask=mask, other=0)
+    af = a.to(tl.float32)
+    s = act(af, ACT, LIBDEVICE).to(a.dtype)
+    m = (s.to(tl.float32) * b.to(tl.float32)).to(a.dtype)
+    keep_b = (tl.abs(s.to(tl.float32)) < keep_below) & mask
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(k_ptr + offs, tl.where(keep_b, b, a), mask=mask)
+    u = tl.reduce(keep_b.to(tl.int32) << cols[None, :], 1, tl.standard._sum_combine)
+    z = tl.reduce(((af > -1.0) & mask).to(tl.int32) << cols[None, :], 1, tl.standard._sum_combine)
+    tl.store(bits_ptr + rows, u.to(tl.uint8), mask=row_mask)
+    tl.store(bits_ptr + n_bytes + rows, z.to(tl.uint8), mask=row_mask)
+
+
+@triton.jit
+def _backward_kernel(
+    dm_ptr, m_ptr, k_ptr, bits_ptr, da_ptr, db_ptr, n_elements, n_bytes, row_start, top,
+    ACT: tl.constexpr, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr, LIBDEVICE: tl.constexpr,
+):  # fmt: skip
+    rows, cols, offs, row_mask, mask = _tile(n_elements, row_start, ROWS, FULL_ROWS)
+    u = tl.load(bits_ptr + rows, mask=row_mask, other=0).to(tl.int32)
+    z = tl.load(bits_ptr + n_bytes + rows, mask=row_mask, other=0).to(tl.int32)
+    keep_b = ((u[:, None] >> cols[None, :]) & 1) != 0
+    near_zero = ((z[:, None] >> cols[None, :]) & 1) != 0
+    dm = tl.load(dm_ptr + offs, mask=mask, other=0)
+    m = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32)
+    k = tl.load(k_ptr + offs, mask=mask, other=0).to(tl.float32)
+    dmf = dm.to(tl.float32)
+    a = tl.where(keep_b, 0.0, k)
+    s = act(a, ACT, LIBDEVICE).to(dm.dtype).to(tl.float32)
+    ratio = tl.minimum(tl.maximum(tl.math.div_rn(m, s), -top), top)  # NaN stays NaN
+    b = tl.where(keep_b, k, ratio).to(dm.dtype).to(tl.float32)
+    db = dmf * tl.where(keep_b, 0.0, s)
+    grad_s = (dmf * b).to(dm.dtype).to(tl.float32)
+    da = tl.where(keep_b, tl.where(near_zero, 0.5 * grad_s, 0.0), grad_s * act_grad(a, ACT, LIBDEVICE))
+    tl.store(da_ptr + offs, da.to(dm.dtype), mask=mask)
+    tl.store(db_ptr + offs, db.to(dm.dtype), mask=mask)
+
+
+def forward(a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(m, k, bits) as ``gated.forward`` returns them; m and k contiguous, shaped like a."""
+    a, b = a.contiguous(), b.contiguous()
+    n = a.numel()
+    m, k = torch.empty_like(a), torch.empty_like(a)
+    bits = torch.empty(2 * packed_size(n), dtype=torch.uint8, device=a.device)
+    if n:
+        kernel, compiled = _kernel(_forward_kernel, a.device)
+        args = (a, b, m, k, bits, n, packed_size(n))
+        keep = KEEP_B_BELOW[a.dtype]
+        _launch(kernel, n, ROWS, WARPS, args, keep_below=keep, ACT=GATED_CODES[name], LIBDEVICE=compiled)
+    return m, k, bits
+
+
+def backward(
+    dm: torch.Tensor, m: torch.Tensor, k: torch.Tensor, bits: torch.Tensor, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(da, db) as ``gated.backward`` returns them."""
+    dm = dm.contiguous()
+    n = dm.numel()
+    da, db = torch.empty_like(dm), torch.empty_like(dm)
+    if n:
+        kernel, compiled = _kernel(_backward_kernel, dm.device)
+        top = float(torch.finfo(dm.dtype).max)
+        args = (dm, m.contiguous(), k.contiguous(), bits, da, db, n, packed_size(n))
+        _launch(kernel, n, ROWS, WARPS, args, top=top, ACT=GATED_CODES[name], LIBDEVICE=compiled)
+    return da, db

@@ -1,0 +1,55 @@
+"""Every Triton kernel compiles for sm_90 (H100/H200) on this CPU-only machine, with no float64 left.
+
+Triton's bundled ptxas does this without a GPU, and it catches what the interpreter lets through: globals
+the compiler refuses inside kernels, Python float constants typed float64 (which once dragged a whole
+backward into float64 on the H200).
+"""
+
+from __future__ import annotations
+
+import pytest
+import triton
+
+from actpatch.kernels import triton as tk
+from actpatch.kernels import triton_gated as tg
+
+compiler = pytest.importorskip("triton.compiler")
+GPUTarget = pytest.importorskip("triton.backends.compiler").GPUTarget
+
+ROW = {"n_elements": "i64", "row_start": "i64"}
+ACTIVATION_FORWARD = {"x_ptr": "*{t}", "y_ptr": "*{t}", "bits_ptr": "*u8", **ROW, "x_star": "fp32"}
+ACTIVATION_BACKWARD = {
+    "dy_ptr": "*{t}", "y_ptr": "*{t}", "bits_ptr": "*u8", "dx_ptr": "*{t}", "coef_ptr": "*fp32", **ROW,
+    "y_hi": "fp32", "y_lo": "fp32", "inv_y_hi": "fp32", "t_right_max": "fp32", "scale_right": "fp32",
+    "scale_left": "fp32",
+}  # fmt: skip
+GATED_FORWARD = {
+    "a_ptr": "*{t}", "b_ptr": "*{t}", "m_ptr": "*{t}", "k_ptr": "*{t}", "bits_ptr": "*u8",
+    "n_elements": "i64", "n_bytes": "i64", "row_start": "i64", "keep_below": "fp32",
+}  # fmt: skip
+GATED_BACKWARD = {
+    "dm_ptr": "*{t}", "m_ptr": "*{t}", "k_ptr": "*{t}", "bits_ptr": "*u8", "da_ptr": "*{t}", "db_ptr": "*{t}",
+    "n_elements": "i64", "n_bytes": "i64", "row_start": "i64", "top": "fp32",
+}  # fmt: skip
+BASE = {"ROWS": 64, "FULL_ROWS": True, "LIBDEVICE": True}
+NO_BF16_BY_HAND = {"BF16_BY_HAND": False}
+CASES = {
+    "activation forward": (tk._forward_kernel, ACTIVATION_FORWARD, {"ACT": 0, "ROUND_INTERMEDIATE": True}),
+    "activation bwd fast": (tk._backward_kernel, ACTIVATION_BACKWARD, {"N": 32, "DEG": 3, "FAST": 1}),
+    "activation bwd precise": (tk._backward_kernel, ACTIVATION_BACKWARD, {"N": 16, "DEG": 6, "FAST": 0}),
+    "gated forward": (tg._forward_kernel, GATED_FORWARD, {"ACT": 2}),
+    "gated backward": (tg._backward_kernel, GATED_BACKWARD, {"ACT": 0}),
+}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compiles_for_sm90_without_float64(case, dtype):
+    kernel, signature, constexprs = CASES[case]
+    const = BASE | constexprs | (NO_BF16_BY_HAND if case.startswith("activation") else {})
+    names = list(kernel.arg_names)
+    sig = {k: v.format(t=dtype) for k, v in signature.items()} | {k: "constexpr" for k in const}
+    src = compiler.ASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    options = {"num_warps": 2, "enable_fp_fusion": True}  # Triton's default on the GPU machine
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    assert ".f64" not in compiled.asm["ptx"]
