@@ -6,7 +6,7 @@ and ceil(n/8) bytes of branch bits [x >= x*]; the backward computes f'(x) from t
 (no grad, inference_mode, float64) the plain torch op runs and nothing extra is computed or kept.
 
 ``silu_mul(gate, up)`` and ``gelu_mul(gate, up)`` return act(gate) * up (torch's two ops, bitwise) and
-keep the product plus, per element, the gate (or up where act(gate) is 0) and two bits
+keep the product plus, per element, the gate (or up where act(gate) is ~0) and two bits
 (``actpatch.kernels.gated``), for gate and up of one shape and dtype; otherwise the plain ops run.
 """
 

@@ -6,12 +6,15 @@ Three observers run together:
   call of a candidate module (a leaf without parameters or buffers, registered or not);
 - a ``TorchFunctionMode`` names the op running, opens a :class:`Call` for functional activations
   (``F.gelu``...), and records which ops take an activation's output (its consumers);
+- both record, per module, an :class:`Event` for each child called and each op run directly in its
+  forward, with the storages it took and gave (what ``gated.match`` reads the structure of an MLP from);
 - ``saved_tensors_hooks`` record every tensor autograd packs, with the module and op saving it and the
   calls open at that moment (those calls' own backward saves it).
 
 Tensors are matched by storage identity (``untyped_storage()._cdata``, the StorageImpl address), which
 also holds on the meta device where every ``data_ptr`` is 0.  Every saved tensor and activation output is
-kept alive until the probe ends, so no address is reused while it is compared.
+kept alive until the probe ends, so no address is reused while it is compared; autograd itself is given
+nothing to keep (the pack hook returns None), so the probe's graph dies with its output.
 """
 
 from __future__ import annotations
@@ -241,21 +244,22 @@ class _Probe(TorchFunctionMode):
 
 def _event(what: str, module: bool, args: tuple, kwargs: dict) -> Event:
     tensors = list(_tensors(args, kwargs))
-    constants = (
-        ()
-        if module
-        else (
-            *(a for a in args if isinstance(a, int | float | str | bool)),
-            *sorted((k, v) for k, v in kwargs.items() if isinstance(v, int | float | str | bool)),
+    constants: tuple = ()
+    if not module:
+        scalar = int | float | str | bool
+        constants = (
+            *(a for a in args if isinstance(a, scalar)),
+            *sorted((k, v) for k, v in kwargs.items() if isinstance(v, scalar)),
         )
-    )
-    return Event(
-        what,
-        module,
-        tuple(storage_key(t) for t in tensors),
-        tuple(t.storage_offset() for t in tensors),
-        constants=constants,
-    )
+    offsets = tuple(_storage_offset(t) for t in tensors)
+    return Event(what, module, tuple(storage_key(t) for t in tensors), offsets, constants=constants)
+
+
+def _storage_offset(t: torch.Tensor) -> int:
+    try:
+        return t.storage_offset()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses, sparse)
+        return 0
 
 
 def _tensors(args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:

@@ -11,6 +11,8 @@ Every device runs the pure-PyTorch reference; CUDA runs the fused Triton kernels
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from ..activations import ACTIVATIONS, Activation
@@ -24,20 +26,12 @@ DOUBLE_BACKWARD_ERROR = (
 )
 
 
-def _cuda_kernels():
+def _triton(module: str):
+    """``actpatch.kernels.<module>`` (Triton kernels), or None where Triton does not import."""
     try:
-        from . import triton as triton_kernels
+        return importlib.import_module(f".{module}", __package__)
     except ImportError:
         return None
-    return triton_kernels
-
-
-def _cuda_gated_kernels():
-    try:
-        from . import triton_gated
-    except ImportError:
-        return None
-    return triton_gated
 
 
 def _register(act: Activation) -> tuple[object, object]:
@@ -59,7 +53,7 @@ def _register(act: Activation) -> tuple[object, object]:
     def _(dy, y, bits):
         return torch.empty_like(dy)
 
-    kernels = _cuda_kernels()
+    kernels = _triton("triton")
     if kernels is not None:
         fwd.register_kernel("cuda")(lambda x: kernels.forward(x, act))
         bwd.register_kernel("cuda")(lambda dy, y, bits: kernels.backward(dy, y, bits, act))
@@ -103,7 +97,7 @@ def _register_gated(name: str) -> tuple[object, object]:
     def _(dm, m, k, bits):
         return torch.empty_like(dm), torch.empty_like(dm)
 
-    kernels = _cuda_gated_kernels()
+    kernels = _triton("triton_gated")
     if kernels is not None:
         fwd.register_kernel("cuda")(lambda a, b: kernels.forward(a, b, name))
         bwd.register_kernel("cuda")(lambda dm, m, k, bits: kernels.backward(dm, m, k, bits, name))
