@@ -19,6 +19,7 @@ import transformers as tf
 
 import actpatch
 from actpatch.analysis.inputs import input_spec
+from actpatch.measure import saved_bytes
 
 MODELS = {
     "gpt2-medium (4 layers)": lambda: (tf.GPT2Config(n_layer=4, n_embd=1024, n_head=16), tf.GPT2LMHeadModel),
@@ -69,19 +70,9 @@ def measured_bytes(model: torch.nn.Module, kwargs: dict, device: torch.device) -
         used = torch.cuda.memory_allocated() - start
         del loss
         return used
-    params = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**kwargs).loss
-    del loss
-    return sum(storages.values())
+    nbytes, out = saved_bytes(model, kwargs)
+    del out
+    return nbytes
 
 
 def run(device: torch.device, batch: int, seq: int) -> list[tuple]:

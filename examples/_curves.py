@@ -3,7 +3,35 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+import torch
+
+
+def train_steps(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: Iterable,
+    loss_of: Callable[..., torch.Tensor],
+) -> tuple[list[float], float]:
+    """One step per batch: loss_of(batch), backward, gradient clipping at 1.0, the optimizer with a linear
+    warm-up over the first tenth of the steps.  Returns the losses and the wall time."""
+    batches = list(batches)
+    warmup = max(1, len(batches) // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    losses = []
+    t0 = time.perf_counter()
+    for batch in batches:
+        loss = loss_of(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, time.perf_counter() - t0
 
 
 def max_relative_deviation(baseline: list[float], patched: list[float]) -> tuple[float, int]:

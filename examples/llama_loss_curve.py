@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
-from _curves import max_relative_deviation, plot
+from _curves import max_relative_deviation, plot, train_steps
 from _data import docstrings
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -51,19 +50,8 @@ def train(batches, args, *, patched: bool) -> tuple[list[float], float, str]:
             f"{100 * report.projection.saved_fraction:.1f}% less saved activation memory"
         )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, len(batches) // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    losses = []
-    t0 = time.perf_counter()
-    for x in batches:
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses, time.perf_counter() - t0, note
+    losses, seconds = train_steps(model, opt, batches, lambda x: model(input_ids=x, labels=x).loss)
+    return losses, seconds, note
 
 
 def main() -> None:

@@ -18,11 +18,10 @@ import io
 import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from _curves import max_relative_deviation, plot
+from _curves import max_relative_deviation, plot, train_steps
 from _data import docstrings
 from transformers import AutoTokenizer, BertForMaskedLM
 from transformers.utils import logging as hf_logging
@@ -84,21 +83,14 @@ def train(weights: Path, batches, *, patched: bool, seed: int, lr: float) -> tup
         note = f"{n} of {len(report.sites)} sites patched"
     torch.manual_seed(seed + 1)  # dropout stream, identical for both runs
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, len(batches) // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    losses = []
-    t0 = time.perf_counter()
-    for x, pick, labels in batches:
+
+    def masked_lm_loss(batch) -> torch.Tensor:
+        x, pick, labels = batch
         hidden = model.bert(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state
-        logits = model.cls(hidden[pick])  # the MLM head on masked positions only
-        loss = torch.nn.functional.cross_entropy(logits, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses, time.perf_counter() - t0, note
+        return torch.nn.functional.cross_entropy(model.cls(hidden[pick]), labels)  # MLM head on masked only
+
+    losses, seconds = train_steps(model, opt, batches, masked_lm_loss)
+    return losses, seconds, note
 
 
 def main() -> None:

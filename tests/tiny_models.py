@@ -7,6 +7,8 @@ import torch
 import transformers as tf
 from torch import nn
 
+from actpatch import measure
+
 # A tiny Llama config.json, for tests that write a local model directory.
 TINY_LLAMA = {
     "model_type": "llama",
@@ -216,15 +218,5 @@ def tiny_model(family: str, seed: int = 0, attn: str = "eager") -> nn.Module:
 
 def saved_bytes(model: nn.Module, kwargs: dict) -> tuple[int, torch.Tensor]:
     """(bytes of unique non-parameter storages autograd saves in ``model(**kwargs)``, the loss)."""
-    params = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(**kwargs)
-    return sum(storages.values()), out.loss
+    nbytes, out = measure.saved_bytes(model, kwargs)
+    return nbytes, out.loss
