@@ -98,8 +98,9 @@ def run_in_child(args: argparse.Namespace, patched: bool, port: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "run.json")
         argv = [sys.executable, __file__, "--child", "patched" if patched else "baseline", "--json", out]
-        for k in ("steps", "batch", "seq", "hidden", "intermediate", "layers", "patch"):
-            argv += [f"--{k}", str(getattr(args, k))]
+        for k, v in vars(args).items():  # the parent's options, but its own output and role
+            if k not in ("json", "child"):
+                argv += [f"--{k}", str(v)]
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
                "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}  # fmt: skip
         subprocess.run(argv, env=env, check=True)

@@ -77,14 +77,15 @@ def walk(
     decided: list[tuple[Site, list[Bytes]]] = []  # each site, and what it frees at each probe shape
     gated_parts: dict[str, tuple[str, str, str, str]] = {}
     for site in sites:
-        evidence, consumer = evidences[0].judge(site)
-        reason = evidence
+        reason, consumer = evidences[0].judge(site)
         if reason is None and not _selected(site.path, include, exclude):
             reason = "excluded by include/exclude"
         if site.path in already_patched:
             reason = None
-        basic = evidences[0].basic_reason(site)
-        fused = _gated_site(site, basic, probes, include, exclude, already_patched) if gated else None
+        fused = None
+        if gated:
+            basic = evidences[0].basic_reason(site)
+            fused = _gated_site(site, basic, probes, include, exclude, already_patched)
         if fused is not None:
             fused_site, fused_gains, gated_parts[fused_site.path] = fused
             decided.append((fused_site, fused_gains))
