@@ -8,6 +8,9 @@ and ceil(n/8) bytes of branch bits [x >= x*]; the backward computes f'(x) from t
 ``silu_mul(gate, up)`` and ``gelu_mul(gate, up)`` return act(gate) * up (torch's two ops, bitwise) and
 keep the product plus, per element, the gate (or up where act(gate) is ~0) and two bits
 (``actpatch.kernels.gated``), for gate and up of one shape and dtype; otherwise the plain ops run.
+
+``rms_norm(x, weight, eps, variant)`` returns a Hugging Face RMSNorm's output bitwise and keeps x and
+1/rms instead of float32 copies (``actpatch.kernels.rms_norm``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch.nn.functional as F
 from .activations import ACTIVATIONS
 from .activations.sigmoid_gated import quick_gelu_forward
 from .kernels import gated
-from .kernels.ops import GATED_OPS, OPS
+from .kernels import rms_norm as _rms_norm
+from .kernels.ops import GATED_OPS, OPS, rms_norm_op
 
 INVERTIBLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -73,3 +77,13 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") ->
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu_mul: approximate is 'none' or 'tanh', got {approximate!r}")
     return _gated("gelu" if approximate == "none" else "gelu_tanh", gate, up)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama") -> torch.Tensor:
+    """RMSNorm as Hugging Face computes it, bitwise: ``variant`` "llama" w · (x̂).to(x.dtype), "t5"
+    w · x̂ cast to w's dtype when half, "gemma" (x̂ · (1 + w)).to(x.dtype), with x̂ = x / rms(x) in float32."""
+    if variant not in _rms_norm.VARIANTS:
+        raise ValueError(f"rms_norm: variant is one of {', '.join(_rms_norm.VARIANTS)}, got {variant!r}")
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and x.is_floating_point():
+        return rms_norm_op(x, weight, float(eps), variant)[0]
+    return _rms_norm.forward(x, weight, eps, variant)[0]

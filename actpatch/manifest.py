@@ -48,8 +48,8 @@ class OutputExistsError(OutputError):
 
 @dataclass
 class ManifestSite:
-    """One patched site: its module path, the activation, the module class swapped in (for a gated
-    site: the MLP's own class, whose product is fused) and the site's kind."""
+    """One patched site: its module path, the activation, the module class swapped in (for a gated or
+    norm site: the module's own class, patched in place) and the site's kind."""
 
     path: str
     activation: str
@@ -165,8 +165,8 @@ def reapply(
     """Patch ``model`` at the sites recorded in ``manifest`` (a Manifest, its file or its directory).
 
     Runs :func:`actpatch.patch_model` with ``include`` set to exactly the recorded paths and
-    ``gated`` set when a recorded site is gated (other keyword arguments are passed on; the probe
-    defaults to a short sequence) and returns its
+    ``gated`` / ``norms`` set when a recorded site is of that kind (other keyword arguments are passed
+    on; the probe defaults to a short sequence) and returns its
     PatchReport.  With ``strict`` (the default), a patched set that differs from the recorded one
     raises ManifestError and the model is unpatched again.
     """
@@ -175,6 +175,7 @@ def reapply(
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
     patch_kwargs.setdefault("gated", any(s.kind == "gated" for s in manifest.sites))
+    patch_kwargs.setdefault("norms", any(s.kind == "norm" for s in manifest.sites))
     if not manifest.sites:
         return patch_model(model, include=[], **{"seq_len": 16, **patch_kwargs})
     report = patch_model(

@@ -3,9 +3,9 @@
 Contract::
 
     analyze(model, *, batch_size=1, seq_len=512, dtype=None, example_inputs=None,
-            include=None, exclude=None, gated=False) -> PatchReport          # changes nothing
+            include=None, exclude=None, gated=True, norms=True) -> PatchReport          # changes nothing
     patch_model(model, *, include=None, exclude=None, example_inputs=None,
-                batch_size=1, seq_len=512, dtype=None, gated=False) -> PatchReport   # in place
+                batch_size=1, seq_len=512, dtype=None, gated=True, norms=True) -> PatchReport   # in place
     unpatch_model(model) -> list[str]                                          # paths restored
 
 - ``include``/``exclude``: fnmatch patterns on module paths ("*.mlp.act_fn", "model.layers.0.*");
@@ -13,14 +13,17 @@ Contract::
 - ``dtype``: the dtype of the projection (a torch.dtype, or its name); None = the parameters' dtype.
 - ``example_inputs``: a dict of forward keyword arguments, a tuple of positional ones, or one tensor;
   None synthesizes inputs from the model's config (see :mod:`actpatch.analysis.inputs`).
+- ``gated``: fuse gated MLPs, down(act(gate(x)) * up(x)), keeping the product and the gate (site kind
+  "gated"); ``norms``: RMSNorms keep x and 1/rms instead of float32 copies (site kind "norm").  Either
+  changes no forward value (bitwise) and is decided by the same evidence; False leaves those sites alone.
 - Works on models on the meta device (``accelerate.init_empty_weights``): nothing is allocated and the
   report has ``dry_run=True``; patching a meta model swaps the modules all the same.
 
 Which sites are patched is decided by evidence (:mod:`actpatch.analysis.walker`).  The replacement
 module keeps the original in its ``__dict__`` (not as a submodule), so ``state_dict``, ``parameters``
 and ``named_modules`` paths do not change and :func:`unpatch_model` restores the very same objects.
-A fused gated MLP (``gated=True``) keeps its class and children; only an instance ``forward`` is added
-(and removed by :func:`unpatch_model`).
+A fused gated MLP or a patched RMSNorm keeps its class, children and parameters; only an instance
+``forward`` is added (and removed by :func:`unpatch_model`).
 Patching twice changes nothing: sites already patched keep their replacement; patch_model only adds
 patches (call unpatch_model to start over).  For :func:`analyze`, ``Site.patched`` says whether
 patch_model would leave the site patched.
@@ -42,7 +45,7 @@ from .nn import InvertedGELU, InvertedQuickGELU, InvertedSiLU
 from .report import PatchReport
 
 _ORIGINAL = "_actpatch_original"
-_GATED = "_actpatch_gated"  # on a fused gated MLP: its (gate, up, down, split, activation)
+_FORWARD = "_actpatch_forward"  # on a gated MLP or RMSNorm patched in place: (kind, parts, activation)
 _PRODUCTS = {
     "silu": F.silu_mul,
     "gelu": F.gelu_mul,
@@ -66,9 +69,11 @@ def analyze(
     example_inputs: object = None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
-    gated: bool = False,
+    gated: bool = True,
+    norms: bool = True,
 ) -> PatchReport:
-    """Find the activation sites of ``model`` and project the memory patching saves; changes nothing."""
+    """Find the sites of ``model`` (activations, gated MLPs, RMSNorms) and project the memory patching
+    saves; changes nothing."""
     _check_module(model)
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
@@ -83,6 +88,7 @@ def analyze(
             exclude=exclude,
             already_patched=patched_now,
             gated=gated,
+            norms=norms,
         )
 
 
@@ -95,10 +101,12 @@ def patch_model(
     batch_size: int = 1,
     seq_len: int = 512,
     dtype: torch.dtype | str | None = None,
-    gated: bool = False,
+    gated: bool = True,
+    norms: bool = True,
 ) -> PatchReport:
     """Swap in place every activation the evidence says is worth inverting; returns the report.
-    With ``gated``, gated MLPs (down(act(gate(x)) * up(x))) compute their product fused instead."""
+    With ``gated``, gated MLPs (down(act(gate(x)) * up(x))) compute their product fused instead; with
+    ``norms``, RMSNorms keep x and 1/rms."""
     report = analyze(
         model,
         batch_size=batch_size,
@@ -108,33 +116,36 @@ def patch_model(
         include=include,
         exclude=exclude,
         gated=gated,
+        norms=norms,
     )
     current = patched_modules(model)
     for site in report.patched_sites:
         if site.path in current:
             continue
-        if site.kind == "gated":
-            _fuse(model.get_submodule(site.path), *report.gated_parts[site.path], site.activation)
+        if site.kind in ("gated", "norm"):
+            _set_forward(model.get_submodule(site.path), site.kind, report.parts[site.path], site.activation)
         else:
             _swap(model, site.path, site.activation)
     return report
 
 
 def unpatch_model(model: nn.Module) -> list[str]:
-    """Put every original activation module (and gated MLP forward) back; returns the paths restored."""
+    """Put every original activation module (and gated MLP or RMSNorm forward) back; returns the paths
+    restored."""
     _check_module(model)
     patched = patched_modules(model)
     for path, module in patched.items():
-        if _GATED in module.__dict__:
-            _unfuse(module)
+        if _FORWARD in module.__dict__:
+            _unset_forward(module)
         else:
             _set(model, path, module.__dict__[_ORIGINAL])
     return list(patched)
 
 
 def patched_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> replacement (or fused gated MLP), for every site patched by actpatch."""
-    return {path: m for path, m in model.named_modules() if _ORIGINAL in m.__dict__ or _GATED in m.__dict__}
+    """Module path -> replacement (or the gated MLP or RMSNorm patched in place), for every site patched
+    by actpatch."""
+    return {path: m for path, m in model.named_modules() if _ORIGINAL in m.__dict__ or _FORWARD in m.__dict__}
 
 
 def original_module(module: nn.Module) -> nn.Module | None:
@@ -150,16 +161,21 @@ def _swap(model: nn.Module, path: str, activation: str) -> None:
     _set(model, path, replacement)
 
 
-def _fuse(mlp: nn.Module, gate: str, up: str, down: str, split: str, activation: str) -> None:
-    """mlp.forward(x) becomes down(act(gate(x)) * up(x)) (or, with ``split``, the two halves of one
-    gate_up(x)) with the product fused: an instance attribute; the class, its parameters and state_dict
-    are untouched."""
-    mlp.__dict__[_GATED] = (gate, up, down, split, activation)
-    mlp.forward = types.MethodType(_gated_forward, mlp)
+def _set_forward(module: nn.Module, kind: str, parts: tuple, activation: str) -> None:
+    """An instance ``forward`` for ``module``: a gated MLP computes down(act(gate(x)) * up(x)) (or, with
+    ``split``, the two halves of one gate_up(x)) with the product fused; an RMSNorm runs
+    ``actpatch.functional.rms_norm``.  The class, its parameters and state_dict are untouched."""
+    module.__dict__[_FORWARD] = (kind, parts, activation)
+    module.forward = types.MethodType(_gated_forward if kind == "gated" else _norm_forward, module)
+
+
+def _norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    _, (variant, eps_attr), _ = self.__dict__[_FORWARD]
+    return F.rms_norm(x, self.weight, getattr(self, eps_attr), variant)
 
 
 def _gated_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    gate, up, down, split, activation = self.__dict__[_GATED]
+    _, (gate, up, down, split), activation = self.__dict__[_FORWARD]
     if split:
         a, b = getattr(self, gate)(x).chunk(2, dim=-1)
         a, b = (a, b) if split == "gate_first" else (b, a)
@@ -168,8 +184,8 @@ def _gated_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return getattr(self, down)(_PRODUCTS[activation](a, b))
 
 
-def _unfuse(mlp: nn.Module) -> None:
-    del mlp.__dict__["forward"], mlp.__dict__[_GATED]
+def _unset_forward(module: nn.Module) -> None:
+    del module.__dict__["forward"], module.__dict__[_FORWARD]
 
 
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -182,10 +198,10 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
 def _originals_restored(model: nn.Module) -> Iterator[set[str]]:
     """Originals in place while probing (so the evidence is the same), replacements put back after."""
     patched = patched_modules(model)
-    fused = {path: m.__dict__[_GATED] for path, m in patched.items() if _GATED in m.__dict__}
+    fused = {path: m.__dict__[_FORWARD] for path, m in patched.items() if _FORWARD in m.__dict__}
     for path, module in patched.items():
         if path in fused:
-            _unfuse(module)
+            _unset_forward(module)
         else:
             _set(model, path, module.__dict__[_ORIGINAL])
     try:
@@ -193,7 +209,7 @@ def _originals_restored(model: nn.Module) -> Iterator[set[str]]:
     finally:
         for path, module in patched.items():
             if path in fused:
-                _fuse(module, *fused[path])
+                _set_forward(module, *fused[path])
             else:
                 _set(model, path, module)
 

@@ -16,8 +16,9 @@ Contract (the CLI and the manifest rely on it; ``to_dict()`` returns exactly the
                  reason: str | None    why not, when not patched
                  saved_bytes_per_token: int   bytes of saved activations freed per token (batch x seq
                                        position) at the projection's dtype, 0 when not patched
-                 kind: str             "activation" (the activation module is swapped) or "gated" (path
-                                       is a gated MLP whose act(gate) * up is fused: patch_model(gated=True))
+                 kind: str             "activation" (the activation module is swapped), "gated" (path
+                                       is a gated MLP whose act(gate) * up is fused) or "norm" (path is an
+                                       RMSNorm that keeps x and 1/rms; activation "rms_norm")
     Projection   batch_size: int, seq_len: int, dtype: str ("bfloat16")
                  activation_bytes_before: int   bytes saved for backward by one forward (parameters
                                                 excluded) at that shape and dtype, unpatched
@@ -70,8 +71,9 @@ class PatchReport:
     dry_run: bool
     sites: list[Site]
     projection: Projection
-    # gated site path -> (gate, up, down, split) child names, for patch_model; not part of to_dict()
-    gated_parts: dict[str, tuple[str, str, str, str]] = field(default_factory=dict, repr=False, compare=False)
+    # for patch_model, not part of to_dict(): gated site path -> (gate, up, down, split) child names,
+    # norm site path -> (rms_norm variant, eps attribute)
+    parts: dict[str, tuple] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def patched_sites(self) -> list[Site]:
@@ -86,13 +88,13 @@ class PatchReport:
     def to_dict(self) -> dict[str, Any]:
         """All fields of the contract as JSON-ready nested dicts and lists."""
         d = asdict(self)
-        del d["gated_parts"]
+        del d["parts"]
         return d
 
     def __str__(self) -> str:
         p = self.projection
         lines = [
-            f"{self.model}: {len(self.patched_sites)} of {len(self.sites)} activation sites patched"
+            f"{self.model}: {len(self.patched_sites)} of {len(self.sites)} sites patched"
             + ("  (dry run on meta)" if self.dry_run else ""),
         ]
         for s in self.sites:

@@ -203,16 +203,36 @@ def gated_table(args, copy_bw: float) -> list[dict]:
         r["torch_fwd_ms"] = bench(lambda name=name: gated.act_forward(name, a) * b, args.device, args.quick)
         r["torch_fwdbwd_ms"] = bench(eager_both, args.device, args.quick)
         r["ratio_vs_torch"] = r["ours_fwdbwd_ms"] / r["torch_fwdbwd_ms"]
+        liger = _liger_silu_mul() if name == "silu" and args.device == "cuda" else None
+        if liger is not None:  # Liger-Kernel's fused SwiGLU: forward, then backward from its saved a, b
+            la, lb = a.clone(), b.clone()  # Liger's backward writes da, db over its a, b
+            r["liger_fwdbwd_ms"] = bench(lambda: liger(la, lb, dm), args.device, args.quick)  # noqa: B023
+            r["ratio_vs_liger"] = r["ours_fwdbwd_ms"] / r["liger_fwdbwd_ms"]
         moved = n * (4 * s + 1 / 4) + n * (5 * s + 1 / 4)  # a, b -> m, k, bits; dm, m, k, bits -> da, db
         r["fwdbwd_pct_copy"] = 100 * moved / (r["ours_fwdbwd_ms"] * 1e-3) / copy_bw
         print(
             f"{name + '_mul':<14} bf16 ours fwd {r['ours_fwd_ms']:.4f} bwd {r['ours_bwd_ms']:.4f} "
             f"fwd+bwd {r['ours_fwdbwd_ms']:.4f} ms ({r['fwdbwd_pct_copy']:.0f}% copy) | eager fwd "
-            f"{r['torch_fwd_ms']:.4f} fwd+bwd {r['torch_fwdbwd_ms']:.4f} | x{r['ratio_vs_torch']:.3f}",
+            f"{r['torch_fwd_ms']:.4f} fwd+bwd {r['torch_fwdbwd_ms']:.4f} | x{r['ratio_vs_torch']:.3f}"
+            + (f" | Liger fwd+bwd {r['liger_fwdbwd_ms']:.4f} x{r['ratio_vs_liger']:.3f}" if liger else ""),
             flush=True,
         )
         rows.append(r)
     return rows
+
+
+def _liger_silu_mul():
+    """Liger-Kernel's SwiGLU forward + backward kernels as one call (a, b, dm), or None without Liger."""
+    try:
+        from liger_kernel.ops.swiglu import swiglu_backward, swiglu_forward
+    except ImportError:
+        return None
+
+    def both(a, b, dm):
+        a2, b2, _ = swiglu_forward(a, b)
+        return swiglu_backward(a2, b2, dm)
+
+    return both
 
 
 def large_check(args) -> dict:

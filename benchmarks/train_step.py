@@ -8,6 +8,9 @@ Models are built from transformers configs with random weights, bf16 (float32 wi
 training mode, loss = the model's own LM/MLM loss on random tokens.  Swaps: GPT-2 ``mlp.act`` (NewGELU, a
 Python tanh formula) -> InvertedGELU("tanh"); BERT's GELU -> InvertedGELU(); Llama's SiLU -> InvertedSiLU();
 llama3-8b-layer-gated: Llama's MLP computes down(silu_mul(gate(x), up(x))), as patch_model(gated=True) does.
+llama3-8b-layer-liger: Liger-Kernel's SwiGLU (LigerSiLUMulFunction, as LigerSwiGLUMLP) instead, CUDA only;
+llama3-8b-layer-liger-norm: Liger's SwiGLU and LigerRMSNorm (llama casting mode), CUDA only;
+llama3-8b-layer-actpatch: actpatch.patch_model with its defaults (gated MLPs fused, RMSNorms keep x, 1/rms).
 
 - step time: median of CUDA-event-timed steps (forward, backward, grads set to None), eager and patched
   measured alternately on one model instance;
@@ -92,14 +95,48 @@ def _swap_llama_gated(model, patched: dict) -> None:
         _swap(layer.mlp, "forward", fused, patched)
 
 
+def _swap_llama_liger(model, patched: dict) -> None:
+    """Liger-Kernel's fused SwiGLU, as LigerSwiGLUMLP computes it (keeps gate and up)."""
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    for layer in model.model.layers:
+        m = layer.mlp
+        fused = lambda x, m=m: m.down_proj(LigerSiLUMulFunction.apply(m.gate_proj(x), m.up_proj(x)))  # noqa: E731
+        _swap(m, "forward", fused, patched)
+
+
+def _swap_llama_liger_norm(model, patched: dict) -> None:
+    """Liger's SwiGLU and LigerRMSNorm (casting mode "llama", HF's arithmetic) for both norms of a layer."""
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+
+    _swap_llama_liger(model, patched)
+    for layer in model.model.layers:
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            old = getattr(layer, name)
+            new = LigerRMSNorm(
+                old.weight.shape[0], eps=old.variance_epsilon, offset=0.0, casting_mode="llama"
+            )
+            new.weight = old.weight
+            _swap(layer, name, new, patched)
+
+
+def _patch_model(model, patched: dict) -> None:
+    """actpatch's own decision: patch_model with its defaults (probed at a short sequence)."""
+    import actpatch
+
+    actpatch.patch_model(model, batch_size=1, seq_len=256)
+    patched["actpatch"] = lambda: actpatch.unpatch_model(model)
+
+
 def _swap(parent, attr: str, new, patched: dict) -> None:
-    patched[(id(parent), attr)] = (parent, attr, getattr(parent, attr))
+    old = getattr(parent, attr)
+    patched[(id(parent), attr)] = lambda: setattr(parent, attr, old)
     setattr(parent, attr, new)
 
 
 def unswap(patched: dict) -> None:
-    for parent, attr, old in patched.values():
-        setattr(parent, attr, old)
+    for undo in patched.values():
+        undo()
     patched.clear()
 
 
@@ -108,6 +145,9 @@ MODELS = {
     "bert-base": (_bert, 32, 512, 12, _swap_bert),
     "llama3-8b-layer": (_llama, 2, 4096, 4, _swap_llama),
     "llama3-8b-layer-gated": (_llama, 2, 4096, 4, _swap_llama_gated),
+    "llama3-8b-layer-liger": (_llama, 2, 4096, 4, _swap_llama_liger),
+    "llama3-8b-layer-liger-norm": (_llama, 2, 4096, 4, _swap_llama_liger_norm),
+    "llama3-8b-layer-actpatch": (_llama, 2, 4096, 4, _patch_model),
 }
 QUICK = {name: (2, 64, 2) for name in MODELS}
 

@@ -31,7 +31,7 @@ EXPECTED = {  # family: (activation, patched, start of the reason) of every site
 
 @pytest.mark.parametrize("family", sorted(EXPECTED))
 def test_sites_and_reasons(family):
-    report = actpatch.analyze(tiny_model(family))
+    report = actpatch.analyze(tiny_model(family), gated=False, norms=False)
     got = [
         (s.activation, s.patched, s.reason and s.reason[: len(e[2] or "")])
         for s, e in zip(report.sites, EXPECTED[family], strict=False)
@@ -57,7 +57,7 @@ def test_dropout_between_activation_and_linear_blocks_the_patch():
         0.1,
     )
     model = tf.AutoModelForSeq2SeqLM.from_config(config).train()
-    report = actpatch.analyze(model)
+    report = actpatch.analyze(model, norms=False)
     assert report.sites and not report.patched_sites
     assert all(s.reason.startswith("output not saved by a later op (used by") for s in report.sites)
     assert "dropout" in report.sites[0].reason
@@ -67,8 +67,10 @@ def test_gradient_checkpointing_is_reported():
     model = tiny_model("llama")
     model.gradient_checkpointing_enable()
     report = actpatch.analyze(model)
-    assert not report.patched_sites
-    assert all(s.reason.startswith("inside a checkpointed block") for s in report.sites)
+    inside = [s for s in report.sites if s.path.startswith("model.layers.")]
+    assert {s.kind for s in inside} == {"activation", "norm"}
+    assert all(s.reason.startswith("inside a checkpointed block") for s in inside)
+    assert [s.path for s in report.patched_sites] == ["model.norm"]  # the final norm runs outside
 
 
 class _Wobble(nn.Module):  # a name nobody listed; x * sigmoid(x) written out
@@ -169,8 +171,10 @@ def test_meta_model_gives_the_same_report_as_the_real_one():
         (s.path, s.patched, s.saved_bytes_per_token) for s in b.sites
     ]
     assert a.projection == b.projection
-    actpatch.patch_model(meta)
+    actpatch.patch_model(meta, gated=False)
     assert type(meta.model.layers[0].mlp.act_fn).__name__ == "InvertedSiLU"
+    actpatch.unpatch_model(meta)
+    assert {s.path for s in actpatch.patch_model(meta).patched_sites} == {s.path for s in b.patched_sites}
 
 
 _DRY_RUN_70B = """
@@ -180,10 +184,12 @@ with accelerate.init_empty_weights():
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**d))
 t = time.perf_counter()
 r = actpatch.analyze(model, batch_size=1, seq_len=4096, dtype=torch.bfloat16)
+KINDS = ("gated", "norm")
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps(dict(seconds=time.perf_counter() - t, rss=rss, sites=len(r.sites),
-    patched=len(r.patched_sites),
-    per_token=r.sites[0].saved_bytes_per_token, dry_run=r.dry_run)))
+per_token = {{k: sorted({{s.saved_bytes_per_token for s in r.patched_sites if s.kind == k}}) for k in KINDS}}
+count = {{k: sum(s.kind == k for s in r.patched_sites) for k in KINDS}}
+print(json.dumps(dict(seconds=time.perf_counter() - t, rss=rss, sites=len(r.sites), count=count,
+    per_token=per_token, dry_run=r.dry_run)))
 """
 
 
@@ -196,7 +202,15 @@ def test_llama_70b_dry_run_is_fast_and_small():
         check=True,
     )
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["dry_run"] and r["sites"] == r["patched"] == 80
-    assert r["per_token"] == 28672 * 2 - 28672 // 8  # bf16 input freed, bits added
+    assert (
+        r["dry_run"] and r["sites"] == 4 * 80 + 1
+    )  # per layer: MLP, its act_fn (fused), 2 norms; final norm
+    assert r["count"] == {"gated": 80, "norm": 2 * 80 + 1}
+    assert r["per_token"]["gated"] == [
+        2 * (28672 * 2 - 28672 // 8)
+    ]  # gate, act(gate) freed; 2 bit masks added
+    assert r["per_token"]["norm"] == [
+        8192 * 4 + 8192 * 2 - 8192 * 2
+    ]  # float32 copy, bf16 product freed; x kept
     assert r["seconds"] < 30
     assert r["rss"] < 2 * 2**30

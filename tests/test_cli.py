@@ -71,24 +71,35 @@ def test_models_lists_the_builtins():
     assert {"gpt2", "meta-llama/Llama-3.1-8B", "mistralai/Mixtral-8x7B-v0.1", "EleutherAI/pythia-1b"} <= ids
 
 
-def test_llama_8b_dry_run_figure():
-    """The issue's figure: offline, 32 sites, one bf16 [tokens x 14336] tensor per layer less its bit mask."""
+@pytest.mark.parametrize("default", [True, False], ids=["default", "activations-only"])
+def test_llama_8b_dry_run_figure(default):
+    """Offline, bf16, seq 4096.  By default each layer's gated MLP is fused (gate and act(gate) freed, two
+    bit masks added) and its two RMSNorms (and the final one) keep x and 1/rms (4 bytes per hidden element
+    freed); with --no-gated --no-norms, the SiLU alone: one [tokens x 14336] tensor less its bit mask."""
     args = ("convert", "meta-llama/Llama-3.1-8B", "--dry-run", "--batch-size", "1", "--seq-len", "4096")
     start = time.perf_counter()
-    proc = actpatch_cli(*args, "--dtype", "bfloat16", "--json")
+    proc = actpatch_cli(
+        *args, "--dtype", "bfloat16", "--json", *(() if default else ("--no-gated", "--no-norms"))
+    )
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)  # nothing but JSON on stdout
     assert report["model"] == "meta-llama/Llama-3.1-8B" and report["dry_run"] is True
     assert all(set(s) >= SITE_KEYS for s in report["sites"])
     patched = [s for s in report["sites"] if s["patched"]]
-    assert [s["path"] for s in patched] == [f"model.layers.{i}.mlp.act_fn" for i in range(32)]
-    tokens, width = 4096, 14336
-    per_layer = tokens * width * 2 - tokens * width // 8
+    tokens, width, hidden = 4096, 14336, 4096
+    silu = tokens * width * 2 - tokens * width // 8
+    if default:
+        layer = ["mlp", "input_layernorm", "post_attention_layernorm"]
+        expected = [f"model.layers.{i}.{p}" for i in range(32) for p in layer] + ["model.norm"]
+        saved = 32 * 2 * silu + 65 * tokens * hidden * 4
+    else:
+        expected, saved = [f"model.layers.{i}.mlp.act_fn" for i in range(32)], 32 * silu
+    assert [s["path"] for s in patched] == expected
     p = report["projection"]
     assert set(p) >= PROJECTION_KEYS
     assert (p["batch_size"], p["seq_len"], p["dtype"]) == (1, 4096, "bfloat16")
-    assert p["saved_bytes"] == 32 * per_layer == p["activation_bytes_before"] - p["activation_bytes_after"]
+    assert p["saved_bytes"] == saved == p["activation_bytes_before"] - p["activation_bytes_after"]
     assert p["saved_fraction"] == pytest.approx(p["saved_bytes"] / p["activation_bytes_before"])
     assert elapsed < 60
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 2 * 1024 * 1024  # KiB
@@ -120,8 +131,8 @@ def test_verify_and_output_on_a_tiny_local_model(tmp_path):
     import actpatch
 
     loaded = actpatch.load_patched(out)
-    for site in recorded["sites"]:
-        assert type(loaded.get_submodule(site["path"])).__module__.startswith("actpatch")
+    assert {"activation", "gated", "norm"} >= {s["kind"] for s in recorded["sites"]} >= {"gated", "norm"}
+    assert set(actpatch.patching.patched_modules(loaded)) == {s["path"] for s in recorded["sites"]}
 
 
 @pytest.mark.parametrize(
@@ -276,6 +287,7 @@ def test_render_of_a_hand_built_report():
                 patched=True,
                 reason="",
                 saved_bytes_per_token=26880,
+                kind="activation",
             ),
             NS(
                 path="b.act",
@@ -284,6 +296,7 @@ def test_render_of_a_hand_built_report():
                 patched=False,
                 reason="dropout",
                 saved_bytes_per_token=0,
+                kind="activation",
             ),
         ],
         projection=NS(

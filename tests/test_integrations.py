@@ -17,10 +17,8 @@ from torch import nn
 
 import actpatch
 from actpatch.integrations import ActPatchCallback
-from actpatch.nn import InvertedGELU, InvertedQuickGELU, InvertedSiLU
 
 ROOT = Path(__file__).resolve().parents[1]
-INVERTED = (InvertedGELU, InvertedSiLU, InvertedQuickGELU)
 VOCAB = 96
 
 
@@ -42,8 +40,9 @@ def tiny_llama() -> tf.LlamaForCausalLM:
     return tf.LlamaForCausalLM(cfg)
 
 
-def inverted(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, INVERTED)]
+def patched_paths(model: nn.Module) -> list[str]:
+    """Paths actpatch patched: swapped activations, fused gated MLPs, RMSNorms."""
+    return list(actpatch.patching.patched_modules(model))
 
 
 class TokenData(torch.utils.data.Dataset):
@@ -117,10 +116,10 @@ def test_patch_before_trainer_trains_saves_and_reloads_as_ordinary_model(tmp_pat
 
     model = tiny_bert()
     report = actpatch.patch_model(model, batch_size=4, seq_len=16)
-    assert len(report.patched_sites) >= 2 and inverted(model)
+    assert len(report.patched_sites) >= 2 and patched_paths(model)
     trainer = trainer_for(model, tmp_path / "patched")
     trainer.train()
-    assert inverted(trainer.model), "the Trainer must train the patched modules"
+    assert patched_paths(trainer.model), "the Trainer must train the patched modules"
     # Same seed, data order and dropout masks: the loss curves agree to the backward's accuracy.
     lb, lp = losses(base_trainer), losses(trainer)
     assert len(lb) == len(lp) == 4
@@ -130,7 +129,7 @@ def test_patch_before_trainer_trains_saves_and_reloads_as_ordinary_model(tmp_pat
     out = tmp_path / "saved"
     trainer.save_model(str(out))
     reloaded = tf.AutoModelForMaskedLM.from_pretrained(out)
-    assert not inverted(reloaded), "a reloaded checkpoint is an ordinary model"
+    assert not patched_paths(reloaded), "a reloaded checkpoint is an ordinary model"
     sd, rd = model.state_dict(), reloaded.state_dict()
     assert sd.keys() == rd.keys()
     assert all(torch.equal(sd[k], rd[k]) for k in sd)
@@ -151,10 +150,10 @@ def test_callback_patches_at_train_begin_keeps_rng_and_writes_manifest(tmp_path)
     callback = ActPatchCallback()
     model = tiny_bert()
     trainer = trainer_for(model, tmp_path / "cb", callbacks=[callback])
-    assert not inverted(model)
+    assert not patched_paths(model)
     trainer.train()
     assert callback.report is not None and callback.report.patched_sites
-    assert sorted(inverted(model)) == sorted(s.path for s in callback.report.patched_sites)
+    assert sorted(patched_paths(model)) == sorted(s.path for s in callback.report.patched_sites)
     assert callback.report.projection.batch_size == 4
     # The probe forward ran with dropout on; the RNG was restored, so the dropout masks match the baseline.
     lb, lp = losses(base_trainer), losses(trainer)
@@ -163,11 +162,11 @@ def test_callback_patches_at_train_begin_keeps_rng_and_writes_manifest(tmp_path)
 
     ckpt = tmp_path / "cb" / "checkpoint-4"
     manifest = json.loads((ckpt / "actpatch_manifest.json").read_text())
-    assert sorted(s["path"] for s in manifest["sites"]) == sorted(inverted(model))
+    assert sorted(s["path"] for s in manifest["sites"]) == sorted(patched_paths(model))
     from actpatch.manifest import load_patched
 
     loaded = load_patched(ckpt)
-    assert sorted(inverted(loaded)) == sorted(inverted(model))
+    assert sorted(patched_paths(loaded)) == sorted(patched_paths(model))
 
 
 # -- PEFT LoRA ----------------------------------------------------------------------------------------
@@ -250,14 +249,15 @@ def test_gradient_checkpointing_gradients_match_and_projection_accounts_for_it()
         checkpointing(model, False)
         checkpointing(model, True, every_n_layers=2)
         half = actpatch.analyze(model, batch_size=4, seq_len=16)
-        assert {s.path for s in half.sites if s.patched} == {"model.layers.1.mlp.act_fn"}, str(half)
+        layer1 = {f"model.layers.1.{p}" for p in ("mlp", "input_layernorm", "post_attention_layernorm")}
+        assert {s.path for s in half.sites if s.patched} == layer1 | {"model.norm"}, str(half)
         assert ckpt.projection.saved_bytes < half.projection.saved_bytes < plain.projection.saved_bytes
 
     # Patched first, then checkpointed: the recomputation runs the inverted op again; gradients agree.
     checkpointing(model, False)
     actpatch.patch_model(model, batch_size=4, seq_len=16)
     checkpointing(model, True)
-    assert inverted(model)
+    assert patched_paths(model)
     assert_grads_close(ref, _llama_grads(model, x))
 
 
@@ -412,7 +412,9 @@ def test_fsdp2_fully_shard_then_patch_gradients_match():
         fully_shard(model)
         assert type(model).__name__ == "FSDPLlamaForCausalLM"
         report = actpatch.patch_model(model, batch_size=4, seq_len=16)
-        assert {s.path for s in report.patched_sites} == {f"model.layers.{i}.mlp.act_fn" for i in range(2)}
+        parts = ("mlp", "input_layernorm", "post_attention_layernorm")
+        expected = {f"model.layers.{i}.{p}" for i in range(2) for p in parts} | {"model.norm"}
+        assert {s.path for s in report.patched_sites} == expected
         # The probe's forward has no backward: every parameter is sharded again (a DTensor) after it.
         assert all(isinstance(p, DTensor) for p in model.parameters())
         model.zero_grad(set_to_none=True)

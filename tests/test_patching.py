@@ -90,15 +90,21 @@ def test_second_patch_changes_nothing_and_unpatch_restores_exactly(family, gated
 
 def test_include_exclude_select_sites():
     model = tiny_model("llama")
+    layer1 = [f"model.layers.1.{p}" for p in ("mlp", "input_layernorm", "post_attention_layernorm")]
     report = actpatch.patch_model(model, include=["model.layers.1.*"])
-    assert [s.path for s in report.patched_sites] == ["model.layers.1.mlp.act_fn"]
-    skipped = next(s for s in report.sites if s.path == "model.layers.0.mlp.act_fn")
-    assert skipped.reason == "excluded by include/exclude"
-    assert set(patched_modules(model)) == {"model.layers.1.mlp.act_fn"}
+    assert [s.path for s in report.patched_sites] == layer1
+    for path in ("model.layers.0.mlp", "model.layers.0.input_layernorm", "model.norm"):
+        assert next(s for s in report.sites if s.path == path).reason == "excluded by include/exclude"
+    assert set(patched_modules(model)) == set(layer1)
 
     model = tiny_model("llama")
-    report = actpatch.patch_model(model, exclude=["*.layers.0.*"])
-    assert [s.path for s in report.patched_sites] == ["model.layers.1.mlp.act_fn"]
+    report = actpatch.patch_model(model, exclude=["*.layers.0.*", "model.norm"])
+    assert [s.path for s in report.patched_sites] == layer1
+    report = actpatch.patch_model(tiny_model("llama"), include=["*.act_fn"], gated=False, norms=False)
+    assert [s.path for s in report.patched_sites] == [
+        "model.layers.0.mlp.act_fn",
+        "model.layers.1.mlp.act_fn",
+    ]
     assert actpatch.patch_model(tiny_model("llama"), include=[]).patched_sites == []
 
 
@@ -136,11 +142,13 @@ def test_lora_model_is_patched_where_frozen_layers_still_save_the_output():
     _, kwargs = input_spec(model).make(BATCH, SEQ)
     before_bytes, before_loss, before_grads = _step(model, kwargs)
     report = actpatch.patch_model(model, batch_size=BATCH, seq_len=SEQ)
-    # Layer 0 sees no gradient yet (everything before its down_proj is frozen); in layer 1,
-    # the gating mul saves the activation's output: worth patching.
-    first = report.sites[0]
-    assert first.reason.startswith("no gradient flows")
-    assert [s.path for s in report.patched_sites] == ["base_model.model.model.layers.1.mlp.act_fn"]
+    # Layer 0 sees no gradient yet (everything before its down_proj is frozen); in layer 1 the gated MLP
+    # is fused.  Its float32 norms with frozen weights keep x and 1/rms already: nothing to gain.
+    root = "base_model.model.model."
+    for path in ("layers.0.mlp.act_fn", "layers.0.input_layernorm", "layers.0.post_attention_layernorm"):
+        assert next(s for s in report.sites if s.path == root + path).reason.startswith("no gradient flows")
+    assert [s.path for s in report.patched_sites] == [f"{root}layers.1.mlp"]
+    assert next(s for s in report.sites if s.path == f"{root}norm").reason == "nothing to gain"
     after_bytes, after_loss, after_grads = _step(model, kwargs)
     torch.testing.assert_close(after_loss, before_loss)
     assert before_bytes - after_bytes == pytest.approx(report.projection.saved_bytes, rel=0.02)
@@ -185,10 +193,10 @@ def test_gated_mlps_are_found_by_what_ran(family):
 
 def test_gated_include_exclude_name_the_mlp_or_its_activation():
     model = tiny_model("llama")
-    only_first = actpatch.analyze(model, gated=True, include=["model.layers.0.mlp"])
+    only_first = actpatch.analyze(model, include=["model.layers.0.mlp"])
     assert [s.path for s in only_first.patched_sites] == ["model.layers.0.mlp"]
-    by_act = actpatch.analyze(model, gated=True, include=["*.act_fn"])
+    by_act = actpatch.analyze(model, include=["*.act_fn"])
     assert {s.path for s in by_act.patched_sites} == {"model.layers.0.mlp", "model.layers.1.mlp"}
     # Excluding the MLP leaves its activation to be inverted on its own.
-    no_fusion = actpatch.analyze(model, gated=True, exclude=["model.layers.1.mlp"])
+    no_fusion = actpatch.analyze(model, norms=False, exclude=["model.layers.1.mlp"])
     assert {s.path for s in no_fusion.patched_sites} == {"model.layers.0.mlp", "model.layers.1.mlp.act_fn"}

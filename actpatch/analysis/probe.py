@@ -3,7 +3,8 @@
 Three observers run together:
 
 - global module forward hooks keep the stack of running modules, and open a :class:`Call` for every
-  call of a candidate module (a leaf without parameters or buffers, registered or not);
+  call of a candidate module (a leaf without parameters or buffers, registered or not) and of the
+  RMSNorm-shaped modules the walker names (``ProbeResult.norm_calls``);
 - a ``TorchFunctionMode`` names the op running, opens a :class:`Call` for functional activations
   (``F.gelu``...), and records which ops take an activation's output (its consumers);
 - both record, per module, an :class:`Event` for each child called and each op run directly in its
@@ -86,6 +87,8 @@ class Call:
     consumers: list[str] = field(default_factory=list)
     version: int = 0
     parents: frozenset[int] = frozenset()  # ids of the calls open when this one started
+    input_nbytes: int = 0  # its input's storage (norm calls)
+    input_scalable: bool = False  # and whether that is in the model's dtype
 
 
 @dataclass
@@ -106,6 +109,7 @@ class ProbeResult:
     calls: list[Call]
     excluded_storages: set[int]  # parameters and buffers
     events: dict[str, list[Event]] = field(default_factory=dict)  # module path -> what ran directly in it
+    norm_calls: list[Call] = field(default_factory=list)  # calls of the modules given as norm_modules
 
 
 @dataclass
@@ -116,9 +120,12 @@ class _Frame:
 
 
 class _Probe(TorchFunctionMode):
-    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype, norm_modules: frozenset[int]) -> None:
         super().__init__()
         self.model_dtype = dtype
+        self.norm_modules = norm_modules
+        self.norm_calls: list[Call] = []
+        self.norm_inputs: list[tuple[Call, torch.Tensor, int]] = []  # (call, x, x._version at the call)
         self.paths = {id(m): name for name, m in model.named_modules()}
         self.stack: list[_Frame] = []
         self.ops: list[str] = []
@@ -148,6 +155,11 @@ class _Probe(TorchFunctionMode):
         if isinstance(x, torch.Tensor) and x.is_floating_point() and is_candidate(module):
             call = Call(site=path, kind=kind, module=module, activation=None, input_storage=storage_key(x))
             self._open(call)
+        elif isinstance(x, torch.Tensor) and x.is_floating_point() and id(module) in self.norm_modules:
+            call = Call(path, kind, module, None, storage_key(x), input_nbytes=storage_nbytes(x))
+            call.input_scalable = x.dtype == self.model_dtype
+            self.norm_inputs.append((call, x, x._version))
+            self._open(call)
         event = _event(path, True, args, {})
         self.events[caller].append(event)
         self.stack.append(_Frame(path, call, event))
@@ -173,6 +185,9 @@ class _Probe(TorchFunctionMode):
         call.numel, call.dtype = output.numel(), output.dtype
         call.requires_grad = output.requires_grad
         call.version = output._version
+        if call in (c for c, _, _ in self.norm_inputs):
+            self.norm_calls.append(call)
+            return
         self.keep.append(output)
         self.outputs[call.output_storage] = call
         self.calls.append(call)
@@ -238,6 +253,10 @@ class _Probe(TorchFunctionMode):
             call = self.outputs.get(storage_key(t))
             if call is not None and t._version != call.version:
                 call.inplace = call.inplace or "in-place op"
+        for call, x, version in self.norm_inputs:
+            if x._version != version:  # the replacement keeps x: an in-place change would break backward
+                call.inplace = call.inplace or "input modified in place"
+        self.norm_inputs.clear()
         self.keep.clear()
         self.outputs.clear()
 
@@ -301,12 +320,19 @@ def training_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def run_probe(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype) -> ProbeResult:
-    """Run ``model(*args, **kwargs)`` once in training mode with grad on and observe it.
+def run_probe(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    dtype: torch.dtype,
+    norm_modules: frozenset[int] = frozenset(),
+) -> ProbeResult:
+    """Run ``model(*args, **kwargs)`` once in training mode with grad on and observe it; calls of the
+    modules whose ids are in ``norm_modules`` are recorded in ``norm_calls``.
 
     The global RNG state is restored afterwards, so a probe leaves dropout streams unchanged.
     """
-    probe = _Probe(model, dtype)
+    probe = _Probe(model, dtype, norm_modules)
     excluded = {storage_key(t) for t in (*model.parameters(), *model.buffers())}
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     pre = torch.nn.modules.module.register_module_forward_pre_hook(probe.pre_hook)
@@ -326,7 +352,7 @@ def run_probe(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype) -
         pre.remove()
         post.remove()
         _reshard(model)
-    return ProbeResult(saved=probe.saved, calls=probe.calls, excluded_storages=excluded, events=probe.events)
+    return ProbeResult(probe.saved, probe.calls, excluded, probe.events, probe.norm_calls)
 
 
 def _reshard(model: nn.Module) -> None:

@@ -17,6 +17,11 @@ shape (:func:`actpatch.analysis.gated.match`) yields a site of kind "gated" at t
 frees memory (rules 5 and 6 do not apply: the fused product keeps its own tensors, and a fused gate_up
 output kept alive through the product's input is what fusing frees); the activation site is then
 reported as fused into it.
+
+With ``norms``, every module that computes an RMSNorm bitwise as ``actpatch.kernels.rms_norm`` does
+(:mod:`actpatch.analysis.norms`) is a site of kind "norm", patched when it ran with a float input and a
+gradient, under no other saved-tensor hooks, its input unchanged in place afterwards (the replacement keeps
+it), and keeping x and 1/rms frees more than it adds.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from torch import nn
 from ..kernels.gated import GATED
 from ..report import PatchReport, Projection, Site
 from . import gated
+from . import norms as _norms
 from .inputs import input_spec, model_dtype, unwrap
 from .memory import Bytes, Fit, fit_kind, probe_shapes
 from .probe import Call, ProbeResult, run_probe
@@ -61,21 +67,25 @@ def walk(
     exclude: list[str] | None,
     already_patched: set[str],
     gated: bool = False,
+    norms: bool = False,
 ) -> PatchReport:
     """Analyse ``model`` (whose originals are in place) and decide every site; changes nothing.
-    With ``gated``, an activation inside a gated MLP (``gated.match``) is fused with its product."""
+    With ``gated``, an activation inside a gated MLP (``gated.match``) is fused with its product; with
+    ``norms``, RMSNorms keep x and 1/rms."""
     target = dtype or model_dtype(model)
     with torch.random.fork_rng(devices=[]):
         kinds = {id(m): classify_module(m) for m in model.modules() if is_candidate(m)}
+    norm_candidates = _norms.candidates(model) if norms else {}
     with _meta_cast(model, target):
         probe_dtype = model_dtype(model)
         spec = input_spec(model, example_inputs)
         shapes = probe_shapes(spec.seq_dependent, spec.max_seq, spec.fixed_shape, batch_size)
-        probes = [run_probe(model, *spec.make(b, s), probe_dtype) for b, s in shapes]
+        ids = frozenset(norm_candidates)
+        probes = [run_probe(model, *spec.make(b, s), probe_dtype, ids) for b, s in shapes]
     sites = _collect_sites(model, probes[0], kinds)
     evidences = [_Evidence(p) for p in probes]
     decided: list[tuple[Site, list[Bytes]]] = []  # each site, and what it frees at each probe shape
-    gated_parts: dict[str, tuple[str, str, str, str]] = {}
+    parts: dict[str, tuple] = {}
     for site in sites:
         reason, consumer = evidences[0].judge(site)
         if reason is None and not _selected(site.path, include, exclude):
@@ -87,12 +97,18 @@ def walk(
             basic = evidences[0].basic_reason(site)
             fused = _gated_site(site, basic, probes, include, exclude, already_patched)
         if fused is not None:
-            fused_site, fused_gains, gated_parts[fused_site.path] = fused
+            fused_site, fused_gains, parts[fused_site.path] = fused
             decided.append((fused_site, fused_gains))
             if fused_site.patched:
                 reason = f"fused into the gated product at {fused_site.path}"
         gains = [e.gain(_calls_of(e.probe, site)) for e in evidences]
         decided.append((Site(site.path, site.activation, consumer, reason is None, reason), gains))
+    modules = dict(model.named_modules())
+    for path, eps_attr in norm_candidates.values():
+        norm = _norm_site(modules[path], path, eps_attr, probes, include, exclude, already_patched)
+        if norm is not None:
+            norm_site, norm_gains, parts[path] = norm
+            decided.append((norm_site, norm_gains))
 
     kind = fit_kind(spec.seq_dependent, spec.fixed_shape)
     ratio = target.itemsize / probe_dtype.itemsize
@@ -108,8 +124,12 @@ def walk(
     projection = Projection(
         batch_size, seq_len, str(target).removeprefix("torch."), before, before - round(saved)
     )
+    order = {
+        path: i for i, path in enumerate(modules)
+    }  # sites in module order; a path's own calls in call order
+    decided.sort(key=lambda d: order.get(d[0].path.partition(":")[0], len(order)))
     report = PatchReport(_model_name(model), _is_meta(model), [s for s, _ in decided], projection)
-    report.gated_parts = gated_parts
+    report.parts = parts
     return report
 
 
@@ -164,6 +184,44 @@ def _gated_site(
     consumer = next((s.where for s in probes[0].saved if s.storage == mlp.storages[3]), None)
     fused = Site(mlp.parent, site.activation, consumer, reason is None, reason, kind="gated")
     return fused, gains, mlp.parts
+
+
+def _norm_site(
+    module: nn.Module,
+    path: str,
+    eps_attr: str,
+    probes: list[ProbeResult],
+    include: list[str] | None,
+    exclude: list[str] | None,
+    already_patched: set[str],
+) -> tuple[Site, list[Bytes], tuple[str, str]] | None:
+    """The site of an RMSNorm-shaped module that ran and computes a known variant, what it frees at each
+    probe shape, and its parts (variant, eps attribute); None for a module that is not one."""
+    calls = [c for c in probes[0].norm_calls if c.site == path]
+    variant = _norms.variant_of(module, eps_attr) if calls else None
+    if variant is None:
+        return None
+    gains = [sum((_norms.gain(p, c) for c in p.norm_calls if c.site == path), Bytes()) for p in probes]
+    reason = None
+    for call in calls:
+        if call.dtype not in INVERTIBLE_DTYPES:
+            reason = f"{str(call.dtype).removeprefix('torch.')} outputs run the plain op"
+        elif not call.requires_grad:
+            reason = "no gradient flows through it (frozen, no_grad or reentrant checkpointing)"
+        elif call.foreign_hooks:
+            reason = "inside a checkpointed block: nothing is saved there, nothing to gain"
+        elif call.inplace:
+            reason = f"{call.inplace}: the replacement keeps its input"
+        if reason:
+            break
+    if reason is None and gains[0].scalable + gains[0].fixed <= 0:
+        reason = "nothing to gain"
+    if reason is None and not _selected(path, include, exclude):
+        reason = "excluded by include/exclude"
+    if path in already_patched:
+        reason = None
+    consumer = next((s.where for s in probes[0].saved if s.storage == calls[0].output_storage), None)
+    return Site(path, "rms_norm", consumer, reason is None, reason, kind="norm"), gains, (variant, eps_attr)
 
 
 def _collect_sites(model: nn.Module, probe: ProbeResult, kinds: dict[int, str | None]) -> list[_Site]:

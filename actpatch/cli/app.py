@@ -152,8 +152,14 @@ def convert(
     ] = False,
     gated: Annotated[
         bool,
-        typer.Option("--gated", help="Also fuse gated MLPs (SwiGLU, GeGLU): keep the product and the gate."),
-    ] = False,
+        typer.Option(
+            "--gated/--no-gated", help="Fuse gated MLPs (SwiGLU, GeGLU): keep the product and the gate."
+        ),
+    ] = True,
+    norms: Annotated[
+        bool,
+        typer.Option("--norms/--no-norms", help="RMSNorms keep their input and 1/rms, not float32 copies."),
+    ] = True,
     trust_remote_code: Annotated[
         bool, typer.Option("--trust-remote-code", help="Allow code from the model's repository to run.")
     ] = False,
@@ -173,6 +179,7 @@ def convert(
             output=output,
             verify=verify,
             gated=gated,
+            norms=norms,
             trust_remote_code=trust_remote_code,
             debug=debug,
         )
@@ -191,7 +198,8 @@ def _convert(
     output: Path | None,
     verify: bool,
     trust_remote_code: bool,
-    gated: bool = False,
+    gated: bool = True,
+    norms: bool = True,
     debug: bool = False,
 ) -> None:
     import torch
@@ -218,6 +226,7 @@ def _convert(
         "include": include,
         "exclude": exclude,
         "gated": gated,
+        "norms": norms,
     }
 
     what = "config (meta device, no weights)" if dry_run else "model"

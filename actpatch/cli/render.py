@@ -20,8 +20,8 @@ def format_bytes(n: float) -> str:
 
 
 def sites_table(report: Any) -> Table:
-    """One row per site: path, activation, consumer, patched or why not, bytes saved per token."""
-    table = Table(title=f"Activation sites of {report.model}", title_justify="left", expand=False)
+    """One row per site: path, what it computes, consumer, patched or why not, bytes saved per token."""
+    table = Table(title=f"Sites of {report.model}", title_justify="left", expand=False)
     table.add_column("module path", overflow="fold")
     table.add_column("activation")
     table.add_column("consumer", overflow="fold")
@@ -33,7 +33,8 @@ def sites_table(report: Any) -> Table:
             if s.patched
             else Text(f"no: {s.reason or 'not patched'}", style="yellow")
         )
-        table.add_row(s.path, s.activation, str(s.consumer or "-"), status, f"{s.saved_bytes_per_token:,}")
+        what = f"{s.activation}(gate) * up" if s.kind == "gated" else s.activation
+        table.add_row(s.path, what, str(s.consumer or "-"), status, f"{s.saved_bytes_per_token:,}")
     return table
 
 
@@ -76,7 +77,7 @@ def render_report(console: Console, report: Any, *, header: str | None = None) -
     parts: list[Any] = []
     if header:
         parts.append(Text(header, style="bold"))
-    parts.append(sites_table(report) if report.sites else Text("no activation sites found", style="yellow"))
+    parts.append(sites_table(report) if report.sites else Text("no sites found", style="yellow"))
     parts.append(summary(report))
     console.print(Group(*parts))
 

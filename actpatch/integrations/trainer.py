@@ -34,7 +34,7 @@ def _training_dtype(args: TrainingArguments) -> torch.dtype | None:
 def summarize(report: Any) -> str:
     """One line: sites patched and the projected activation memory before -> after."""
     patched = sum(1 for s in report.sites if s.patched)
-    line = f"actpatch: {patched} of {len(report.sites)} activation sites patched"
+    line = f"actpatch: {patched} of {len(report.sites)} sites patched"
     p = getattr(report, "projection", None)
     if p is not None and hasattr(p, "activation_bytes_before"):
         line += (

@@ -5,6 +5,8 @@ autograd saves y itself and the bits);
 ``actpatch::<name>_backward(Tensor dy, Tensor y, Tensor bits) -> Tensor``  dx = dy · g_b(y).
 ``actpatch::<name>_mul(Tensor a, Tensor b) -> (Tensor m, Tensor k, Tensor bits)``  the gated product
 m = act(a) · b for silu, gelu, gelu_tanh (``gated.py``); ``<name>_mul_backward(dm, m, k, bits)`` -> (da, db).
+``actpatch::rms_norm(Tensor x, Tensor w, float eps, str variant) -> (Tensor y, Tensor r)``  RMSNorm keeping
+x and r = 1/rms (``rms_norm.py``); ``rms_norm_backward(dy, x, w, r, variant)`` -> (dx, dw).
 
 Every device runs the pure-PyTorch reference; CUDA runs the fused Triton kernels when Triton imports.
 """
@@ -16,12 +18,12 @@ import importlib
 import torch
 
 from ..activations import ACTIVATIONS, Activation
-from . import gated, reference
+from . import gated, reference, rms_norm
 from .bits import packed_size
 
 DOUBLE_BACKWARD_ERROR = (
-    "actpatch: inverted activations do not support double backward (create_graph=True): "
-    "their backward is computed from the saved output, not the input. "
+    "actpatch: patched ops (inverted activations, gated products, RMSNorm) do not support double backward "
+    "(create_graph=True): their backward is computed from what they keep, not differentiated again. "
     "Unpatch the model (actpatch.unpatch_model) for higher-order gradients."
 )
 
@@ -117,3 +119,46 @@ def _register_gated(name: str) -> tuple[object, object]:
 
 
 GATED_OPS: dict[str, tuple[object, object]] = {name: _register_gated(name) for name in gated.GATED}
+
+
+@torch.library.custom_op("actpatch::rms_norm", mutates_args=())
+def rms_norm_op(
+    x: torch.Tensor, w: torch.Tensor, eps: float, variant: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm.forward(x, w, eps, variant)
+
+
+@rms_norm_op.register_fake
+def _(x, w, eps, variant):
+    return rms_norm.forward(x, w, eps, variant)  # shapes and dtypes follow from the ops themselves
+
+
+@torch.library.custom_op("actpatch::rms_norm_backward", mutates_args=())
+def rms_norm_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, variant: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm.backward(dy, x, w, r, variant)
+
+
+@rms_norm_backward_op.register_fake
+def _(dy, x, w, r, variant):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, w, _, ctx.variant = inputs
+    ctx.save_for_backward(x, w, output[1])
+
+
+def _rms_norm_backward(ctx, dy, _dr):
+    x, w, r = ctx.saved_tensors
+    dx, dw = rms_norm_backward_op(dy, x, w, r, ctx.variant)
+    return dx, dw, None, None
+
+
+def _rms_norm_second_order(ctx, _ddx, _ddw):
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+rms_norm_backward_op.register_autograd(_rms_norm_second_order, setup_context=lambda ctx, inputs, output: None)

@@ -1,0 +1,67 @@
+"""RMSNorm that keeps its input and 1/rms instead of float32 copies: pure PyTorch, any device.
+
+Hugging Face's RMSNorms upcast x to float32 and normalise there; autograd then keeps the float32 copy h
+(for pow and the product with 1/rms), 1/rms, and the normalised tensor the weight multiplies (bf16 in
+Llama, float32 in Gemma): 6 + 2 bytes per element in a bf16 Llama, 8 + 4 in Gemma.  Here autograd keeps x
+itself (2 bytes in bf16) and r = 1/rms (4 bytes per row); the backward recomputes n = h · r, one
+pointwise product, instead of keeping it.
+
+Forward, with h = x.float(), exactly the ops (and order) of the module it replaces, so y is bitwise
+the same:
+
+    r = rsqrt(mean(h², -1) + eps),   n = h · r
+    "llama"  y = w · n.to(x.dtype)                       (Llama, Mistral, Qwen, Phi-3, DeepSeek, ...)
+    "t5"     y = w · n.to(w.dtype)  (w half)  or  w · n   (T5LayerNorm: casts to the weight's dtype)
+    "gemma"  y = (n · (1 + w.float())).to(x.dtype)       (Gemma, Gemma 2)
+
+Backward, with g = dL/dn (float32) and s the tensor w multiplies:
+
+    "llama", "t5"  dw = Σ dy · s,  g = (dy · w) rounded to s's dtype (as autograd rounds it), as float32
+    "gemma"        dw = Σ dy · n,  g = dy · (1 + w)
+    dx = r · (g - n · mean(g · n, -1))          (d/dh of h · rsqrt(mean(h²) + eps))
+
+dw is reduced exactly as autograd reduces a broadcast product (``sum_to_size``), so it is eager's
+bitwise; dx differs from eager's only by float32 rounding inside (eager applies the chain rule term by
+term), far below the rounding of the result to x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+VARIANTS = ("llama", "t5", "gemma")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _scaled_dtype(x: torch.Tensor, w: torch.Tensor, variant: str) -> torch.dtype:
+    """dtype of the tensor w multiplies (llama, t5)."""
+    if variant == "llama":
+        return x.dtype
+    return w.dtype if w.dtype in _HALF else torch.float32
+
+
+def forward(x: torch.Tensor, w: torch.Tensor, eps: float, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, r): the module's output, bitwise, and r = 1/rms per row (float32, shape [..., 1])."""
+    h = x.to(torch.float32)
+    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    n = h * r
+    if variant == "gemma":
+        return (n * (1.0 + w.float())).to(x.dtype), r
+    return w * n.to(_scaled_dtype(x, w, variant)), r
+
+
+def backward(
+    dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, variant: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dw) from the kept x, w and r."""
+    n = x.to(torch.float32) * r
+    if variant == "gemma":
+        dyf = dy.float()
+        g = dyf * (1.0 + w.float())
+        dw = (dyf * n).sum_to_size(w.shape).to(w.dtype)
+    else:
+        s = n.to(_scaled_dtype(x, w, variant))
+        g = (dy * w).to(s.dtype).float()
+        dw = (dy * s).sum_to_size(w.shape).to(w.dtype)
+    dx = r * (g - n * (g * n).mean(-1, keepdim=True))
+    return dx.to(x.dtype), dw
