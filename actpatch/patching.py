@@ -162,11 +162,18 @@ def _swap(model: nn.Module, path: str, activation: str) -> None:
 
 
 def _set_forward(module: nn.Module, kind: str, parts: tuple, activation: str) -> None:
-    """An instance ``forward`` for ``module``: a gated MLP computes down(act(gate(x)) * up(x)) (or, with
-    ``split``, the two halves of one gate_up(x)) with the product fused; an RMSNorm runs
+    """An instance method for ``module``: a gated MLP's ``forward`` computes down(act(gate(x)) * up(x))
+    (or, with ``split``, the two halves of one gate_up(x)) with the product fused, MoE experts'
+    ``_apply_gate(gate_up)`` the fused product of its halves; an RMSNorm's ``forward`` runs
     ``actpatch.functional.rms_norm``.  The class, its parameters and state_dict are untouched."""
     module.__dict__[_FORWARD] = (kind, parts, activation)
-    module.forward = types.MethodType(_gated_forward if kind == "gated" else _norm_forward, module)
+    entry = parts[0] if kind == "gated" else "forward"
+    method = (
+        {"forward": _gated_forward, "_apply_gate": _gated_apply_gate}[entry]
+        if kind == "gated"
+        else _norm_forward
+    )
+    setattr(module, entry, types.MethodType(method, module))
 
 
 def _norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -175,17 +182,26 @@ def _norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _gated_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    _, (gate, up, down, split), activation = self.__dict__[_FORWARD]
+    _, (_, gate, up, down, split), activation = self.__dict__[_FORWARD]
     if split:
-        a, b = getattr(self, gate)(x).chunk(2, dim=-1)
-        a, b = (a, b) if split == "gate_first" else (b, a)
-    else:
-        a, b = getattr(self, gate)(x), getattr(self, up)(x)
-    return getattr(self, down)(_PRODUCTS[activation](a, b))
+        return getattr(self, down)(_halves_product(getattr(self, gate)(x), split, activation))
+    return getattr(self, down)(_PRODUCTS[activation](getattr(self, gate)(x), getattr(self, up)(x)))
+
+
+def _gated_apply_gate(self: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    _, (_, _, _, _, split), activation = self.__dict__[_FORWARD]
+    return _halves_product(gate_up, split, activation)
+
+
+def _halves_product(gate_up: torch.Tensor, split: str, activation: str) -> torch.Tensor:
+    a, b = gate_up.chunk(2, dim=-1)
+    a, b = (a, b) if split == "gate_first" else (b, a)
+    return _PRODUCTS[activation](a, b)
 
 
 def _unset_forward(module: nn.Module) -> None:
-    del module.__dict__["forward"], module.__dict__[_FORWARD]
+    kind, parts, _ = module.__dict__.pop(_FORWARD)
+    del module.__dict__[parts[0] if kind == "gated" else "forward"]
 
 
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -167,13 +167,24 @@ def test_lora_dropout_before_frozen_consumer_leaves_nothing_to_gain():
     assert report.sites[1].reason.startswith("output not saved"), report.sites[1]
 
 
-GATED_FAMILIES = {"llama", "mistral", "qwen2", "gemma", "gemma2", "deepseek_v3", "qwen2_moe", "phi3"}
+GATED_FAMILIES = {
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "gemma",
+    "gemma2",
+    "deepseek_v3",
+    "qwen2_moe",
+    "phi3",
+}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gated_mlps_are_found_by_what_ran(family):
-    """Fused where the MLP's forward is exactly down(act(gate(x)) * up(x)); never where it is not (t5's
-    dropout, MoE experts, non-gated MLPs); with a fused gate_up projection (phi3) too."""
+    """Fused where the MLP's forward is exactly down(act(gate(x)) * up(x)), or an MoE experts module's
+    _apply_gate is exactly act(gate) * up of its input's halves (mixtral, qwen2_moe, deepseek_v3); never
+    where it is not (t5's dropout, non-gated MLPs); with a fused gate_up projection (phi3) too."""
     model = tiny_model(family)
     _, kwargs = input_spec(model).make(BATCH, SEQ)
     reference = _seeded(model, kwargs)[1]
@@ -183,12 +194,38 @@ def test_gated_mlps_are_found_by_what_ran(family):
     for site in fused:
         act = next(s for s in report.sites if s.path.startswith(site.path + ".") and s.kind == "activation")
         assert act.reason == f"fused into the gated product at {site.path}"
-        assert site.consumer.startswith(site.path + ".")  # the down projection saves the product
+        assert site.consumer.startswith(site.path)  # the down projection (a child, or an MoE's grouped mm)
     loss = _seeded(model, kwargs)[1]
     if all(s.kind == "gated" for s in report.patched_sites):  # the fused forward is torch's, bitwise
         assert torch.equal(loss, reference)
     else:
         torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_experts_fuse_their_apply_gate_only_when_it_runs(family):
+    """grouped_mm (transformers' default) calls _apply_gate once: fused, gradients kept.  The eager
+    implementation loops over experts without it: not fused, activation not inverted (the gate_up buffer
+    stays saved by the product)."""
+    model = tiny_model(family)
+    _, kwargs = input_spec(model).make(BATCH, SEQ)
+    _, ref_loss, ref_grads = _step(model, kwargs)
+    report = actpatch.patch_model(model, batch_size=BATCH, seq_len=SEQ, norms=False)
+    experts = [s for s in report.patched_sites if s.path.endswith(".mlp.experts")]
+    assert len(experts) == 2 and all(s.kind == "gated" for s in experts)
+    assert all("_apply_gate" in vars(model.get_submodule(s.path)) for s in experts)
+    _, loss, grads = _step(model, kwargs)
+    assert torch.equal(loss, ref_loss)
+    for name, g in ref_grads.items():
+        assert (grads[name] - g).norm() <= 1e-5 * g.norm() + 1e-7, name
+    actpatch.unpatch_model(model)
+    assert not any("_apply_gate" in vars(m) for m in model.modules())
+
+    model.set_experts_implementation("eager")
+    report = actpatch.analyze(model, batch_size=BATCH, seq_len=SEQ, norms=False)
+    acts = [s for s in report.sites if s.path.endswith(".mlp.experts.act_fn")]
+    assert acts and all(s.reason.startswith("input kept alive") for s in acts)
+    assert not any(s.path.endswith(".mlp.experts") for s in report.sites)
 
 
 def test_gated_include_exclude_name_the_mlp_or_its_activation():
@@ -200,3 +237,22 @@ def test_gated_include_exclude_name_the_mlp_or_its_activation():
     # Excluding the MLP leaves its activation to be inverted on its own.
     no_fusion = actpatch.analyze(model, norms=False, exclude=["model.layers.1.mlp"])
     assert {s.path for s in no_fusion.patched_sites} == {"model.layers.0.mlp", "model.layers.1.mlp.act_fn"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe", "phi3", "gemma", "t5"])
+def test_gpu_default_patch_in_bf16_keeps_loss_and_gradients(family):
+    """The defaults on CUDA in bf16 (Triton gated kernels, MoE grouped mm, Phi-3's chunk views, RMSNorms):
+    loss within bf16 rounding, every gradient within 2% of its norm."""
+    model = tiny_model(family).to("cuda", torch.bfloat16)
+    _, kwargs = input_spec(model).make(4, 32)
+    kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    before_bytes, loss, grads = _step(model, kwargs)
+    report = actpatch.patch_model(model, batch_size=4, seq_len=32)
+    assert {s.kind for s in report.patched_sites} >= {"norm"}
+    after_bytes, loss2, grads2 = _step(model, kwargs)
+    torch.testing.assert_close(loss2, loss, rtol=2e-2, atol=1e-3)
+    for name, g in grads.items():
+        assert (grads2[name].float() - g.float()).norm() <= 2e-2 * g.float().norm() + 1e-4, name
+    assert report.projection.saved_bytes == pytest.approx(before_bytes - after_bytes, rel=0.05)

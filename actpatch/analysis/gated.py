@@ -6,7 +6,13 @@ The probe's events of the parent module must be exactly one of
     gate_up(x) -> chunk(2, dim=-1) -> gate, up -> act(gate) -> mul <- up,   mul -> down   (Phi-3, GLM)
 
 with x the parent's input and down's output its output.  Anything else in the forward (dropout, casts,
-MoE routing) and the parent is not fused.  The fused product (``actpatch.functional.silu_mul`` /
+MoE routing) and the parent is not fused.  Mixture-of-experts modules of transformers (``Experts`` with
+grouped or batched matmuls) compute the product in their ``_apply_gate(gate_up)``; there the events that
+ran inside one such call (:class:`~actpatch.analysis.probe.GateCall`) must be exactly
+
+    chunk(2, dim=-1) of gate_up -> act(gate) -> mul <- up,   returned          (``match_experts``)
+
+and that method is what gets the fused product.  The fused product (``actpatch.functional.silu_mul`` /
 ``gelu_mul``) keeps m and one n-element tensor plus 2 bits an element, where eager keeps the gate (act's
 input), act's output and up (the product's inputs) and m (down's); with a fused gate_up projection the
 gate and up are views of its 2n-element output, which eager keeps whole.
@@ -32,10 +38,11 @@ class GatedMLP:
     down: str
     split: str  # "" (two projections), "gate_first" or "up_first" (the halves of chunk(2, dim=-1))
     storages: tuple[int, int, int, int]  # gate, act's output, up, the product
+    entry: str = "forward"  # the method that gets the fused product: "forward" or "_apply_gate"
 
     @property
-    def parts(self) -> tuple[str, str, str, str]:
-        return self.gate, self.up, self.down, self.split
+    def parts(self) -> tuple[str, str, str, str, str]:
+        return self.entry, self.gate, self.up, self.down, self.split
 
 
 def match(probe: ProbeResult, act_path: str) -> GatedMLP | None:
@@ -79,6 +86,35 @@ def match(probe: ProbeResult, act_path: str) -> GatedMLP | None:
     split = "gate_first" if act.offsets[0] < up_offset else "up_first"
     name = _attr(gate_up)
     return GatedMLP(parent, name, name, _attr(down), split, storages(gate_up, gate_up))
+
+
+def match_experts(probe: ProbeResult, act_path: str) -> GatedMLP | None:
+    """The experts module around the activation at ``act_path``, if its one ``_apply_gate`` call ran
+    exactly chunk -> act -> mul on the halves of its input and returned the product."""
+    parent = act_path.rpartition(".")[0]
+    calls = [c for c in probe.gate_calls if c.path == parent]
+    if len(calls) != 1:
+        return None
+    call = calls[0]
+    events = probe.events.get(parent, [])[call.start : call.end]
+    if len(events) != 3 or [e.module for e in events] != [False, True, False]:
+        return None
+    chunk, act, mul = events
+    both = call.input
+    if chunk.what != "chunk" or chunk.constants not in _HALVES or chunk.inputs != (both,):
+        return None
+    if (
+        act.what != act_path
+        or act.inputs != (both,)
+        or mul.what not in _PRODUCTS
+        or mul.output != call.output
+    ):
+        return None
+    up_offset = next((o for i, o in zip(mul.inputs, mul.offsets, strict=True) if i == both), None)
+    if set(mul.inputs) != {both, act.output} or up_offset is None or up_offset == act.offsets[0]:
+        return None
+    split = "gate_first" if act.offsets[0] < up_offset else "up_first"
+    return GatedMLP(parent, "", "", "", split, (both, act.output, both, mul.output), "_apply_gate")
 
 
 def _attr(event: Event) -> str:

@@ -9,6 +9,9 @@ Three observers run together:
   (``F.gelu``...), and records which ops take an activation's output (its consumers);
 - both record, per module, an :class:`Event` for each child called and each op run directly in its
   forward, with the storages it took and gave (what ``gated.match`` reads the structure of an MLP from);
+- the ``_apply_gate`` methods of the modules the walker names (transformers' MoE experts compute
+  act(gate) * up there) are wrapped for the probe, recording which of the module's events ran inside
+  (``ProbeResult.gate_calls``);
 - ``saved_tensors_hooks`` record every tensor autograd packs, with the module and op saving it and the
   calls open at that moment (those calls' own backward saves it).
 
@@ -104,12 +107,24 @@ class Event:
 
 
 @dataclass
+class GateCall:
+    """One call of a module's ``_apply_gate``: the span of the module's events it ran, its storages."""
+
+    path: str
+    start: int
+    end: int
+    input: int
+    output: int | None
+
+
+@dataclass
 class ProbeResult:
     saved: list[SavedTensor]
     calls: list[Call]
     excluded_storages: set[int]  # parameters and buffers
     events: dict[str, list[Event]] = field(default_factory=dict)  # module path -> what ran directly in it
     norm_calls: list[Call] = field(default_factory=list)  # calls of the modules given as norm_modules
+    gate_calls: list[GateCall] = field(default_factory=list)  # calls of the gate_modules' _apply_gate
 
 
 @dataclass
@@ -136,6 +151,7 @@ class _Probe(TorchFunctionMode):
         self.keep: list[torch.Tensor] = []
         self.counters: dict[str, int] = {}
         self.events: dict[str, list[Event]] = defaultdict(list)
+        self.gate_calls: list[GateCall] = []
         self.pack = self._pack  # one bound-method object, compared by identity below
 
     # -- module hooks -------------------------------------------------------------------------------
@@ -191,6 +207,22 @@ class _Probe(TorchFunctionMode):
         self.keep.append(output)
         self.outputs[call.output_storage] = call
         self.calls.append(call)
+
+    def wrap_apply_gate(self, module: nn.Module) -> Any:
+        """An instance ``_apply_gate`` for ``module`` recording a GateCall around the original."""
+        original = module._apply_gate
+        path = self.paths[id(module)]
+
+        def observed(gate_up: torch.Tensor) -> Any:
+            start = len(self.events[path])
+            out = original(gate_up)
+            output = storage_key(out) if isinstance(out, torch.Tensor) else None
+            self.gate_calls.append(
+                GateCall(path, start, len(self.events[path]), storage_key(gate_up), output)
+            )
+            return out
+
+        return observed
 
     # -- ops ----------------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -326,9 +358,11 @@ def run_probe(
     kwargs: dict,
     dtype: torch.dtype,
     norm_modules: frozenset[int] = frozenset(),
+    gate_modules: frozenset[int] = frozenset(),
 ) -> ProbeResult:
     """Run ``model(*args, **kwargs)`` once in training mode with grad on and observe it; calls of the
-    modules whose ids are in ``norm_modules`` are recorded in ``norm_calls``.
+    modules whose ids are in ``norm_modules`` are recorded in ``norm_calls``, calls of the ``_apply_gate``
+    of those in ``gate_modules`` in ``gate_calls``.
 
     The global RNG state is restored afterwards, so a probe leaves dropout streams unchanged.
     """
@@ -337,7 +371,10 @@ def run_probe(
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     pre = torch.nn.modules.module.register_module_forward_pre_hook(probe.pre_hook)
     post = torch.nn.modules.module.register_module_forward_hook(probe.post_hook, always_call=True)
+    gated = [m for m in model.modules() if id(m) in gate_modules]
     try:
+        for m in gated:  # an instance attribute over the class's method, deleted afterwards
+            m._apply_gate = probe.wrap_apply_gate(m)
         with (
             torch.random.fork_rng(devices=devices),
             training_mode(model),
@@ -349,10 +386,12 @@ def run_probe(
         probe.finish()
         del out
     finally:
+        for m in gated:
+            del m._apply_gate
         pre.remove()
         post.remove()
         _reshard(model)
-    return ProbeResult(probe.saved, probe.calls, excluded, probe.events, probe.norm_calls)
+    return ProbeResult(probe.saved, probe.calls, excluded, probe.events, probe.norm_calls, probe.gate_calls)
 
 
 def _reshard(model: nn.Module) -> None:

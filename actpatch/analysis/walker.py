@@ -76,12 +76,13 @@ def walk(
     with torch.random.fork_rng(devices=[]):
         kinds = {id(m): classify_module(m) for m in model.modules() if is_candidate(m)}
     norm_candidates = _norms.candidates(model) if norms else {}
+    gate_modules = frozenset(id(m) for m in model.modules() if gated and _has_apply_gate(m, kinds))
     with _meta_cast(model, target):
         probe_dtype = model_dtype(model)
         spec = input_spec(model, example_inputs)
         shapes = probe_shapes(spec.seq_dependent, spec.max_seq, spec.fixed_shape, batch_size)
         ids = frozenset(norm_candidates)
-        probes = [run_probe(model, *spec.make(b, s), probe_dtype, ids) for b, s in shapes]
+        probes = [run_probe(model, *spec.make(b, s), probe_dtype, ids, gate_modules) for b, s in shapes]
     sites = _collect_sites(model, probes[0], kinds)
     evidences = [_Evidence(p) for p in probes]
     decided: list[tuple[Site, list[Bytes]]] = []  # each site, and what it frees at each probe shape
@@ -164,7 +165,11 @@ def _gated_site(
     mlps, gains = [], []
     for probe in probes:
         calls = _calls_of(probe, site)
-        mlp = gated.match(probe, site.path) if len(calls) == 1 else None
+        mlp = (
+            (gated.match(probe, site.path) or gated.match_experts(probe, site.path))
+            if len(calls) == 1
+            else None
+        )
         if mlp is None:
             return None
         mlps.append(mlp)
@@ -222,6 +227,14 @@ def _norm_site(
         reason = None
     consumer = next((s.where for s in probes[0].saved if s.storage == calls[0].output_storage), None)
     return Site(path, "rms_norm", consumer, reason is None, reason, kind="norm"), gains, (variant, eps_attr)
+
+
+def _has_apply_gate(module: nn.Module, kinds: dict[int, str | None]) -> bool:
+    """A module with an ``_apply_gate`` method of its class (transformers' MoE experts) and an activation
+    child actpatch can fuse: its ``_apply_gate`` calls are observed by the probe."""
+    if "_apply_gate" in vars(module) or not callable(getattr(type(module), "_apply_gate", None)):
+        return False
+    return any(kinds.get(id(child)) in GATED for child in module.children())
 
 
 def _collect_sites(model: nn.Module, probe: ProbeResult, kinds: dict[int, str | None]) -> list[_Site]:
