@@ -24,14 +24,53 @@ from .activations import ACTIVATIONS
 from .activations.sigmoid_gated import quick_gelu_forward
 from .kernels import gated
 from .kernels import rms_norm as _rms_norm
+from .kernels import ops
 from .kernels.ops import GATED_OPS, OPS, rms_norm_op
 
 INVERTIBLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+class ActpatchInverted(torch.autograd.Function):
+    """actpatch::<name> without the dispatcher (eager mode): the same implementations, the same saves."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, name: str) -> torch.Tensor:
+        y, bits = ops.activation_forward(name, x)
+        ctx.save_for_backward(y, bits)
+        ctx.name = name
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None]:
+        y, bits = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the custom op, whose own backward says why it cannot
+            return OPS[ctx.name][1](dy, y, bits), None
+        return ops.activation_backward(ctx.name, dy, y, bits), None
+
+
+class ActpatchGated(torch.autograd.Function):
+    """actpatch::<name>_mul without the dispatcher (eager mode)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, name: str) -> torch.Tensor:
+        m, k, bits = ops.gated_forward(name, a, b)
+        ctx.save_for_backward(m, k, bits)
+        ctx.name = name
+        return m
+
+    @staticmethod
+    def backward(ctx, dm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        saved = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return (*GATED_OPS[ctx.name][1](dm, *saved), None)
+        return (*ops.gated_backward(ctx.name, dm, *saved), None)
+
+
 def _inverted(name: str, x: torch.Tensor, plain: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     if x.requires_grad and torch.is_grad_enabled() and x.dtype in INVERTIBLE_DTYPES:
-        return OPS[name][0](x)[0]
+        if torch.compiler.is_compiling():  # one opaque op in the graph
+            return OPS[name][0](x)[0]
+        return ActpatchInverted.apply(x, name)
     return plain(x)
 
 
@@ -63,7 +102,9 @@ def _gated(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         and gate.shape == up.shape
         and gate.device == up.device
     ):
-        return GATED_OPS[name][0](gate, up)[0]
+        if torch.compiler.is_compiling():
+            return GATED_OPS[name][0](gate, up)[0]
+        return ActpatchGated.apply(gate, up, name)
     return gated.act_forward(name, gate) * up
 
 

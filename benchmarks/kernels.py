@@ -84,7 +84,13 @@ def time_activation(name: str, x: torch.Tensor, dy: torch.Tensor, args, copy_bw:
     r["ours_fwd_ms"] = bench(lambda: tk.forward(x, act), args.device, args.quick)
     r["ours_bwd_ms"] = bench(lambda: tk.backward(dy, y, bits, act), args.device, args.quick)
     r["ours_fwdbwd_ms"] = bench(ours_both, args.device, args.quick)
-    if x.dtype != torch.float32 and args.device == "cuda":
+    if x.dtype != torch.float32 and args.device == "cuda":  # the arithmetic paths the lookups replace
+        r["ours_fwd_arith_ms"] = bench(
+            lambda: tk.forward(x, act, lookup_table=False), args.device, args.quick
+        )
+        r["ours_bwd_poly_ms"] = bench(
+            lambda: tk.backward(dy, y, bits, act, fast=True), args.device, args.quick
+        )
         r["ours_bwd_precise_ms"] = bench(
             lambda: tk.backward(dy, y, bits, act, fast=False), args.device, args.quick
         )
@@ -109,7 +115,12 @@ def time_activation(name: str, x: torch.Tensor, dy: torch.Tensor, args, copy_bw:
         f"{r['fwdbwd_pct_copy']:.0f}% copy; floor {r['floor_fwdbwd_ms']:.4f})"
         + (f" | torch fwd {r['torch_fwd_ms']:.4f} fwd+bwd {r['torch_fwdbwd_ms']:.4f}" if ops else "")
         + (f" | x{r['ratio_vs_torch']:.3f}" if ops else "")
-        + (f" | bwd precise {r['ours_bwd_precise_ms']:.4f}" if "ours_bwd_precise_ms" in r else ""),
+        + (
+            f" | arithmetic: fwd {r['ours_fwd_arith_ms']:.4f} bwd {r['ours_bwd_poly_ms']:.4f}"
+            f" (precise {r['ours_bwd_precise_ms']:.4f})"
+            if "ours_bwd_precise_ms" in r
+            else ""
+        ),
         flush=True,
     )
     return r
@@ -135,10 +146,11 @@ def kernel_table(args, copy_bw: float) -> list[dict]:
 
 
 def sweep(args, copy_bw: float) -> dict:
-    """Rows per program x warps on bf16 GELU and SiLU (the shapes with the least total time are kept for the
-    run), then the backward with inverse tables of other sizes (intervals per branch x degree)."""
-    out: dict = {"forward": [], "backward": [], "tables": []}
-    x = (torch.randn(args.shape, device=args.device) * 2).to(torch.bfloat16)
+    """Rows per program x warps on GELU and SiLU in the first of --dtypes (the shapes with the least total
+    time are kept for the run), then the backward with inverse tables of other sizes (intervals per branch
+    x degree)."""
+    out: dict = {"forward": [], "backward": [], "tables": [], "dtype": args.dtypes[0]}
+    x = (torch.randn(args.shape, device=args.device) * 2).to(DTYPES[args.dtypes[0]])
     dy = torch.randn_like(x)
     acts = [ACTIVATIONS["gelu"], ACTIVATIONS["silu"]]
     saved = [tk.forward(x, act) for act in acts]
@@ -303,7 +315,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     p.add_argument("--shape", type=int, nargs="+", default=[8192, 14336])
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES))
-    p.add_argument("--sweep", action="store_true", help="launch shapes and table sizes, bf16")
+    p.add_argument("--sweep", action="store_true", help="launch shapes and table sizes, first of --dtypes")
     p.add_argument("--large", action="store_true", help="correctness on more than 2^31 elements")
     p.add_argument("--accuracy", action="store_true", help="accuracy criterion on this device's output")
     p.add_argument("--gated", action="store_true", help="the gated products' kernels against eager, bf16")

@@ -23,6 +23,17 @@ ACTIVATION_BACKWARD = {
     "y_hi": "fp32", "y_lo": "fp32", "inv_y_hi": "fp32", "t_right_max": "fp32", "scale_right": "fp32",
     "scale_left": "fp32",
 }  # fmt: skip
+LOOKUP_FORWARD = {
+    "x_ptr": "*i16",
+    "y_ptr": "*i16",
+    "bits_ptr": "*u8",
+    "table_ptr": "*i16",
+    **ROW,
+    "x_star": "fp32",
+}
+LOOKUP_BACKWARD = {
+    "dy_ptr": "*{t}", "y_ptr": "*i16", "bits_ptr": "*u8", "dx_ptr": "*{t}", "table_ptr": "*fp32", **ROW,
+}  # fmt: skip
 GATED_FORWARD = {
     "a_ptr": "*{t}", "b_ptr": "*{t}", "m_ptr": "*{t}", "k_ptr": "*{t}", "bits_ptr": "*u8",
     "n_elements": "i64", "n_bytes": "i64", "row_start": "i64", "keep_below": "fp32",
@@ -31,12 +42,13 @@ GATED_BACKWARD = {
     "dm_ptr": "*{t}", "m_ptr": "*{t}", "k_ptr": "*{t}", "bits_ptr": "*u8", "da_ptr": "*{t}", "db_ptr": "*{t}",
     "n_elements": "i64", "n_bytes": "i64", "row_start": "i64", "top": "fp32",
 }  # fmt: skip
-BASE = {"ROWS": 64, "FULL_ROWS": True, "LIBDEVICE": True}
-NO_BF16_BY_HAND = {"BF16_BY_HAND": False}
+BASE = {"ROWS": 64, "FULL_ROWS": True, "LIBDEVICE": True, "BF16_BY_HAND": False}  # those a kernel takes
 CASES = {
     "activation forward": (tk._forward_kernel, ACTIVATION_FORWARD, {"ACT": 0, "ROUND_INTERMEDIATE": True}),
     "activation bwd fast": (tk._backward_kernel, ACTIVATION_BACKWARD, {"N": 32, "DEG": 3, "FAST": 1}),
     "activation bwd precise": (tk._backward_kernel, ACTIVATION_BACKWARD, {"N": 16, "DEG": 6, "FAST": 0}),
+    "lookup forward": (tk._forward_lookup_kernel, LOOKUP_FORWARD, {"FP16": False}),
+    "lookup backward": (tk._backward_lookup_kernel, LOOKUP_BACKWARD, {}),
     "gated forward": (tg._forward_kernel, GATED_FORWARD, {"ACT": 2}),
     "gated backward": (tg._backward_kernel, GATED_BACKWARD, {"ACT": 0}),
 }
@@ -46,8 +58,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_compiles_for_sm90_without_float64(case, dtype):
     kernel, signature, constexprs = CASES[case]
-    const = BASE | constexprs | (NO_BF16_BY_HAND if case.startswith("activation") else {})
     names = list(kernel.arg_names)
+    const = {k: v for k, v in (BASE | constexprs).items() if k in names}
     sig = {k: v.format(t=dtype) for k, v in signature.items()} | {k: "constexpr" for k in const}
     src = compiler.ASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()})
     options = {"num_warps": 2, "enable_fp_fusion": True}  # Triton's default on the GPU machine

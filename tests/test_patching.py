@@ -244,15 +244,19 @@ def test_gated_include_exclude_name_the_mlp_or_its_activation():
 @pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe", "phi3", "gemma", "t5"])
 def test_gpu_default_patch_in_bf16_keeps_loss_and_gradients(family):
     """The defaults on CUDA in bf16 (Triton gated kernels, MoE grouped mm, Phi-3's chunk views, RMSNorms):
-    loss within bf16 rounding, every gradient within 2% of its norm."""
-    model = tiny_model(family).to("cuda", torch.bfloat16)
+    the loss within bf16 rounding, and each gradient as close to the float32 model's as eager bf16's is
+    (within twice its distance, plus 1% of the gradient: bf16 rounding alone moves small-norm gradients,
+    such as a norm's weight summed over tokens, by several percent either way)."""
+    model = tiny_model(family).to("cuda")
     _, kwargs = input_spec(model).make(4, 32)
-    kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    exact = _step(model, kwargs)[2]  # float32
+    model.to(torch.bfloat16)
     before_bytes, loss, grads = _step(model, kwargs)
     report = actpatch.patch_model(model, batch_size=4, seq_len=32)
     assert {s.kind for s in report.patched_sites} >= {"norm"}
     after_bytes, loss2, grads2 = _step(model, kwargs)
     torch.testing.assert_close(loss2, loss, rtol=2e-2, atol=1e-3)
-    for name, g in grads.items():
-        assert (grads2[name].float() - g.float()).norm() <= 2e-2 * g.float().norm() + 1e-4, name
+    for name, g in exact.items():
+        eager_err, ours_err = ((h[name].float() - g).norm() for h in (grads, grads2))
+        assert ours_err <= 2 * eager_err + 1e-2 * g.norm() + 1e-5, (name, float(ours_err), float(eager_err))
     assert report.projection.saved_bytes == pytest.approx(before_bytes - after_bytes, rel=0.05)

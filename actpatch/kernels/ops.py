@@ -9,6 +9,9 @@ m = act(a) · b for silu, gelu, gelu_tanh (``gated.py``); ``<name>_mul_backward(
 x and r = 1/rms (``rms_norm.py``); ``rms_norm_backward(dy, x, w, r, variant)`` -> (dx, dw).
 
 Every device runs the pure-PyTorch reference; CUDA runs the fused Triton kernels when Triton imports.
+``activation_forward`` ... ``gated_backward`` are those implementations as plain functions, for callers
+that skip the dispatcher (``actpatch.functional`` in eager mode: the custom op's Python layers cost
+~70 µs a forward + backward, which a CPU-bound training step pays in wall time).
 """
 
 from __future__ import annotations
@@ -36,6 +39,42 @@ def _triton(module: str):
         return None
 
 
+_KERNELS = _triton("triton")
+_GATED_KERNELS = _triton("triton_gated")
+
+
+def activation_forward(name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, bits) as ``actpatch::<name>`` computes them on x's device."""
+    if x.is_cuda and _KERNELS is not None:
+        return _KERNELS.forward(x, ACTIVATIONS[name])
+    return reference.forward(x, ACTIVATIONS[name])
+
+
+def activation_backward(name: str, dy: torch.Tensor, y: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """dx as ``actpatch::<name>_backward`` computes it on y's device."""
+    if y.is_cuda and _KERNELS is not None:
+        return _KERNELS.backward(dy, y, bits, ACTIVATIONS[name])
+    return reference.backward(dy, y, bits, ACTIVATIONS[name])
+
+
+def gated_forward(
+    name: str, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(m, k, bits) as ``actpatch::<name>_mul`` computes them on a's device."""
+    if a.is_cuda and _GATED_KERNELS is not None:
+        return _GATED_KERNELS.forward(a, b, name)
+    return gated.forward(a, b, name)
+
+
+def gated_backward(
+    name: str, dm: torch.Tensor, m: torch.Tensor, k: torch.Tensor, bits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(da, db) as ``actpatch::<name>_mul_backward`` computes them on m's device."""
+    if m.is_cuda and _GATED_KERNELS is not None:
+        return _GATED_KERNELS.backward(dm, m, k, bits, name)
+    return gated.backward(dm, m, k, bits, name)
+
+
 def _register(act: Activation) -> tuple[object, object]:
     name = act.name
 
@@ -55,10 +94,9 @@ def _register(act: Activation) -> tuple[object, object]:
     def _(dy, y, bits):
         return torch.empty_like(dy)
 
-    kernels = _triton("triton")
-    if kernels is not None:
-        fwd.register_kernel("cuda")(lambda x: kernels.forward(x, act))
-        bwd.register_kernel("cuda")(lambda dy, y, bits: kernels.backward(dy, y, bits, act))
+    if _KERNELS is not None:
+        fwd.register_kernel("cuda")(lambda x: _KERNELS.forward(x, act))
+        bwd.register_kernel("cuda")(lambda dy, y, bits: _KERNELS.backward(dy, y, bits, act))
 
     def setup_context(ctx, inputs, output):
         y, bits = output
@@ -99,10 +137,9 @@ def _register_gated(name: str) -> tuple[object, object]:
     def _(dm, m, k, bits):
         return torch.empty_like(dm), torch.empty_like(dm)
 
-    kernels = _triton("triton_gated")
-    if kernels is not None:
-        fwd.register_kernel("cuda")(lambda a, b: kernels.forward(a, b, name))
-        bwd.register_kernel("cuda")(lambda dm, m, k, bits: kernels.backward(dm, m, k, bits, name))
+    if _GATED_KERNELS is not None:
+        fwd.register_kernel("cuda")(lambda a, b: _GATED_KERNELS.forward(a, b, name))
+        bwd.register_kernel("cuda")(lambda dm, m, k, bits: _GATED_KERNELS.backward(dm, m, k, bits, name))
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output)

@@ -11,6 +11,10 @@ backward(dy, y, bits) reads y, bits and dy once, writes dx = dy · g_b(y) once, 
     t = min(u n / w_max, n⁻) (right) or u n / v_max + n (left), in [0, 2n);  i = ⌊t⌋
     p = Horner(coef[:, i], t - i);   g = p on the right,  g = y p on the left.
 
+For bfloat16 and float16 both directions read tables of the whole dtype instead (``lookup.py``): the
+forward y's bits from the entry of x's bits, the backward g from the entry of (branch, y's bits): y is
+torch's own op's bitwise, and dx the reference's.  The arithmetic above runs for float32 only.
+
 Each program handles ROWS × 8 elements as a [ROWS, 8] tile, so one bits byte belongs to one tile row:
 the forward packs a row with an in-register sum, the backward loads one byte per row.  Offsets are 64-bit.
 
@@ -28,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ..activations import Activation, InverseTable, table_for
+from . import lookup
 from .bits import packed_size
 from .reference import device_coefficients, right_end
 
@@ -243,6 +248,79 @@ def _backward_kernel(
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _forward_lookup_kernel(
+    x_ptr,
+    y_ptr,
+    bits_ptr,
+    table_ptr,
+    n_elements,
+    row_start,
+    x_star,
+    ROWS: tl.constexpr,
+    FULL_ROWS: tl.constexpr,
+    FP16: tl.constexpr,
+):
+    """16-bit x and y as int16: y = table[x's bits]; bits = pack([x >= x*]), x read as bf16 or fp16."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = row_start + pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    cols = tl.arange(0, 8)
+    offs = rows[:, None] * 8 + cols[None, :]
+    if FULL_ROWS:  # one mask per row of 8: loads and stores stay 16-byte vectors
+        row_mask = rows < n_elements // 8
+        mask = tl.broadcast_to(row_mask[:, None], [ROWS, 8])
+    else:
+        row_mask = rows * 8 < n_elements
+        mask = offs < n_elements
+    x = tl.load(x_ptr + offs, mask=mask, other=0)
+    tl.store(y_ptr + offs, tl.load(table_ptr + (x.to(tl.int32) & 0xFFFF), mask=mask, other=0), mask=mask)
+    if FP16:  # noqa: SIM108
+        xf = x.to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        xf = ((x.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    right = (xf >= x_star) & mask
+    byte = tl.reduce(right.to(tl.int32) << cols[None, :], 1, _sum_combine)
+    tl.store(bits_ptr + rows, byte.to(tl.uint8), mask=row_mask)
+
+
+@triton.jit
+def _backward_lookup_kernel(
+    dy_ptr,
+    y_ptr,
+    bits_ptr,
+    dx_ptr,
+    table_ptr,
+    n_elements,
+    row_start,
+    ROWS: tl.constexpr,
+    FULL_ROWS: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
+):
+    """dx = dy · table[branch · 65536 + y's bits] (y as int16; table: float32 g of lookup.backward_table)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = row_start + pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    cols = tl.arange(0, 8)
+    offs = rows[:, None] * 8 + cols[None, :]
+    if FULL_ROWS:  # one mask per row of 8: loads and stores stay 16-byte vectors
+        row_mask = rows < n_elements // 8
+        mask = tl.broadcast_to(row_mask[:, None], [ROWS, 8])
+    else:
+        row_mask = rows * 8 < n_elements
+        mask = offs < n_elements
+    byte = tl.load(bits_ptr + rows, mask=row_mask, other=0).to(tl.int32)
+    right = (byte[:, None] >> cols[None, :]) & 1
+    y = tl.load(y_ptr + offs, mask=mask, other=0)
+    g = tl.load(table_ptr + ((right << 16) | (y.to(tl.int32) & 0xFFFF)), mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0)
+    if BF16_BY_HAND:  # int16 views of bfloat16 tensors (interpreter only)
+        dx = ((dy.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True) * g
+        db = dx.to(tl.uint32, bitcast=True)
+        db = tl.where(dx == dx, (db + 0x7FFF + ((db >> 16) & 1)) >> 16, 0x7FC0)
+        tl.store(dx_ptr + offs, db.to(tl.int16), mask=mask)
+    else:
+        tl.store(dx_ptr + offs, (dy.to(tl.float32) * g).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 def _kernel(jitted, device: torch.device):
     """(kernel, compiled): the compiled kernel on CUDA; Triton's interpreter on any other device
     (also on CUDA when TRITON_INTERPRET=1 was set before this module was imported)."""
@@ -272,13 +350,22 @@ def _place(constexprs: dict, row_start: int, full_rows: bool, rows: int, warps: 
     return constexprs | {"row_start": row_start, "FULL_ROWS": full_rows, "ROWS": rows, "num_warps": warps}
 
 
-def forward(x: torch.Tensor, act: Activation) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, bits): y a fresh tensor like ``x`` (shape, and strides for dense x), bits uint8 [ceil(n/8)]."""
+def forward(
+    x: torch.Tensor, act: Activation, *, lookup_table: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, bits): y a fresh tensor like ``x`` (shape, and strides for dense x), bits uint8 [ceil(n/8)].
+    16-bit x reads y from ``lookup.forward_table`` unless ``lookup_table`` is False (for benchmarks)."""
     n = x.numel()
     bits = torch.empty(packed_size(n), dtype=torch.uint8, device=x.device)
     xc = x.contiguous()
     yc = torch.empty_like(xc)
-    if n:
+    if n and x.dtype in lookup.DTYPES and lookup_table:
+        kernel, _ = _kernel(_forward_lookup_kernel, x.device)
+        table = lookup.forward_table(act, x.dtype, x.device)
+        args = (xc.view(torch.int16), yc.view(torch.int16), bits, table, n)
+        fp16 = x.dtype == torch.float16
+        _launch(kernel, n, FORWARD_ROWS, FORWARD_WARPS, args, x_star=_f32(act.x_star), FP16=fp16)
+    elif n:
         kernel, compiled = _kernel(_forward_kernel, x.device)
         by_hand = not compiled and x.dtype == torch.bfloat16
         args = (xc.view(torch.int16) if by_hand else xc, yc.view(torch.int16) if by_hand else yc, bits, n)
@@ -317,11 +404,25 @@ def backward(
     (default for 16-bit y), the hardware's lg2.approx, whose ~1e-7 absolute error is far below 16-bit y's
     rounding.  Under the interpreter: correctly rounded division and square root, numpy's log.
     ``table`` (default ``table_for(act, y.dtype)``, what the reference path uses): for benchmarks of size.
+    Without ``table`` and ``fast``, 16-bit y reads g from ``lookup.backward_table`` instead.
     """
-    table = table or table_for(act, y.dtype)
     n = y.numel()
     dyc = dy.contiguous()
     dxc = torch.empty_like(dyc)
+    if n and y.dtype in lookup.DTYPES and table is None and fast is None:
+        kernel, compiled = _kernel(_backward_lookup_kernel, y.device)
+        by_hand = not compiled and y.dtype == torch.bfloat16
+        args = (
+            dyc.view(torch.int16) if by_hand else dyc,
+            y.contiguous().view(torch.int16),
+            bits,
+            dxc.view(torch.int16) if by_hand else dxc,
+            lookup.backward_table(act, y.dtype, y.device),
+            n,
+        )
+        _launch(kernel, n, BACKWARD_ROWS, BACKWARD_WARPS, args, BF16_BY_HAND=by_hand)
+        n = 0
+    table = table or table_for(act, y.dtype)
     if n:
         kernel, compiled = _kernel(_backward_kernel, y.device)
         if fast is None:
