@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 from .activations import ACTIVATIONS
 from .activations.sigmoid_gated import quick_gelu_forward
-from .kernels import gated
+from .kernels import gated, ops
 from .kernels import rms_norm as _rms_norm
-from .kernels import ops
 from .kernels.ops import GATED_OPS, OPS, rms_norm_op
 
 INVERTIBLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
