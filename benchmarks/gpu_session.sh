@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of docs/benchmarks.md, in two parts that each fit one 10-minute device call:
 #   bash benchmarks/gpu_session.sh kernels    # GPU tests, kernel sweep/table/>2^31/accuracy
-#   bash benchmarks/gpu_session.sh models     # projection vs memory_allocated, SASS mix, training steps, FSDP2
+#   bash benchmarks/gpu_session.sh models     # projection, SASS mix, training steps, step profile, FSDP2
 # Logs and JSON go to $OUT (default gpu-results/).  Each step has a time limit; its exit status is logged.
 set -u
 OUT=${OUT:-gpu-results}
@@ -27,7 +27,9 @@ kernels)
 models)
     step projection 90 python3 benchmarks/projection_gpu.py
     step sass 40 python3 benchmarks/kernel_sass.py --save "$OUT"
-    step train_step 260 python3 benchmarks/train_step.py --json "$OUT/train_step.json"
+    step train_step 330 python3 benchmarks/train_step.py --json "$OUT/train_step.json"
+    step profile_step 90 python3 benchmarks/profile_step.py --model bert-base
+    step call_overhead 40 python3 benchmarks/call_overhead.py
     step fsdp2_before 70 python3 benchmarks/fsdp2_gpu.py --patch before --json "$OUT/fsdp2_before.json"
     step fsdp2_after 70 python3 benchmarks/fsdp2_gpu.py --patch after --json "$OUT/fsdp2_after.json"
     ;;

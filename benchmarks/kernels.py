@@ -156,6 +156,7 @@ def sweep(args, copy_bw: float) -> dict:
     saved = [tk.forward(x, act) for act in acts]
     for rows, warps in ((64, 2), (128, 4), (128, 8), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8)):
         tk.FORWARD_ROWS, tk.FORWARD_WARPS = tk.BACKWARD_ROWS, tk.BACKWARD_WARPS = rows, warps
+        tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS = rows, warps
         f = [bench(lambda a=a: tk.forward(x, a), args.device, args.quick) for a in acts]
         b = [
             bench(lambda a=a, yb=yb: tk.backward(dy, *yb, a), args.device, args.quick)
@@ -172,6 +173,7 @@ def sweep(args, copy_bw: float) -> dict:
         min(out["forward"]),
         min(out["backward"]),
     )
+    tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS = tk.FORWARD_ROWS, tk.FORWARD_WARPS
     out["chosen"] = {
         "forward": [tk.FORWARD_ROWS, tk.FORWARD_WARPS],
         "backward": [tk.BACKWARD_ROWS, tk.BACKWARD_WARPS],
@@ -334,6 +336,7 @@ def main() -> int:
     res["launch"] = {
         "forward": [tk.FORWARD_ROWS, tk.FORWARD_WARPS],
         "backward": [tk.BACKWARD_ROWS, tk.BACKWARD_WARPS],
+        "lookup_forward": [tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS],
     }
     res["kernels"] = kernel_table(args, copy_bw)
     if args.gated:

@@ -1,0 +1,62 @@
+"""CPU time per call: what a training step that cannot keep the GPU busy pays for each activation.
+
+    python benchmarks/call_overhead.py [--device cuda] [--calls 2000]
+
+Forward + backward of a 4096-element bf16 tensor (the GPU finishes each kernel long before the CPU
+launches the next), wall time per call over ``--calls`` calls, for torch's F.gelu, actpatch's eager path
+(``actpatch.functional.gelu``: an autograd.Function), the custom op through the dispatcher
+(``torch.ops.actpatch.gelu``, what torch.compile calls), and the raw kernel launchers
+(``actpatch.kernels.ops.activation_forward`` / ``_backward``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import actpatch.functional as AF
+from actpatch.kernels import ops
+
+
+def per_call_us(fn, calls: int, device: str) -> float:
+    for _ in range(100):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--calls", type=int, default=2000)
+    args = p.parse_args()
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    x = torch.randn(4096, device=args.device, dtype=dtype, requires_grad=True)
+    dy = torch.randn_like(x)
+    y, bits = ops.activation_forward("gelu", x.detach())
+    cases = {
+        "torch F.gelu": lambda: F.gelu(x).backward(dy),
+        "actpatch.functional.gelu (eager path)": lambda: AF.gelu(x).backward(dy),
+        "torch.ops.actpatch.gelu (custom op)": lambda: torch.ops.actpatch.gelu(x)[0].backward(dy),
+        "kernel launchers only (fwd + bwd)": lambda: ops.activation_backward(
+            "gelu", dy, *ops.activation_forward("gelu", x.detach())
+        ),
+        "backward launcher only": lambda: ops.activation_backward("gelu", dy, y, bits),
+    }
+    for name, fn in cases.items():
+        print(f"{name:<40} {per_call_us(fn, args.calls, args.device):8.1f} µs per call", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
