@@ -163,7 +163,8 @@ def _swap(model: nn.Module, path: str, activation: str) -> None:
 
 def _set_forward(module: nn.Module, kind: str, parts: tuple, activation: str) -> None:
     """An instance method for ``module``: a gated MLP's ``forward`` computes down(act(gate(x)) * up(x))
-    (or, with ``split``, the two halves of one gate_up(x)) with the product fused, MoE experts'
+    (or, with ``split``, the two halves of one gate_up(x); with ``between``, down(between(product)))
+    with the product fused, MoE experts'
     ``_apply_gate(gate_up)`` the fused product of its halves; an RMSNorm's ``forward`` runs
     ``actpatch.functional.rms_norm``.  The class, its parameters and state_dict are untouched."""
     module.__dict__[_FORWARD] = (kind, parts, activation)
@@ -182,14 +183,16 @@ def _norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _gated_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    _, (_, gate, up, down, split), activation = self.__dict__[_FORWARD]
+    _, (_, gate, up, down, split, between), activation = self.__dict__[_FORWARD]
     if split:
-        return getattr(self, down)(_halves_product(getattr(self, gate)(x), split, activation))
-    return getattr(self, down)(_PRODUCTS[activation](getattr(self, gate)(x), getattr(self, up)(x)))
+        m = _halves_product(getattr(self, gate)(x), split, activation)
+    else:
+        m = _PRODUCTS[activation](getattr(self, gate)(x), getattr(self, up)(x))
+    return getattr(self, down)(getattr(self, between)(m) if between else m)
 
 
 def _gated_apply_gate(self: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
-    _, (_, _, _, _, split), activation = self.__dict__[_FORWARD]
+    _, (_, _, _, _, split, _), activation = self.__dict__[_FORWARD]
     return _halves_product(gate_up, split, activation)
 
 

@@ -168,23 +168,17 @@ def test_lora_dropout_before_frozen_consumer_leaves_nothing_to_gain():
 
 
 GATED_FAMILIES = {
-    "llama",
-    "mistral",
-    "mixtral",
-    "qwen2",
-    "gemma",
-    "gemma2",
-    "deepseek_v3",
-    "qwen2_moe",
-    "phi3",
+    *("llama", "mistral", "mixtral", "qwen2", "gemma", "gemma2", "deepseek_v3", "qwen2_moe", "phi3"),
+    *("t5", "modernbert"),  # dropout between the product and the down projection
 }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gated_mlps_are_found_by_what_ran(family):
-    """Fused where the MLP's forward is exactly down(act(gate(x)) * up(x)), or an MoE experts module's
-    _apply_gate is exactly act(gate) * up of its input's halves (mixtral, qwen2_moe, deepseek_v3); never
-    where it is not (t5's dropout, non-gated MLPs); with a fused gate_up projection (phi3) too."""
+    """Fused where the MLP's forward is exactly down(act(gate(x)) * up(x)) (or down(dropout(...)): t5,
+    modernbert), or an MoE experts module's _apply_gate is exactly act(gate) * up of its input's halves
+    (mixtral, qwen2_moe, deepseek_v3); with a fused gate_up projection (phi3, modernbert) too; never
+    in non-gated MLPs."""
     model = tiny_model(family)
     _, kwargs = input_spec(model).make(BATCH, SEQ)
     reference = _seeded(model, kwargs)[1]
@@ -260,3 +254,14 @@ def test_gpu_default_patch_in_bf16_keeps_loss_and_gradients(family):
         eager_err, ours_err = ((h[name].float() - g).norm() for h in (grads, grads2))
         assert ours_err <= 2 * eager_err + 1e-2 * g.norm() + 1e-5, (name, float(ours_err), float(eager_err))
     assert report.projection.saved_bytes == pytest.approx(before_bytes - after_bytes, rel=0.05)
+
+
+def test_gated_mlp_is_not_fused_where_inverting_the_activation_alone_frees_more():
+    """A frozen down projection keeps no input: fusing would have to keep the product itself (gain n - 2
+    bit masks per element) where inverting the SiLU alone frees its input (n - 1 mask)."""
+    model = tiny_model("llama")
+    for layer in model.model.layers:
+        layer.mlp.down_proj.requires_grad_(False)
+    report = actpatch.analyze(model, batch_size=BATCH, seq_len=SEQ, norms=False)
+    assert {s.path for s in report.patched_sites} == {f"model.layers.{i}.mlp.act_fn" for i in range(2)}
+    assert not any(s.kind == "gated" for s in report.sites)

@@ -5,10 +5,11 @@ The probe's events of the parent module must be exactly one of
     gate(x) -> act -> mul <- up(x),   mul -> down                (Llama, Mistral, Qwen2, Gemma, DeepSeek)
     gate_up(x) -> chunk(2, dim=-1) -> gate, up -> act(gate) -> mul <- up,   mul -> down   (Phi-3, GLM)
 
-with x the parent's input and down's output its output.  Anything else in the forward (dropout, casts,
-MoE routing) and the parent is not fused.  Mixture-of-experts modules of transformers (``Experts`` with
-grouped or batched matmuls) compute the product in their ``_apply_gate(gate_up)``; there the events that
-ran inside one such call (:class:`~actpatch.analysis.probe.GateCall`) must be exactly
+with x the parent's input and down's output its output, optionally with one child module between the
+product and down (T5's dropout: down(dropout(m)), kept as it is).  Anything else in the forward (casts,
+dropout elsewhere, MoE routing) and the parent is not fused.  Mixture-of-experts modules of transformers
+(``Experts`` with grouped or batched matmuls) compute the product in their ``_apply_gate(gate_up)``;
+there the events that ran inside one such call (:class:`~actpatch.analysis.probe.GateCall`) must be exactly
 
     chunk(2, dim=-1) of gate_up -> act(gate) -> mul <- up,   returned          (``match_experts``)
 
@@ -39,10 +40,11 @@ class GatedMLP:
     split: str  # "" (two projections), "gate_first" or "up_first" (the halves of chunk(2, dim=-1))
     storages: tuple[int, int, int, int]  # gate, act's output, up, the product
     entry: str = "forward"  # the method that gets the fused product: "forward" or "_apply_gate"
+    between: str = ""  # a child called on the product before down (dropout), or ""
 
     @property
-    def parts(self) -> tuple[str, str, str, str, str]:
-        return self.entry, self.gate, self.up, self.down, self.split
+    def parts(self) -> tuple[str, str, str, str, str, str]:
+        return self.entry, self.gate, self.up, self.down, self.split, self.between
 
 
 def match(probe: ProbeResult, act_path: str) -> GatedMLP | None:
@@ -51,7 +53,7 @@ def match(probe: ProbeResult, act_path: str) -> GatedMLP | None:
     grand = parent.rpartition(".")[0]
     called = [e for e in probe.events.get(grand, ()) if e.module and e.what == parent]
     events = probe.events.get(parent, [])
-    if not parent or len(called) != 1 or len(called[0].inputs) != 1 or len(events) != 5:
+    if not parent or len(called) != 1 or len(called[0].inputs) != 1 or len(events) not in (5, 6):
         return None
     act = next((e for e in events if e.module and e.what == act_path), None)
     mul = next((e for e in events if not e.module and e.what in _PRODUCTS), None)
@@ -61,7 +63,13 @@ def match(probe: ProbeResult, act_path: str) -> GatedMLP | None:
         return None
     if any(e.what.rpartition(".")[0] != parent for e in children):
         return None
-    down = next((e for e in children if e.inputs == (mul.output,)), None)
+    mid = next((e for e in children if e.inputs == (mul.output,) and e.output is not None), None)
+    mid = mid if mid and any(e.inputs == (mid.output,) for e in children) else None
+    if len(events) != 5 + (mid is not None):
+        return None
+    children = [e for e in children if e is not mid]
+    between = _attr(mid) if mid else ""
+    down = next((e for e in children if e.inputs == ((mid or mul).output,)), None)
     if down is None or called[0].output != down.output or down.output is None:
         return None
     storages = lambda g, u: (g.output, act.output, u.output, mul.output)  # noqa: E731
@@ -72,7 +80,7 @@ def match(probe: ProbeResult, act_path: str) -> GatedMLP | None:
             return None
         if set(mul.inputs) != {act.output, up.output} or not gate.inputs == up.inputs == called[0].inputs:
             return None
-        return GatedMLP(parent, _attr(gate), _attr(up), _attr(down), "", storages(gate, up))
+        return GatedMLP(parent, _attr(gate), _attr(up), _attr(down), "", storages(gate, up), between=between)
     chunk = next((e for e in ops if e.what == "chunk"), None)
     if len(children) != 2 or chunk is None or chunk.constants not in _HALVES:  # gate_up(x), chunk
         return None
@@ -85,7 +93,7 @@ def match(probe: ProbeResult, act_path: str) -> GatedMLP | None:
         return None
     split = "gate_first" if act.offsets[0] < up_offset else "up_first"
     name = _attr(gate_up)
-    return GatedMLP(parent, name, name, _attr(down), split, storages(gate_up, gate_up))
+    return GatedMLP(parent, name, name, _attr(down), split, storages(gate_up, gate_up), between=between)
 
 
 def match_experts(probe: ProbeResult, act_path: str) -> GatedMLP | None:
@@ -122,13 +130,14 @@ def _attr(event: Event) -> str:
 
 
 def gain(probe: ProbeResult, mlp: GatedMLP, act_call: Call) -> Bytes:
-    """Bytes freed by fusing: what the activation (its input) and the product op (its two inputs) saved and
-    nobody else keeps, less what the fused op adds: one tensor of the gate's size, two bit masks, and the
-    product where nothing saved it."""
+    """Bytes freed by fusing: what the activation saved (its input, and its own intermediates: a Python
+    formula's) and the product op (its two inputs), where nobody else keeps it, less what the fused op adds:
+    one tensor of the gate's size, two bit masks, and the product where nothing saved it."""
     g, s, u, m = mlp.storages
     product_op = f"{mlp.parent} (mul)"
     freed = Bytes()
-    for storage in dict.fromkeys((g, s, u)):  # a fused gate_up: gate and up share one storage
+    inside = (x.storage for x in probe.saved if id(act_call) in x.inside)
+    for storage in dict.fromkeys((g, s, u, *inside)).keys() - probe.excluded_storages:  # gate_up: g is u
         savers = [x for x in probe.saved if x.storage == storage]
         if savers and all(id(act_call) in x.inside or x.where == product_op for x in savers):
             freed += Bytes(savers[0].nbytes, 0.0) if savers[0].scalable else Bytes(0.0, savers[0].nbytes)

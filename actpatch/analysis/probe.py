@@ -16,9 +16,10 @@ Three observers run together:
   calls open at that moment (those calls' own backward saves it).
 
 Tensors are matched by storage identity (``untyped_storage()._cdata``, the StorageImpl address), which
-also holds on the meta device where every ``data_ptr`` is 0.  Every saved tensor and activation output is
-kept alive until the probe ends, so no address is reused while it is compared; autograd itself is given
-nothing to keep (the pack hook returns None), so the probe's graph dies with its output.
+also holds on the meta device where every ``data_ptr`` is 0.  Every saved tensor, activation output and
+tensor an event names is kept alive until the probe ends, so no address is reused while it is compared;
+autograd itself is given nothing to keep (the pack hook returns None), so the probe's graph dies with its
+output.
 """
 
 from __future__ import annotations
@@ -177,6 +178,7 @@ class _Probe(TorchFunctionMode):
             self.norm_inputs.append((call, x, x._version))
             self._open(call)
         event = _event(path, True, args, {})
+        self.keep.extend(_tensors(args, {}))
         self.events[caller].append(event)
         self.stack.append(_Frame(path, call, event))
 
@@ -184,6 +186,7 @@ class _Probe(TorchFunctionMode):
         frame = self.stack.pop()
         if isinstance(output, torch.Tensor):
             frame.event.output = storage_key(output)
+            self.keep.append(output)
         if frame.call is not None:
             self._close(frame.call, output)
 
@@ -237,6 +240,7 @@ class _Probe(TorchFunctionMode):
         if name not in _METADATA_OPS:
             self._note_consumers(name, here, args, kwargs)
             event = _event(name, False, args, kwargs)
+            self.keep.extend(_tensors(args, kwargs))
             self.events[here].append(event)
         call = None
         activation = functional_activation(name, kwargs)
@@ -251,6 +255,7 @@ class _Probe(TorchFunctionMode):
             self.ops.pop()
         if event is not None and isinstance(out, torch.Tensor):
             event.output = storage_key(out)
+            self.keep.append(out)
         if call is not None:
             self._close(call, out)
         return out

@@ -93,16 +93,19 @@ def walk(
             reason = "excluded by include/exclude"
         if site.path in already_patched:
             reason = None
+        gains = [e.gain(_calls_of(e.probe, site)) for e in evidences]
         fused = None
         if gated:
             basic = evidences[0].basic_reason(site)
             fused = _gated_site(site, basic, probes, include, exclude, already_patched)
+        alone_frees_more = fused is not None and reason is None and _total(fused[1][0]) < _total(gains[0])
+        if alone_frees_more and fused[0].path not in already_patched:  # invert the activation alone
+            fused = None
         if fused is not None:
             fused_site, fused_gains, parts[fused_site.path] = fused
             decided.append((fused_site, fused_gains))
             if fused_site.patched:
                 reason = f"fused into the gated product at {fused_site.path}"
-        gains = [e.gain(_calls_of(e.probe, site)) for e in evidences]
         decided.append((Site(site.path, site.activation, consumer, reason is None, reason), gains))
     modules = dict(model.named_modules())
     for path, eps_attr in norm_candidates.values():
@@ -346,6 +349,10 @@ class _Evidence:
                     total += Bytes(s.nbytes, 0.0) if s.scalable else Bytes(0.0, s.nbytes)
             total += Bytes(0.0, -math.ceil(call.numel / 8))
         return total
+
+
+def _total(b: Bytes) -> float:
+    return b.scalable + b.fixed
 
 
 def _total_bytes(probe: ProbeResult) -> Bytes:

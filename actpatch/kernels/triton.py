@@ -424,9 +424,8 @@ def backward(
             n,
         )
         _launch(kernel, n, BACKWARD_ROWS, BACKWARD_WARPS, args, BF16_BY_HAND=by_hand)
-        n = 0
-    table = table or table_for(act, y.dtype)
-    if n:
+    elif n:
+        table = table or table_for(act, y.dtype)
         kernel, compiled = _kernel(_backward_kernel, y.device)
         if fast is None:
             fast = y.dtype != torch.float32
