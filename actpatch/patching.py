@@ -162,18 +162,16 @@ def _swap(model: nn.Module, path: str, activation: str) -> None:
 
 
 def _set_forward(module: nn.Module, kind: str, parts: tuple, activation: str) -> None:
-    """An instance method for ``module``: a gated MLP's ``forward`` computes down(act(gate(x)) * up(x))
-    (or, with ``split``, the two halves of one gate_up(x); with ``between``, down(between(product)))
-    with the product fused, MoE experts'
-    ``_apply_gate(gate_up)`` the fused product of its halves; an RMSNorm's ``forward`` runs
+    """An instance method for ``module``: a gated MLP's ``forward`` computes down(act(gate(x)) * up(x)) with
+    the product fused (``split``: the two halves of one gate_up(x); ``between``: down(between(product))),
+    MoE experts' ``_apply_gate(gate_up)`` the fused product of its halves, an RMSNorm's ``forward``
     ``actpatch.functional.rms_norm``.  The class, its parameters and state_dict are untouched."""
     module.__dict__[_FORWARD] = (kind, parts, activation)
-    entry = parts[0] if kind == "gated" else "forward"
-    method = (
-        {"forward": _gated_forward, "_apply_gate": _gated_apply_gate}[entry]
-        if kind == "gated"
-        else _norm_forward
-    )
+    if kind == "norm":
+        entry, method = "forward", _norm_forward
+    else:
+        entry = parts[0]
+        method = _gated_forward if entry == "forward" else _gated_apply_gate
     setattr(module, entry, types.MethodType(method, module))
 
 

@@ -1,6 +1,6 @@
 """One training-mode forward under observation: what autograd saves, and what each activation call does.
 
-Three observers run together:
+These observers run together:
 
 - global module forward hooks keep the stack of running modules, and open a :class:`Call` for every
   call of a candidate module (a leaf without parameters or buffers, registered or not) and of the

@@ -14,9 +14,9 @@ A site is patchable when all of these hold on the probe:
 Sites that pass are then filtered by ``include``/``exclude`` (fnmatch patterns on the path).  With
 ``gated``, an activation that passes rules 1-4 and whose parent module is a gated MLP at every probe
 shape (:func:`actpatch.analysis.gated.match`) yields a site of kind "gated" at the parent, fused when it
-frees memory (rules 5 and 6 do not apply: the fused product keeps its own tensors, and a fused gate_up
-output kept alive through the product's input is what fusing frees); the activation site is then
-reported as fused into it.
+frees memory, and at least as much as inverting the activation alone would (rules 5 and 6 do not apply:
+the fused product keeps its own tensors, and a fused gate_up output kept alive through the product's
+input is what fusing frees); the activation site is then reported as fused into it.
 
 With ``norms``, every module that computes an RMSNorm bitwise as ``actpatch.kernels.rms_norm`` does
 (:mod:`actpatch.analysis.norms`) is a site of kind "norm", patched when it ran with a float input and a
@@ -128,9 +128,7 @@ def walk(
     projection = Projection(
         batch_size, seq_len, str(target).removeprefix("torch."), before, before - round(saved)
     )
-    order = {
-        path: i for i, path in enumerate(modules)
-    }  # sites in module order; a path's own calls in call order
+    order = {path: i for i, path in enumerate(modules)}  # module order; a path's own calls in call order
     decided.sort(key=lambda d: order.get(d[0].path.partition(":")[0], len(order)))
     report = PatchReport(_model_name(model), _is_meta(model), [s for s, _ in decided], projection)
     report.parts = parts
@@ -212,9 +210,7 @@ def _norm_site(
     gains = [sum((_norms.gain(p, c) for c in p.norm_calls if c.site == path), Bytes()) for p in probes]
     reason = None
     for call in calls:
-        if call.dtype not in INVERTIBLE_DTYPES:
-            reason = f"{str(call.dtype).removeprefix('torch.')} outputs run the plain op"
-        elif not call.requires_grad:
+        if not call.requires_grad:
             reason = "no gradient flows through it (frozen, no_grad or reentrant checkpointing)"
         elif call.foreign_hooks:
             reason = "inside a checkpointed block: nothing is saved there, nothing to gain"
@@ -222,7 +218,7 @@ def _norm_site(
             reason = f"{call.inplace}: the replacement keeps its input"
         if reason:
             break
-    if reason is None and gains[0].scalable + gains[0].fixed <= 0:
+    if reason is None and _total(gains[0]) <= 0:
         reason = "nothing to gain"
     if reason is None and not _selected(path, include, exclude):
         reason = "excluded by include/exclude"

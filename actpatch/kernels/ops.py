@@ -11,7 +11,8 @@ x and r = 1/rms (``rms_norm.py``); ``rms_norm_backward(dy, x, w, r, variant)`` -
 Every device runs the pure-PyTorch reference; CUDA runs the fused Triton kernels when Triton imports.
 ``activation_forward`` ... ``gated_backward`` are those implementations as plain functions, for callers
 that skip the dispatcher (``actpatch.functional`` in eager mode: the custom op's Python layers cost
-~70 µs a forward + backward, which a CPU-bound training step pays in wall time).
+~120 µs a forward + backward on the H200, ``benchmarks/call_overhead.py``, which a CPU-bound training
+step pays in wall time).
 """
 
 from __future__ import annotations
