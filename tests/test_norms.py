@@ -218,3 +218,15 @@ def test_llama_meta_dry_run_counts_the_norms():
     found = [s for s in report.sites if s.kind == "norm"]
     assert len(found) == 5 and all(s.patched for s in found)
     assert {s.saved_bytes_per_token for s in found} == {64 * 4}  # float32 copy + bf16 product - x
+
+
+def test_recognition_leaves_the_module_untouched():
+    """variant_of runs the class's forward on a twin: no hook of the module fires and its parameter objects
+    stay in place (an FSDP2 module's DTensor weight must never be swapped out and back)."""
+    module = hf_norm("llama", 32, torch.float32)
+    weight, params = module.weight, module._parameters
+    calls = []
+    module.register_forward_hook(lambda *args: calls.append(args))
+    assert norms.variant_of(module, "variance_epsilon") == "llama"
+    assert calls == [] and module.weight is weight and module._parameters is params
+    assert list(module._parameters) == ["weight"]

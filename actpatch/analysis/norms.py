@@ -11,6 +11,7 @@ will train with.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -52,13 +53,16 @@ def variant_of(module: nn.Module, eps_attr: str) -> str | None:
     x64 = (torch.randn(3, 2, hidden, generator=gen, dtype=torch.float64) * 3).to(device)
     w64 = (1 + torch.randn(hidden, generator=gen, dtype=torch.float64) / 4).to(device)
     outputs = []
+    twin = copy.copy(module)  # the class's forward on a twin: the module itself (FSDP, hooks) is not touched
+    twin.__dict__ = {**module.__dict__, "_parameters": {}}
+    twin.__dict__.pop("forward", None)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for x_dtype, w_dtype in _CHECKS:
                 x, w = x64.to(x_dtype), w64.to(w_dtype)
-                y = torch.func.functional_call(module, {"weight": w}, (x,))
-                outputs.append((x, w, y))
+                twin._parameters["weight"] = w
+                outputs.append((x, w, type(module).forward(twin, x)))
     except Exception:  # a forward that does not run on plain tensors: not recognised
         return None
     for variant in rms_norm.VARIANTS:
