@@ -11,7 +11,6 @@ will train with.
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
@@ -53,9 +52,9 @@ def variant_of(module: nn.Module, eps_attr: str) -> str | None:
     x64 = (torch.randn(3, 2, hidden, generator=gen, dtype=torch.float64) * 3).to(device)
     w64 = (1 + torch.randn(hidden, generator=gen, dtype=torch.float64) / 4).to(device)
     outputs = []
-    twin = copy.copy(module)  # the class's forward on a twin: the module itself (FSDP, hooks) is not touched
-    twin.__dict__ = {**module.__dict__, "_parameters": {}}
-    twin.__dict__.pop("forward", None)
+    # the class's forward on a twin object: the module itself (FSDP's parameters, hooks) is never touched
+    twin = object.__new__(type(module))
+    twin.__dict__ = {k: v for k, v in module.__dict__.items() if k != "forward"} | {"_parameters": {}}
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
