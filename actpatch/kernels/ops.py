@@ -8,7 +8,8 @@ m = act(a) · b for silu, gelu, gelu_tanh (``gated.py``); ``<name>_mul_backward(
 ``actpatch::rms_norm(Tensor x, Tensor w, float eps, str variant) -> (Tensor y, Tensor r)``  RMSNorm keeping
 x and r = 1/rms (``rms_norm.py``); ``rms_norm_backward(dy, x, w, r, variant)`` -> (dx, dw).
 
-Every device runs the pure-PyTorch reference; CUDA runs the fused Triton kernels when Triton imports.
+Every device runs the pure-PyTorch reference; CUDA runs the fused Triton kernels when Triton imports
+(one place decides: ``activation_forward`` ... ``gated_backward`` below, which the ops call).
 ``activation_forward`` ... ``gated_backward`` are those implementations as plain functions, for callers
 that skip the dispatcher (``actpatch.functional`` in eager mode: the custom op's Python layers cost
 ~120 µs a forward + backward on the H200, ``benchmarks/call_overhead.py``, which a CPU-bound training
@@ -21,7 +22,7 @@ import importlib
 
 import torch
 
-from ..activations import ACTIVATIONS, Activation
+from ..activations import ACTIVATIONS
 from . import gated, reference, rms_norm
 from .bits import packed_size
 
@@ -76,12 +77,10 @@ def gated_backward(
     return gated.backward(dm, m, k, bits, name)
 
 
-def _register(act: Activation) -> tuple[object, object]:
-    name = act.name
-
+def _register(name: str) -> tuple[object, object]:
     @torch.library.custom_op(f"actpatch::{name}", mutates_args=())
     def fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return reference.forward(x, act)
+        return activation_forward(name, x)
 
     @fwd.register_fake
     def _(x):
@@ -89,15 +88,11 @@ def _register(act: Activation) -> tuple[object, object]:
 
     @torch.library.custom_op(f"actpatch::{name}_backward", mutates_args=())
     def bwd(dy: torch.Tensor, y: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-        return reference.backward(dy, y, bits, act)
+        return activation_backward(name, dy, y, bits)
 
     @bwd.register_fake
     def _(dy, y, bits):
         return torch.empty_like(dy)
-
-    if _KERNELS is not None:
-        fwd.register_kernel("cuda")(lambda x: _KERNELS.forward(x, act))
-        bwd.register_kernel("cuda")(lambda dy, y, bits: _KERNELS.backward(dy, y, bits, act))
 
     def setup_context(ctx, inputs, output):
         y, bits = output
@@ -115,13 +110,13 @@ def _register(act: Activation) -> tuple[object, object]:
     return fwd, bwd
 
 
-OPS: dict[str, tuple[object, object]] = {name: _register(act) for name, act in ACTIVATIONS.items()}
+OPS: dict[str, tuple[object, object]] = {name: _register(name) for name in ACTIVATIONS}
 
 
 def _register_gated(name: str) -> tuple[object, object]:
     @torch.library.custom_op(f"actpatch::{name}_mul", mutates_args=())
     def fwd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return gated.forward(a, b, name)
+        return gated_forward(name, a, b)
 
     @fwd.register_fake
     def _(a, b):
@@ -132,15 +127,11 @@ def _register_gated(name: str) -> tuple[object, object]:
     def bwd(
         dm: torch.Tensor, m: torch.Tensor, k: torch.Tensor, bits: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return gated.backward(dm, m, k, bits, name)
+        return gated_backward(name, dm, m, k, bits)
 
     @bwd.register_fake
     def _(dm, m, k, bits):
         return torch.empty_like(dm), torch.empty_like(dm)
-
-    if _GATED_KERNELS is not None:
-        fwd.register_kernel("cuda")(lambda a, b: _GATED_KERNELS.forward(a, b, name))
-        bwd.register_kernel("cuda")(lambda dm, m, k, bits: _GATED_KERNELS.backward(dm, m, k, bits, name))
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output)
