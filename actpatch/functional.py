@@ -24,7 +24,7 @@ from .activations import ACTIVATIONS
 from .activations.sigmoid_gated import quick_gelu_forward
 from .kernels import gated, ops
 from .kernels import rms_norm as _rms_norm
-from .kernels.ops import GATED_OPS, OPS, rms_norm_op
+from .kernels.ops import GATED_OPS, OPS, rms_norm_backward_op, rms_norm_op
 
 INVERTIBLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -63,6 +63,24 @@ class ActpatchGated(torch.autograd.Function):
         if torch.is_grad_enabled():
             return (*GATED_OPS[ctx.name][1](dm, *saved), None)
         return (*ops.gated_backward(ctx.name, dm, *saved), None)
+
+
+class ActpatchRMSNorm(torch.autograd.Function):
+    """actpatch::rms_norm without the dispatcher (eager mode): keeps x, the weight and r = 1/rms."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float, variant: str) -> torch.Tensor:
+        y, r = _rms_norm.forward(x, w, eps, variant)
+        ctx.save_for_backward(x, w, r)
+        ctx.variant = variant
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        x, w, r = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return (*rms_norm_backward_op(dy, x, w, r, ctx.variant), None, None)
+        return (*_rms_norm.backward(dy, x, w, r, ctx.variant), None, None)
 
 
 def _inverted(name: str, x: torch.Tensor, plain: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -125,5 +143,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "
     if variant not in _rms_norm.VARIANTS:
         raise ValueError(f"rms_norm: variant is one of {', '.join(_rms_norm.VARIANTS)}, got {variant!r}")
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and x.is_floating_point():
-        return rms_norm_op(x, weight, float(eps), variant)[0]
+        if torch.compiler.is_compiling():
+            return rms_norm_op(x, weight, float(eps), variant)[0]
+        return ActpatchRMSNorm.apply(x, weight, float(eps), variant)
     return _rms_norm.forward(x, weight, eps, variant)[0]

@@ -88,11 +88,8 @@ def time_activation(name: str, x: torch.Tensor, dy: torch.Tensor, args, copy_bw:
         r["ours_fwd_arith_ms"] = bench(
             lambda: tk.forward(x, act, lookup_table=False), args.device, args.quick
         )
-        r["ours_bwd_poly_ms"] = bench(
-            lambda: tk.backward(dy, y, bits, act, fast=True), args.device, args.quick
-        )
-        r["ours_bwd_precise_ms"] = bench(
-            lambda: tk.backward(dy, y, bits, act, fast=False), args.device, args.quick
+        r["ours_bwd_arith_ms"] = bench(
+            lambda: tk.backward(dy, y, bits, act, lookup_table=False), args.device, args.quick
         )
     ops = torch_ops(name)
     if ops is not None:
@@ -116,9 +113,8 @@ def time_activation(name: str, x: torch.Tensor, dy: torch.Tensor, args, copy_bw:
         + (f" | torch fwd {r['torch_fwd_ms']:.4f} fwd+bwd {r['torch_fwdbwd_ms']:.4f}" if ops else "")
         + (f" | x{r['ratio_vs_torch']:.3f}" if ops else "")
         + (
-            f" | arithmetic: fwd {r['ours_fwd_arith_ms']:.4f} bwd {r['ours_bwd_poly_ms']:.4f}"
-            f" (precise {r['ours_bwd_precise_ms']:.4f})"
-            if "ours_bwd_precise_ms" in r
+            f" | arithmetic: fwd {r['ours_fwd_arith_ms']:.4f} bwd {r['ours_bwd_arith_ms']:.4f}"
+            if "ours_bwd_arith_ms" in r
             else ""
         ),
         flush=True,
@@ -156,7 +152,10 @@ def sweep(args, copy_bw: float) -> dict:
     saved = [tk.forward(x, act) for act in acts]
     for rows, warps in ((64, 2), (128, 4), (128, 8), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8)):
         tk.FORWARD_ROWS, tk.FORWARD_WARPS = tk.BACKWARD_ROWS, tk.BACKWARD_WARPS = rows, warps
-        tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS = rows, warps
+        tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS = (
+            tk.LOOKUP_BACKWARD_ROWS,
+            tk.LOOKUP_BACKWARD_WARPS,
+        ) = rows, warps
         f = [bench(lambda a=a: tk.forward(x, a), args.device, args.quick) for a in acts]
         b = [
             bench(lambda a=a, yb=yb: tk.backward(dy, *yb, a), args.device, args.quick)
@@ -174,12 +173,13 @@ def sweep(args, copy_bw: float) -> dict:
         min(out["backward"]),
     )
     tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS = tk.FORWARD_ROWS, tk.FORWARD_WARPS
+    tk.LOOKUP_BACKWARD_ROWS, tk.LOOKUP_BACKWARD_WARPS = tk.BACKWARD_ROWS, tk.BACKWARD_WARPS
     out["chosen"] = {
         "forward": [tk.FORWARD_ROWS, tk.FORWARD_WARPS],
         "backward": [tk.BACKWARD_ROWS, tk.BACKWARD_WARPS],
     }
     print(f"sweep chose (rows, warps): {out['chosen']}", flush=True)
-    for n, deg in ((64, 5), (32, 5), (16, 6), (8, 7)):
+    for n, deg in ((10, 6), (10, 4), (8, 7), (16, 4), (16, 6)):
         times = []
         for act, (y, bits) in zip(acts, saved, strict=True):
             table = inverse_table(act, n, deg)
@@ -337,6 +337,7 @@ def main() -> int:
         "forward": [tk.FORWARD_ROWS, tk.FORWARD_WARPS],
         "backward": [tk.BACKWARD_ROWS, tk.BACKWARD_WARPS],
         "lookup_forward": [tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS],
+        "lookup_backward": [tk.LOOKUP_BACKWARD_ROWS, tk.LOOKUP_BACKWARD_WARPS],
     }
     res["kernels"] = kernel_table(args, copy_bw)
     if args.gated:

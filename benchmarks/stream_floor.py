@@ -50,7 +50,7 @@ def main() -> None:
     dx = torch.empty_like(x)
     n = x.numel()
     assert n % 8 == 0, "a whole number of rows of 8"
-    rows, warps = tk.BACKWARD_ROWS, tk.BACKWARD_WARPS
+    rows, warps = tk.LOOKUP_BACKWARD_ROWS, tk.LOOKUP_BACKWARD_WARPS
     grid = (triton.cdiv(n // 8, rows),)
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)

@@ -20,8 +20,8 @@ ROW = {"n_elements": "i64", "row_start": "i64"}
 ACTIVATION_FORWARD = {"x_ptr": "*{t}", "y_ptr": "*{t}", "bits_ptr": "*u8", **ROW, "x_star": "fp32"}
 ACTIVATION_BACKWARD = {
     "dy_ptr": "*{t}", "y_ptr": "*{t}", "bits_ptr": "*u8", "dx_ptr": "*{t}", "coef_ptr": "*fp32", **ROW,
-    "y_hi": "fp32", "y_lo": "fp32", "inv_y_hi": "fp32", "t_right_max": "fp32", "scale_right": "fp32",
-    "scale_left": "fp32",
+    "y_hi": "fp32", "y_lo": "fp32", "inv_y_hi": "fp32", "t_end": "fp32", "scale_right": "fp32",
+    "scale_near": "fp32", "scale_tail": "fp32",
 }  # fmt: skip
 LOOKUP_FORWARD = {
     "x_ptr": "*i16",
@@ -42,11 +42,16 @@ GATED_BACKWARD = {
     "dm_ptr": "*{t}", "m_ptr": "*{t}", "k_ptr": "*{t}", "bits_ptr": "*u8", "da_ptr": "*{t}", "db_ptr": "*{t}",
     "n_elements": "i64", "n_bytes": "i64", "row_start": "i64", "top": "fp32",
 }  # fmt: skip
-BASE = {"ROWS": 64, "FULL_ROWS": True, "LIBDEVICE": True, "BF16_BY_HAND": False}  # those a kernel takes
+BASE = {
+    "ROWS": 64,
+    "FULL_ROWS": True,
+    "LIBDEVICE": True,
+    "GPU": True,
+    "BF16_BY_HAND": False,
+}  # those a kernel takes
 CASES = {
     "activation forward": (tk._forward_kernel, ACTIVATION_FORWARD, {"ACT": 0, "ROUND_INTERMEDIATE": True}),
-    "activation bwd fast": (tk._backward_kernel, ACTIVATION_BACKWARD, {"N": 32, "DEG": 3, "FAST": 1}),
-    "activation bwd precise": (tk._backward_kernel, ACTIVATION_BACKWARD, {"N": 16, "DEG": 6, "FAST": 0}),
+    "activation backward": (tk._backward_kernel, ACTIVATION_BACKWARD, {"N": 10, "DEG": 6, "STRIDE": 32}),
     "lookup forward": (tk._forward_lookup_kernel, LOOKUP_FORWARD, {"FP16": False}),
     "lookup backward": (tk._backward_lookup_kernel, LOOKUP_BACKWARD, {}),
     "gated forward": (tg._forward_kernel, GATED_FORWARD, {"ACT": 2}),

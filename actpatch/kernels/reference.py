@@ -12,21 +12,27 @@ import torch
 from ..activations import Activation, InverseTable, table_for
 from .bits import pack_bits, unpack_bits
 
-_TINY = float(torch.finfo(torch.float32).smallest_normal) / 2**23  # smallest subnormal
+_NORMAL = float(torch.finfo(torch.float32).smallest_normal)
 _COEFFICIENTS: dict[tuple[str, int, int, torch.device], torch.Tensor] = {}
+_LINE = 32  # float32 coefficients per 128-byte cache line
 
 
 def device_coefficients(act: Activation, table: InverseTable, device: torch.device) -> torch.Tensor:
-    """The table's float32 coefficients [deg+1, 2n] on ``device``, cached."""
+    """The table's float32 coefficients [deg+1, stride] on ``device``, cached: each power's 3n
+    coefficients padded to a whole number of 128-byte lines (a kernel's gather of one power then
+    touches as few lines as it can)."""
     key = (act.name, table.n, table.deg, device)
     if key not in _COEFFICIENTS:
-        _COEFFICIENTS[key] = table.coefficients.to(device=device, dtype=torch.float32).contiguous()
+        coef = table.coefficients.to(torch.float32)
+        stride = -(-coef.shape[1] // _LINE) * _LINE
+        padded = torch.zeros(coef.shape[0], stride, dtype=torch.float32)
+        padded[:, : coef.shape[1]] = coef
+        _COEFFICIENTS[key] = padded.to(device)
     return _COEFFICIENTS[key]
 
 
-def _horner(coef: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Evaluate the piecewise polynomial ``coef`` [deg+1, m] at t measured in interval widths."""
-    m = coef.shape[1]
+def _horner(coef: torch.Tensor, m: int, t: torch.Tensor) -> torch.Tensor:
+    """Evaluate the piecewise polynomial ``coef`` [deg+1, >= m] of m intervals at t in interval widths."""
     t = torch.nan_to_num(t, nan=0.0, posinf=float(m)).clamp(0.0, float(m))
     idx = t.floor().clamp(max=m - 1)
     s = t - idx
@@ -38,29 +44,34 @@ def _horner(coef: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def right_end(n: int) -> float:
-    """The float32 just below n: t on the right branch stops there, at the end of interval n - 1."""
+    """The float32 just below n: t stops there, at the end of a segment's interval n - 1."""
     return float(np.nextafter(np.float32(n), np.float32(0)))
 
 
 def inverse_derivative(y: torch.Tensor, right: torch.Tensor, act: Activation) -> torch.Tensor:
-    """g_b(y) ≈ f'(f_b^{-1}(y)) in float32, elementwise; y any float dtype (its size picks the table,
-    ``table_for``), right a bool tensor.
+    """g_b(y) ≈ f'(f_b^{-1}(y)) in float32, elementwise (the table of ``table_for``); y any float dtype,
+    right a bool tensor.
 
-    u = w = √d on the right branch and u = v = √log(y*/y) on the left select intervals of one table:
-    t = min(u n / w_max, n⁻) on the right (intervals 0..n-1, the last one the constant 1: past w_max
-    too) or n + u n / v_max on the left (n..2n-1).  g = p on the right, y p on the left; NaN for NaN y.
+    With d = max(y - y*, 0) and q = y / y*, t indexes one table of three segments of n intervals:
+    right branch t = min(√d · n / w_max, n⁻) (the last interval the constant 1: past w_max too);
+    left with q >= 1/2, n + min(√d · n / w_near, n⁻); left with q < 1/2 (the tail),
+    2n + clamp((v - 1) · n / (v_max - 1), 0, n⁻) with v = √(log2(1/q)), q below float32's normal range
+    flushed to 0 (v = inf: the tail's end), as the GPU kernel's log2 flushes it.
+    g = p, or y · p in the tail; NaN for NaN y.
     """
-    table = table_for(act, y.dtype)
+    table = table_for(act)
     coef = device_coefficients(act, table, y.device)
-    n = table.n
+    n, end = table.n, right_end(table.n)
     y = y.float()
     d = ((y - table.y_star_hi) - table.y_star_lo).clamp_min(0.0)
     q = y / table.y_star_hi
-    log_ratio = torch.where(q < 0.5, -torch.log(q.clamp_min(_TINY)), -torch.log1p(d / table.y_star_hi))
-    u = torch.where(right, d, log_ratio).clamp_min(0.0).sqrt()
-    t = torch.where(right, (u * (n / table.w_max)).clamp_max(right_end(n)), u * (n / table.v_max) + n)
-    p = _horner(coef, t)
-    return torch.where(y.isnan(), y, torch.where(right, p, y * p))
+    tail = ~right & (q < 0.5)
+    u = torch.where(tail, -torch.log2(torch.where(q < _NORMAL, 0.0, q)), d).sqrt()
+    t_tail = ((u - 1.0) * (n / (table.v_max - 1.0))).clamp(0.0, end) + 2 * n
+    t_near = (u * (n / table.w_near)).clamp_max(end) + n
+    t = torch.where(right, (u * (n / table.w_max)).clamp_max(end), torch.where(tail, t_tail, t_near))
+    p = _horner(coef, 3 * n, t)
+    return torch.where(y.isnan(), y, torch.where(tail, y * p, p))
 
 
 def forward(x: torch.Tensor, act: Activation) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,13 +3,14 @@
 forward(x)            reads x once, writes y = f(x) (torch's own eager formula, in float32) and the
                       packed branch bits [x >= x*] (element i is bit i % 8 of byte i // 8, row-major).
 backward(dy, y, bits) reads y, bits and dy once, writes dx = dy · g_b(y) once, where g_b is the fitted
-                      inverse-derivative table of ``actpatch.activations.table_for`` (its size follows
-                      y's dtype) evaluated as ``reference.inverse_derivative`` does:
+                      inverse-derivative table of ``actpatch.activations.table_for``, evaluated as
+                      ``reference.inverse_derivative`` does:
 
-    d = max((y - y*_hi) - y*_lo, 0)
-    u = √d (right branch)   or   √max(L, 0), L = -log(y / y*) if y / y* < 1/2 else -log1p(d / y*)
-    t = min(u n / w_max, n⁻) (right) or u n / v_max + n (left), in [0, 2n);  i = ⌊t⌋
-    p = Horner(coef[:, i], t - i);   g = p on the right,  g = y p on the left.
+    d = max((y - y*_hi) - y*_lo, 0),  q = y / y*,  tail = left branch and q < 1/2
+    u = √(-log2 q) in the tail, else √d
+    t = min(u n / w_max, n⁻) (right), n + min(u n / w_near, n⁻) (left, near y*),
+        2n + clamp((u - 1) n / (v_max - 1), 0, n⁻) (tail);  i = ⌊t⌋ in [0, 3n)
+    p = Horner(coef[:, i], t - i);   g = y p in the tail, p elsewhere.
 
 For bfloat16 and float16 both directions read tables of the whole dtype instead (``lookup.py``): the
 forward y's bits from the entry of x's bits, the backward g from the entry of (branch, y's bits): y is
@@ -22,9 +23,6 @@ Importing this module raises ImportError when Triton is missing (ops.py then kee
 """
 
 from __future__ import annotations
-
-import math
-import os
 
 import numpy as np
 import torch
@@ -52,9 +50,12 @@ ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "quick_gelu": 3}
 # smallest float32 subnormal (reference._TINY) is made in the kernel from its bits: 0x00000001.
 
 # Launch shape: ROWS rows of 8 elements per program, with this many warps.
-FORWARD_ROWS, FORWARD_WARPS = 256, 4  # fastest in the H200 sweep (benchmarks/kernels.py --sweep)
-BACKWARD_ROWS, BACKWARD_WARPS = 64, 2
-LOOKUP_FORWARD_ROWS, LOOKUP_FORWARD_WARPS = 128, 4  # bf16: 0.1222 ms against 0.1276 at 256 x 4
+# Fastest in the H200 sweeps (benchmarks/kernels.py --sweep): float32 for the arithmetic kernels,
+FORWARD_ROWS, FORWARD_WARPS = 256, 4
+BACKWARD_ROWS, BACKWARD_WARPS = 128, 8  # 0.434 ms against 0.447 at 64 x 2
+# bf16 for the lookups.
+LOOKUP_FORWARD_ROWS, LOOKUP_FORWARD_WARPS = 128, 4  # 0.1222 ms against 0.1276 at 256 x 4
+LOOKUP_BACKWARD_ROWS, LOOKUP_BACKWARD_WARPS = 64, 2
 
 
 @triton.jit
@@ -155,18 +156,19 @@ def _backward_kernel(
     y_hi,
     y_lo,
     inv_y_hi,
-    t_right_max,
+    t_end,
     scale_right,
-    scale_left,
+    scale_near,
+    scale_tail,
     N: tl.constexpr,
     DEG: tl.constexpr,
+    STRIDE: tl.constexpr,
     ROWS: tl.constexpr,
     FULL_ROWS: tl.constexpr,
-    LIBDEVICE: tl.constexpr,
-    FAST: tl.constexpr,
+    GPU: tl.constexpr,
     BF16_BY_HAND: tl.constexpr,
 ):
-    """dx = dy · g_b(y); coef: the [DEG + 1, 2N] float32 table, row-major (coef j, interval i: j·2N + i)."""
+    """dx = dy · g_b(y); coef: the [DEG + 1, STRIDE] float32 table (power j of interval i at j STRIDE + i)."""
     pid = tl.program_id(0).to(tl.int64)
     rows = row_start + pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = tl.arange(0, 8)
@@ -191,54 +193,40 @@ def _backward_kernel(
     # NaN y (gelu(+inf) is NaN, on the right branch) must give NaN dx: on the GPU it flows through
     # NaN-propagating max/min to t, whose index converts to 0 (float-to-int of NaN is 0), into p.
     d = tl.maximum((y - y_hi) - y_lo, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    tiny = tl.full([ROWS, 8], 1, tl.int32).to(tl.float32, bitcast=True)
-    if FAST:  # 16-bit y: y's rounding dwarfs these approximations (see backward's docstring)
+    if GPU:  # y / y* as a product with the float32 reciprocal; the hardware's log2 and √ (~1 ulp each),
+        # flushing subnormals: q < 2⁻¹²⁶ has log2 = -inf, u = inf (the tail's end); d is 0 or >= 2⁻²⁷
         q = y * inv_y_hi
-        arg = tl.where(q < 0.5, tl.maximum(q, tiny), 1.0 + d * inv_y_hi)
+        tail = (q < 0.5) & ~right
         lg = tl.inline_asm_elementwise(
-            "lg2.approx.f32 $0, $1;", "=r,r", [arg], dtype=tl.float32, is_pure=True, pack=1
-        )
-        # left: u = √(log2(y*/y)) <= √149; scale_left carries the √(ln 2) that makes it v = √(ln(y*/y))
-        a = tl.maximum(tl.where(right, d, -lg), 0.0, propagate_nan=tl.PropagateNan.ALL)
+            "lg2.approx.ftz.f32 $0, $1;", "=r,r", [tl.maximum(q, 0.0)], dtype=tl.float32, is_pure=True,
+            pack=1,
+        )  # fmt: skip
         u = tl.inline_asm_elementwise(
-            "sqrt.approx.ftz.f32 $0, $1;", "=r,r", [a], dtype=tl.float32, is_pure=True, pack=1
-        )
-    elif LIBDEVICE:  # float32 y: one correctly rounded log; log1p(z) = log(w) z / (w - 1), w = 1 + z (Kahan)
-        q = y * inv_y_hi
-        z = d * inv_y_hi
-        w = 1.0 + z
-        small = q < 0.5
-        lg = libdevice.log(tl.where(small, tl.maximum(q, tiny), w))
-        log1p_z = tl.where(w == 1.0, z, lg * (z / (w - 1.0)))
-        log_ratio = -tl.where(small, lg, log1p_z)
-        a = tl.maximum(tl.where(right, d, log_ratio), 0.0, propagate_nan=tl.PropagateNan.ALL)  # <= 103.28
-        u = tl.inline_asm_elementwise(
-            "sqrt.approx.f32 $0, $1;", "=r,r", [a], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:  # interpreter: numpy's float32 functions
+            "sqrt.approx.ftz.f32 $0, $1;", "=r,r", [tl.where(tail, -lg, d)], dtype=tl.float32, is_pure=True,
+            pack=1,
+        )  # fmt: skip
+    else:  # interpreter: correctly rounded division and square root, numpy's log2 (subnormal q flushed)
         q = tl.math.div_rn(y, y_hi)
-        z = tl.math.div_rn(d, y_hi)
-        log_q = tl.log(tl.maximum(q, tiny))
-        w = 1.0 + z
-        log1p_z = tl.where(w == 1.0, z, tl.log(w) * (z / (w - 1.0)))
-        log_ratio = tl.where(q < 0.5, -log_q, -log1p_z)
-        u = tl.math.sqrt_rn(tl.maximum(tl.where(right, d, log_ratio), 0.0))
-
-    t_right = tl.minimum(u * scale_right, t_right_max, propagate_nan=tl.PropagateNan.ALL)
-    t = tl.where(right, t_right, u * scale_left + N)
-    if LIBDEVICE:  # t in [0, 2N) (v < v_max down to the smallest subnormal y) or NaN
+        tail = (q < 0.5) & ~right
+        normal = tl.full([ROWS, 8], 0x00800000, tl.int32).to(tl.float32, bitcast=True)
+        u = tl.math.sqrt_rn(tl.where(tail, -tl.log2(tl.where(q < normal, 0.0, q)), d))
+    # t_end: the float32 below N, so t stays in a segment's last interval
+    t_tail = tl.minimum(tl.maximum((u - 1.0) * scale_tail, 0.0), t_end) + 2 * N
+    scale = tl.where(right, scale_right, scale_near)
+    t_w = tl.minimum(u * scale, t_end, propagate_nan=tl.PropagateNan.ALL) + tl.where(right, 0.0, N)
+    t = tl.where(tail, t_tail, t_w)
+    if GPU:  # t in [0, 3N) or NaN
         fi = tl.floor(t)
     else:  # numpy's NaN-to-int is undefined: mirror reference._horner's nan_to_num and clamp
         t = tl.where(t == t, t, 0.0)
-        t = tl.minimum(tl.maximum(t, 0.0), 2.0 * N)
-        fi = tl.minimum(tl.floor(t), 2.0 * N - 1.0)
+        fi = tl.minimum(tl.floor(t), 3.0 * N - 1.0)
     s = t - fi
-    idx = fi.to(tl.int32)
-    p = tl.load(coef_ptr + idx)
+    at = coef_ptr + fi.to(tl.int32)
+    p = tl.load(at)
     for j in tl.static_range(1, DEG + 1):
-        p = p * s + tl.load(coef_ptr + j * (2 * N) + idx)
-    g = tl.where(right, p, y * p)
-    if not LIBDEVICE:  # numpy: NaN t was zeroed above
+        p = p * s + tl.load(at + j * STRIDE)
+    g = tl.where(tail, y * p, p)
+    if not GPU:  # numpy: NaN t was zeroed above
         g = tl.where(y == y, g, y)
     dx = dy * g
     if BF16_BY_HAND:
@@ -397,22 +385,20 @@ def backward(
     bits: torch.Tensor,
     act: Activation,
     *,
-    fast: bool | None = None,
+    lookup_table: bool = True,
     table: InverseTable | None = None,
 ) -> torch.Tensor:
     """dx = dy · g_b(y), a fresh tensor like ``dy``.
 
-    On CUDA, y / y* is y times a float32 reciprocal and √ is the hardware's approximate square root (both
-    within an ulp); log(y*/y) is libdevice's log with Kahan's log1p for float32 y, and, with ``fast``
-    (default for 16-bit y), the hardware's lg2.approx, whose ~1e-7 absolute error is far below 16-bit y's
-    rounding.  Under the interpreter: correctly rounded division and square root, numpy's log.
-    ``table`` (default ``table_for(act, y.dtype)``, what the reference path uses): for benchmarks of size.
-    Without ``table`` and ``fast``, 16-bit y reads g from ``lookup.backward_table`` instead.
+    On CUDA, y / y* is y times a float32 reciprocal, log2 and √ the hardware's approximate ones (an ulp or
+    two: y's own rounding moves g far more); under the interpreter, correctly rounded division and √ and
+    numpy's log2.  16-bit y reads g from ``lookup.backward_table`` unless ``lookup_table`` is False or a
+    ``table`` (default ``table_for(act)``, what the reference uses) is given: for benchmarks.
     """
     n = y.numel()
     dyc = dy.contiguous()
     dxc = torch.empty_like(dyc)
-    if n and y.dtype in lookup.DTYPES and table is None and fast is None:
+    if n and y.dtype in lookup.DTYPES and table is None and lookup_table:
         kernel, compiled = _kernel(_backward_lookup_kernel, y.device)
         by_hand = not compiled and y.dtype == torch.bfloat16
         args = (
@@ -423,23 +409,19 @@ def backward(
             lookup.backward_table(act, y.dtype, y.device),
             n,
         )
-        _launch(kernel, n, BACKWARD_ROWS, BACKWARD_WARPS, args, BF16_BY_HAND=by_hand)
+        _launch(kernel, n, LOOKUP_BACKWARD_ROWS, LOOKUP_BACKWARD_WARPS, args, BF16_BY_HAND=by_hand)
     elif n:
-        table = table or table_for(act, y.dtype)
+        table = table or table_for(act)
         kernel, compiled = _kernel(_backward_kernel, y.device)
-        if fast is None:
-            fast = y.dtype != torch.float32
-        # ACTPATCH_TRITON_GPU_MATH=0: the interpreter's portable math on the GPU too (diagnostics)
-        gpu_math = compiled and os.environ.get("ACTPATCH_TRITON_GPU_MATH", "1") == "1"
-        fast = bool(fast) and gpu_math
         by_hand = not compiled and y.dtype == torch.bfloat16
         yc = y.contiguous()
+        coef = device_coefficients(act, table, y.device)
         args = (
             dyc.view(torch.int16) if by_hand else dyc,
             yc.view(torch.int16) if by_hand else yc,
             bits,
             dxc.view(torch.int16) if by_hand else dxc,
-            device_coefficients(act, table, y.device),
+            coef,
             n,
         )
         _launch(
@@ -451,13 +433,14 @@ def backward(
             y_hi=table.y_star_hi,
             y_lo=table.y_star_lo,
             inv_y_hi=_f32(1.0 / table.y_star_hi),
-            t_right_max=right_end(table.n),
+            t_end=right_end(table.n),
             scale_right=_f32(table.n / table.w_max),
-            scale_left=_f32(table.n / table.v_max * (math.sqrt(math.log(2.0)) if fast else 1.0)),
+            scale_near=_f32(table.n / table.w_near),
+            scale_tail=_f32(table.n / (table.v_max - 1.0)),
             N=table.n,
             DEG=table.deg,
-            LIBDEVICE=gpu_math,
-            FAST=fast,
+            STRIDE=coef.shape[1],
+            GPU=compiled,
             BF16_BY_HAND=by_hand,
         )
     if dyc is dy:
