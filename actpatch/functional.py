@@ -80,7 +80,7 @@ class ActpatchRMSNorm(torch.autograd.Function):
         x, w, r = ctx.saved_tensors
         if torch.is_grad_enabled():
             return (*rms_norm_backward_op(dy, x, w, r, ctx.variant), None, None)
-        return (*_rms_norm.backward(dy, x, w, r, ctx.variant), None, None)
+        return (*ops.rms_norm_backward(dy, x, w, r, ctx.variant), None, None)
 
 
 def _inverted(name: str, x: torch.Tensor, plain: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import pytest
 import triton
+import triton.language as tl
 
 from actpatch.kernels import triton as tk
 from actpatch.kernels import triton_gated as tg
+from actpatch.kernels import triton_norm as tn
 
 compiler = pytest.importorskip("triton.compiler")
 GPUTarget = pytest.importorskip("triton.backends.compiler").GPUTarget
@@ -42,6 +44,10 @@ GATED_BACKWARD = {
     "dm_ptr": "*{t}", "m_ptr": "*{t}", "k_ptr": "*{t}", "bits_ptr": "*u8", "da_ptr": "*{t}", "db_ptr": "*{t}",
     "n_elements": "i64", "n_bytes": "i64", "row_start": "i64", "top": "fp32",
 }  # fmt: skip
+NORM_BACKWARD = {
+    "dy_ptr": "*{t}", "x_ptr": "*{t}", "w_ptr": "*{t}", "r_ptr": "*fp32", "dx_ptr": "*{t}", "dw_ptr": "*fp32",
+    "n_rows": "i64", "width": "i64", "rows_per_program": "i32",
+}  # fmt: skip
 BASE = {
     "ROWS": 64,
     "FULL_ROWS": True,
@@ -56,6 +62,17 @@ CASES = {
     "lookup backward": (tk._backward_lookup_kernel, LOOKUP_BACKWARD, {}),
     "gated forward": (tg._forward_kernel, GATED_FORWARD, {"ACT": 2}),
     "gated backward": (tg._backward_kernel, GATED_BACKWARD, {"ACT": 0}),
+    "rms_norm backward": (
+        tn._backward_kernel,
+        NORM_BACKWARD,
+        {
+            "GEMMA": False,
+            "S_DTYPE": tl.bfloat16,
+            "GW_DTYPE": tl.bfloat16,
+            "DS_DTYPE": tl.bfloat16,
+            "BLOCK": 4096,
+        },
+    ),
 }
 
 

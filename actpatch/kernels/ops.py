@@ -9,8 +9,9 @@ m = act(a) · b for silu, gelu, gelu_tanh (``gated.py``); ``<name>_mul_backward(
 x and r = 1/rms (``rms_norm.py``); ``rms_norm_backward(dy, x, w, r, variant)`` -> (dx, dw).
 
 Every device runs the pure-PyTorch reference; CUDA runs the fused Triton kernels when Triton imports
-(one place decides: ``activation_forward`` ... ``gated_backward`` below, which the ops call).
-``activation_forward`` ... ``gated_backward`` are those implementations as plain functions, for callers
+(one place decides: ``activation_forward`` ... ``rms_norm_backward`` below, which the ops call; the
+RMSNorm's forward is torch's ops everywhere, bitwise the module's).
+``activation_forward`` ... ``rms_norm_backward`` are those implementations as plain functions, for callers
 that skip the dispatcher (``actpatch.functional`` in eager mode: the custom op's Python layers cost
 ~120 µs a forward + backward on the H200, ``benchmarks/call_overhead.py``, which a CPU-bound training
 step pays in wall time).
@@ -43,6 +44,7 @@ def _triton(module: str):
 
 _KERNELS = _triton("triton")
 _GATED_KERNELS = _triton("triton_gated")
+_NORM_KERNELS = _triton("triton_norm")
 
 
 def activation_forward(name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +77,15 @@ def gated_backward(
     if m.is_cuda and _GATED_KERNELS is not None:
         return _GATED_KERNELS.backward(dm, m, k, bits, name)
     return gated.backward(dm, m, k, bits, name)
+
+
+def rms_norm_backward(
+    dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, variant: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dw) as ``actpatch::rms_norm_backward`` computes them on x's device."""
+    if x.is_cuda and _NORM_KERNELS is not None:
+        return _NORM_KERNELS.backward(dy, x, w, r, variant)
+    return rms_norm.backward(dy, x, w, r, variant)
 
 
 def _register(name: str) -> tuple[object, object]:
@@ -166,7 +177,7 @@ def _(x, w, eps, variant):
 def rms_norm_backward_op(
     dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, variant: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return rms_norm.backward(dy, x, w, r, variant)
+    return rms_norm_backward(dy, x, w, r, variant)
 
 
 @rms_norm_backward_op.register_fake

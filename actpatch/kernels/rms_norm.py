@@ -22,7 +22,8 @@ Backward, with g = dL/dn (float32) and s the tensor w multiplies:
 
 dw is reduced exactly as autograd reduces a broadcast product (``sum_to_size``), so it is eager's
 bitwise; dx differs from eager's only by float32 rounding inside (eager applies the chain rule term by
-term), far below the rounding of the result to x's dtype.
+term), far below the rounding of the result to x's dtype.  On CUDA the same arithmetic runs fused in
+``triton_norm.py`` (dw summed in another order: within float32 rounding of eager's before its cast).
 """
 
 from __future__ import annotations
