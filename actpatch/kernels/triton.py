@@ -46,8 +46,8 @@ _sum_combine = tl.standard._sum_combine
 __all__ = ["forward", "backward", "ACT_CODES"]
 
 ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "quick_gelu": 3}
-# A Python float under 2^-126 becomes a float64 constant in Triton (and drags the math to float64), so the
-# smallest float32 subnormal (reference._TINY) is made in the kernel from its bits: 0x00000001.
+# A Python float near or under 2^-126 may become a float64 constant in Triton (and drag the math to
+# float64), so float32's smallest normal (below it the backward flushes y / y* to 0) is made from its bits.
 
 # Launch shape: ROWS rows of 8 elements per program, with this many warps.
 # Fastest in the H200 sweeps (benchmarks/kernels.py --sweep): float32 for the arithmetic kernels,
