@@ -198,6 +198,35 @@ def test_property_any_float32_input(values, name, dtype):
     assert_dx_close(tk.backward(dy, y, bits, act), reference.backward(dy, y, bits, act), dy)
 
 
+def same_bits(y: torch.Tensor, yr: torch.Tensor) -> torch.Tensor:
+    """Bitwise equal (so +0 and -0 differ), or both NaN."""
+    return (y.view(torch.int16) == yr.view(torch.int16)) | (y.isnan() & yr.isnan())
+
+
+@pytest.mark.parametrize("name", tk.ARITHMETIC_FLOAT16)
+def test_float16_forward_is_torch_on_every_value_table_or_arithmetic(name):
+    """fp16 SiLU / QuickGELU run the arithmetic forward only where it was checked to be torch's on every
+    float16 value (on a CPU: QuickGELU yes, SiLU no: numpy's exp is not torch's); y is torch's anyway."""
+    from actpatch.kernels.lookup import every_value
+
+    act = ACTIVATIONS[name]
+    x = every_value(torch.float16)
+    y, bits = tk.forward(x, act)
+    assert same_bits(y, act.forward(x)).all()
+    assert torch.equal(bits, expected_bits(x, name))
+
+
+def test_float16_arithmetic_forward_that_is_not_torch_falls_back_to_the_table(monkeypatch):
+    from actpatch.kernels.lookup import every_value
+
+    monkeypatch.setitem(tk.ACT_CODES, "quick_gelu", tk.ACT_CODES["silu"])  # a wrong formula
+    monkeypatch.setattr(tk, "_ARITHMETIC_IS_TORCH", {})
+    act = ACTIVATIONS["quick_gelu"]
+    x = every_value(torch.float16)
+    assert not tk._arithmetic_is_torch(act, x)
+    assert same_bits(tk.forward(x, act)[0], act.forward(x)).all()
+
+
 def test_under_triton_interpret_env():
     """The kernels as the interpreter sees them when TRITON_INTERPRET=1 is set before Triton's import."""
     code = (
@@ -235,8 +264,8 @@ def test_gpu_forward_is_torch_and_backward_is_reference_on_every_16bit_value(nam
     x = torch.cat([all_finite_values(dtype), torch.tensor([math.inf, -math.inf, math.nan]).to(dtype)]).cuda()
     y, bits = tk.forward(x, act)
     yr = act.forward(x)  # torch's own CUDA ops
-    same = (y.view(torch.int16) == yr.view(torch.int16)).float().mean().item()
-    assert same == 1.0, f"{same:.4%} bitwise equal"  # the table is torch's own op
+    same = same_bits(y, yr).float().mean().item()
+    assert same == 1.0, f"{same:.4%} bitwise equal"  # the table is torch's op; the arithmetic is checked
     assert torch.equal(bits, expected_bits(x, name))
     dy = torch.randn(x.shape, device="cuda").to(dtype)
     dx = tk.backward(dy, yr, bits, act)
