@@ -50,16 +50,16 @@ ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "quick_gelu": 3}
 # A Python float near or under 2^-126 may become a float64 constant in Triton (and drag the math to
 # float64), so float32's smallest normal (below it the backward flushes y / y* to 0) is made from its bits.
 
-# Launch shape: ROWS rows of 8 elements per program, with this many warps.
-# Fastest in the H200 sweeps (benchmarks/kernels.py --sweep): float32 for the arithmetic kernels,
-FORWARD_ROWS, FORWARD_WARPS = 256, 4
-BACKWARD_ROWS, BACKWARD_WARPS = 128, 8  # 0.434 ms against 0.447 at 64 x 2
-# bf16 for the lookups.
+# Launch shapes, ROWS rows of 8 elements per program with this many warps, the fastest in the H200
+# sweeps (benchmarks/kernels.py --sweep): the arithmetic kernels in float32 and float16,
+FORWARD_ROWS, FORWARD_WARPS = 128, 4  # fp16 SiLU 0.130 ms against 0.137 at 256 x 4; fp32 0.229 / 0.235
+BACKWARD_ROWS, BACKWARD_WARPS = 128, 8  # float32: 0.434 ms against 0.447 at 64 x 2
+# the lookups in bfloat16.
 LOOKUP_FORWARD_ROWS, LOOKUP_FORWARD_WARPS = 128, 4  # 0.1222 ms against 0.1276 at 256 x 4
 LOOKUP_BACKWARD_ROWS, LOOKUP_BACKWARD_WARPS = 64, 2
 # float16 forwards faster as arithmetic than as gathers from the 65,536-entry table, whose fp16 entries a
-# warp scatters over many cache lines (H200, 8192 x 14336: SiLU 0.137 against 0.158 ms, QuickGELU 0.148
-# against 0.159); used where the arithmetic gives torch's y on every float16 value, checked once per device.
+# warp scatters over many cache lines (H200, 8192 x 14336: SiLU 0.130 against 0.158 ms, QuickGELU 0.148
+# against 0.158); used where the arithmetic gives torch's y on every float16 value, checked once per device.
 ARITHMETIC_FLOAT16 = ("silu", "quick_gelu")
 _ARITHMETIC_IS_TORCH: dict[tuple[str, torch.device], bool] = {}
 
