@@ -8,8 +8,9 @@ backward_table(act, dtype, device)  float32 [2 · 65536]: g = ``reference.invers
                                     CPU, so that dx = dy · g is the reference's backward bitwise everywhere.
 
 The Triton kernels then read one table entry per element instead of evaluating erf/exp (forward) or the
-inverse's log, square root and polynomial (backward).  Tables are built once per (activation, dtype,
-device) and cached: 128 KiB + 512 KiB.
+inverse's log, square root and polynomial (backward); the fp16 SiLU and QuickGELU forwards compute instead
+(``triton.ARITHMETIC_FLOAT16``), checked against the forward table.  Tables are built once per (activation,
+dtype, device) and cached: 128 KiB + 512 KiB.
 """
 
 from __future__ import annotations
