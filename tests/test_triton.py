@@ -228,7 +228,8 @@ def test_float16_arithmetic_forward_that_is_not_torch_falls_back_to_the_table(mo
 
 
 def test_under_triton_interpret_env():
-    """The kernels as the interpreter sees them when TRITON_INTERPRET=1 is set before Triton's import."""
+    """The kernels as the interpreter sees them when TRITON_INTERPRET=1 is set before Triton's import
+    (the RMSNorm backward's on a non-contiguous x)."""
     code = (
         "import torch\n"
         "from actpatch.activations import ACTIVATIONS\n"
@@ -243,6 +244,16 @@ def test_under_triton_interpret_env():
         "        dx = tk.backward(torch.ones_like(y), y, b, act)\n"
         "        dxr = reference.backward(torch.ones_like(y), y, b, act)\n"
         "        assert (dx.float() - dxr.float()).abs().max() <= 1e-2, (name, dt)\n"
+        "from actpatch.kernels import rms_norm, triton_norm\n"
+        "assert type(triton_norm._backward_kernel).__name__ == 'InterpretedFunction'\n"
+        "for variant in rms_norm.VARIANTS:\n"
+        "    for dt in (torch.float32, torch.float16):\n"
+        "        x, w = (torch.randn(7, 3, 50) * 2).to(dt).transpose(0, 1), torch.rand(50).to(dt)\n"
+        "        y, r = rms_norm.forward(x, w, 1e-6, variant)\n"
+        "        dy = torch.randn(y.shape).to(y.dtype)\n"
+        "        got = triton_norm.backward(dy, x, w, r, variant)\n"
+        "        for g, e in zip(got, rms_norm.backward(dy, x, w, r, variant), strict=True):\n"
+        "            assert (g.float() - e.float()).abs().max() <= 2e-3 * e.float().abs().max(), variant\n"
         "print('ok')\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1")
