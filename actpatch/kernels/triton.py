@@ -53,7 +53,7 @@ ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "quick_gelu": 3}
 # Launch shapes, ROWS rows of 8 elements per program with this many warps, the fastest in the H200
 # sweeps (benchmarks/kernels.py --sweep): the arithmetic kernels in float32 and float16,
 FORWARD_ROWS, FORWARD_WARPS = 128, 4  # fp16 SiLU 0.130 ms against 0.137 at 256 x 4; fp32 0.229 / 0.235
-BACKWARD_ROWS, BACKWARD_WARPS = 128, 8  # float32: 0.386 ms against 0.404 at 64 x 2
+BACKWARD_ROWS, BACKWARD_WARPS = 128, 8  # float32: 0.434 ms against 0.447 at 64 x 2
 # the lookups in bfloat16.
 LOOKUP_FORWARD_ROWS, LOOKUP_FORWARD_WARPS = 128, 4  # 0.1222 ms against 0.1276 at 256 x 4
 LOOKUP_BACKWARD_ROWS, LOOKUP_BACKWARD_WARPS = 64, 2
@@ -217,7 +217,7 @@ def _backward_kernel(
         normal = tl.full([ROWS, 8], 0x00800000, tl.int32).to(tl.float32, bitcast=True)
         u = tl.math.sqrt_rn(tl.where(tail, -tl.log2(tl.where(q < normal, 0.0, q)), d))
     # dx = dy · g with g = y p in the tail, p elsewhere: dy · y first, which makes the compiler load dy
-    # up front instead of after the gathers (float32 on the H200: 0.386 ms against 0.430)
+    # up front instead of after the gathers (float32 on the H200: 0.393 ms against 0.437)
     dyy = dy * tl.where(tail, y, 1.0)
     # t_end: the float32 below N, so t stays in a segment's last interval
     t_tail = tl.minimum(tl.maximum((u - 1.0) * scale_tail, 0.0), t_end) + 2 * N
