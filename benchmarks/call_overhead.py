@@ -6,7 +6,9 @@ Forward + backward of a 4096-element bf16 tensor (the GPU finishes each kernel l
 launches the next), wall time per call over ``--calls`` calls, for torch's F.gelu, actpatch's eager path
 (``actpatch.functional.gelu``: an autograd.Function), the custom op through the dispatcher
 (``torch.ops.actpatch.gelu``, what torch.compile calls), and the raw kernel launchers
-(``actpatch.kernels.ops.activation_forward`` / ``_backward``).
+(``actpatch.kernels.ops.activation_forward`` / ``_backward``); then the other sites' eager paths against
+what they replace, on [16, 256] rows: ``silu_mul`` against ``F.silu(a) * b``, ``rms_norm`` against
+Hugging Face's LlamaRMSNorm.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import actpatch.functional as AF
 from actpatch.kernels import ops
@@ -55,6 +58,15 @@ def main() -> int:
             "gelu", dy, *ops.activation_forward("gelu", x.detach())
         ),
         "backward launcher only": lambda: ops.activation_backward("gelu", dy, y, bits),
+    }
+    a, b = (torch.randn(16, 256, device=args.device, dtype=dtype, requires_grad=True) for _ in range(2))
+    dm = torch.randn_like(a)
+    norm = LlamaRMSNorm(256).to(device=args.device, dtype=dtype)
+    cases |= {
+        "torch F.silu(a) * b": lambda: (F.silu(a) * b).backward(dm),
+        "actpatch.functional.silu_mul": lambda: AF.silu_mul(a, b).backward(dm),
+        "LlamaRMSNorm (eager)": lambda: norm(a).backward(dm),
+        "actpatch.functional.rms_norm": lambda: AF.rms_norm(a, norm.weight, 1e-6).backward(dm),
     }
     for name, fn in cases.items():
         print(f"{name:<40} {per_call_us(fn, args.calls, args.device):8.1f} µs per call", flush=True)
