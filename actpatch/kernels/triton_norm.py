@@ -92,7 +92,7 @@ def backward(
     block = triton.next_power_of_2(width)
     partial = torch.empty(programs, block, dtype=torch.float32, device=x.device)
     kernel[(programs,)](
-        dyc, xc, w, r.contiguous(), dx, partial, n_rows, width, triton.cdiv(n_rows, programs),
+        dyc, xc, w, r.contiguous(), dx, partial, n_rows, width, -(-n_rows // programs),
         GEMMA=variant == "gemma",
         S_DTYPE=_TL[sdt],
         GW_DTYPE=_TL[torch.promote_types(dyc.dtype, w.dtype)],
