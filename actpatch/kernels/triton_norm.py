@@ -17,6 +17,8 @@ module's output).
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import triton
 import triton.language as tl
@@ -74,6 +76,12 @@ def _warps(block: int) -> int:
     return 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
+@cache
+def _programs(device: torch.device) -> int:
+    """Two programs per multiprocessor of a CUDA device."""
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def backward(
     dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, variant: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,8 +95,7 @@ def backward(
     sdt = _scaled_dtype(x, w, variant)
     summed = torch.float32 if variant == "gemma" else torch.promote_types(dyc.dtype, sdt)  # dw's sum's dtype
     kernel, compiled = _kernel(_backward_kernel, x.device)
-    programs = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count if compiled else 4
-    programs = min(programs, n_rows)
+    programs = min(_programs(x.device) if compiled else 4, n_rows)
     block = triton.next_power_of_2(width)
     partial = torch.empty(programs, block, dtype=torch.float32, device=x.device)
     kernel[(programs,)](
