@@ -23,7 +23,8 @@ Which sites are patched is decided by evidence (:mod:`actpatch.analysis.walker`)
 module keeps the original in its ``__dict__`` (not as a submodule), so ``state_dict``, ``parameters``
 and ``named_modules`` paths do not change and :func:`unpatch_model` restores the very same objects.
 A fused gated MLP or a patched RMSNorm keeps its class, children and parameters; only an instance
-``forward`` is added (and removed by :func:`unpatch_model`).
+``forward`` is added (and removed by :func:`unpatch_model`); under accelerate's hooks (``device_map``)
+the hooked ``_old_forward`` is replaced instead, and restored.
 Patching twice changes nothing: sites already patched keep their replacement; patch_model only adds
 patches (call unpatch_model to start over).  For :func:`analyze`, ``Site.patched`` says whether
 patch_model would leave the site patched.
@@ -46,6 +47,7 @@ from .report import PatchReport
 
 _ORIGINAL = "_actpatch_original"
 _FORWARD = "_actpatch_forward"  # on a gated MLP or RMSNorm patched in place: (kind, parts, activation)
+_REPLACED = "_actpatch_replaced"  # and the instance method its forward took the place of, if any
 _PRODUCTS = {
     "silu": F.silu_mul,
     "gelu": F.gelu_mul,
@@ -172,7 +174,19 @@ def _set_forward(module: nn.Module, kind: str, parts: tuple, activation: str) ->
     else:
         entry = parts[0]
         method = _gated_forward if entry == "forward" else _gated_apply_gate
-    setattr(module, entry, types.MethodType(method, module))
+    attr = _hooked(module, entry)
+    if attr in module.__dict__:
+        module.__dict__[_REPLACED] = module.__dict__[attr]
+    setattr(module, attr, types.MethodType(method, module))
+
+
+def _hooked(module: nn.Module, entry: str) -> str:
+    """The attribute a replacement of ``entry`` goes to: accelerate's hooks (``device_map``, offloading)
+    wrap ``forward`` in an instance ``forward`` that moves tensors and calls ``_old_forward``; that one is
+    replaced, so the hook keeps working."""
+    if entry == "forward" and "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__:
+        return "_old_forward"
+    return entry
 
 
 def _norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -202,7 +216,14 @@ def _halves_product(gate_up: torch.Tensor, split: str, activation: str) -> torch
 
 def _unset_forward(module: nn.Module) -> None:
     kind, parts, _ = module.__dict__.pop(_FORWARD)
-    del module.__dict__[parts[0] if kind == "gated" else "forward"]
+    entry = parts[0] if kind == "gated" else "forward"
+    attr = _hooked(module, entry)
+    if _REPLACED in module.__dict__:
+        module.__dict__[attr] = module.__dict__.pop(_REPLACED)
+    elif attr != entry:  # hooks added after patching took the patched method for the original
+        module.__dict__[attr] = getattr(type(module), entry).__get__(module)
+    else:
+        del module.__dict__[attr]
 
 
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU figure of docs/benchmarks.md, in two parts that each fit one 10-minute device call:
+# Every GPU figure of docs/benchmarks.md, in parts that each fit one 10-minute device call:
 #   bash benchmarks/gpu_session.sh kernels    # GPU tests, kernel sweep/table/>2^31/accuracy
 #   bash benchmarks/gpu_session.sh models     # projection, SASS mix, training steps, step profile, FSDP2
+#   bash benchmarks/gpu_session.sh launch     # GPU tests, CPU cost per call, the three training steps
 # Logs and JSON go to $OUT (default gpu-results/).  Each step has a time limit; its exit status is logged.
 set -u
 OUT=${OUT:-gpu-results}
@@ -33,8 +34,14 @@ models)
     step fsdp2_before 70 python3 benchmarks/fsdp2_gpu.py --patch before --json "$OUT/fsdp2_before.json"
     step fsdp2_after 70 python3 benchmarks/fsdp2_gpu.py --patch after --json "$OUT/fsdp2_after.json"
     ;;
+launch)
+    step pytest_gpu 200 python3 -m pytest tests -m gpu -q -rs -p no:cacheprovider
+    step call_overhead 60 python3 benchmarks/call_overhead.py
+    step train_step 270 python3 benchmarks/train_step.py --models gpt2-medium bert-base llama3-8b-layer \
+        --rounds 4 --json "$OUT/train_step.json"
+    ;;
 *)
-    echo "usage: gpu_session.sh kernels|models" >&2
+    echo "usage: gpu_session.sh kernels|models|launch" >&2
     exit 2
     ;;
 esac

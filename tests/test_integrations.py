@@ -1,5 +1,6 @@
 """Real training workflows on tiny random models: Trainer, the callback, PEFT LoRA, gradient
-checkpointing, torch.compile, a 2-process accelerate (DDP, gloo) launch, and Liger-Kernel."""
+checkpointing, torch.compile, a 2-process accelerate (DDP, gloo) launch, accelerate's device_map hooks,
+and Liger-Kernel."""
 
 from __future__ import annotations
 
@@ -318,6 +319,44 @@ def test_accelerate_launch_two_process_ddp_smoke(tmp_path):
 
 
 # -- Liger-Kernel -------------------------------------------------------------------------------------
+
+
+def _dispatched(model: nn.Module) -> nn.Module:
+    """``model`` under accelerate's hooks as ``from_pretrained(device_map=...)`` leaves it, one block per
+    entry (forced on one CPU here; tests/test_patching.py spreads it over two GPUs)."""
+    from accelerate import dispatch_model
+
+    blocks = ("model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.norm")
+    return dispatch_model(model, device_map=dict.fromkeys((*blocks, "lm_head"), "cpu"), force_hooks=True)
+
+
+def test_accelerate_device_map_hooks_keep_working_and_come_back():
+    """Patched behind accelerate's hooks: each hooked MLP and norm keeps its hook (the instance
+    ``forward``) and gets the fused product in the ``_old_forward`` it calls; unpatch_model puts the
+    hooked originals back.  Hooks added after patching are left working by unpatch_model too."""
+    x = batch()
+    ref = _llama_grads(tiny_llama(), x)
+    model = _dispatched(tiny_llama())
+    hooked = [model.model.layers[0].mlp, model.model.layers[1].post_attention_layernorm, model.model.norm]
+    before = [(m.__dict__["forward"], m._old_forward) for m in hooked]
+    report = actpatch.patch_model(model, batch_size=4, seq_len=16)
+    assert {"model.layers.0.mlp", "model.layers.1.mlp", "model.norm"} <= {
+        s.path for s in report.patched_sites
+    }
+    for m, (hook, original) in zip(hooked, before, strict=True):
+        assert m.__dict__["forward"] is hook and m._old_forward != original
+    assert_grads_close(ref, _llama_grads(model, x))
+    actpatch.unpatch_model(model)
+    assert [(m.__dict__["forward"], m._old_forward) for m in hooked] == before
+    assert_grads_close(ref, _llama_grads(model, x), inverted_ran=False)
+
+    later = tiny_llama()
+    actpatch.patch_model(later, batch_size=4, seq_len=16)
+    later = _dispatched(later)
+    assert_grads_close(ref, _llama_grads(later, x))
+    actpatch.unpatch_model(later)
+    assert later.model.norm._old_forward.__func__ is type(later.model.norm).forward
+    assert_grads_close(ref, _llama_grads(later, x), inverted_ran=False)
 
 
 def test_liger_fused_sites_are_reported_and_not_patched():

@@ -256,6 +256,28 @@ def test_gpu_default_patch_in_bf16_keeps_loss_and_gradients(family):
     assert report.projection.saved_bytes == pytest.approx(before_bytes - after_bytes, rel=0.05)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_defaults_on_a_model_spread_over_two_gpus():
+    """A tiny Llama dispatched over cuda:0 and cuda:1 by accelerate (what ``from_pretrained(device_map=...)``
+    does): patched with the defaults, each layer's kernels run on its own device; loss and gradients as
+    unpatched, within float32 summation order."""
+    from accelerate import dispatch_model
+
+    layout = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0}
+    layout |= {"model.layers.1": 1, "model.norm": 1, "lm_head": 1}
+    model = dispatch_model(tiny_model("llama"), device_map=layout)
+    _, kwargs = input_spec(model).make(4, 32)
+    _, loss, grads = _step(model, kwargs)
+    report = actpatch.patch_model(model, batch_size=4, seq_len=32)
+    assert {s.path for s in report.patched_sites} >= {"model.layers.0.mlp", "model.layers.1.mlp"}
+    _, loss2, grads2 = _step(model, kwargs)
+    torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():
+        assert grads2[name].device == g.device
+        assert (grads2[name] - g).norm() <= 2e-3 * g.norm() + 1e-6, name
+
+
 def test_gated_mlp_is_not_fused_where_inverting_the_activation_alone_frees_more():
     """A frozen down projection keeps no input: fusing would have to keep the product itself (gain n - 2
     bit masks per element) where inverting the SiLU alone frees its input (n - 1 mask)."""

@@ -35,6 +35,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NAMES = list(ACTIVATIONS)
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)  # numpy overflow notes from the interpreter
 
@@ -375,3 +376,28 @@ def test_gpu_compile_has_no_graph_breaks():
     model(x).square().sum().backward()
     for a, b in zip(grads, (p.grad for p in model.parameters()), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@gpu
+@needs_two_gpus
+def test_gpu_launches_run_on_the_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current (a model spread over GPUs): the kernels run on cuda:1,
+    and give what they give on cuda:0."""
+    act = ACTIVATIONS["silu"]
+    x0 = (torch.randn(100_003, device="cuda:0") * 3).to(torch.bfloat16)
+    dy0 = torch.randn_like(x0)
+    x1, dy1 = x0.to("cuda:1"), dy0.to("cuda:1")
+    assert torch.cuda.current_device() == 0
+    for _ in range(2):  # the first launches compile
+        y0, bits0 = tk.forward(x0, act)
+        dx0 = tk.backward(dy0, y0, bits0, act)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            y1, bits1 = tk.forward(x1, act)
+            dx1 = tk.backward(dy1, y1, bits1, act)
+            torch.cuda.synchronize(1)
+        kernels = [e for e in prof.events() if e.name.endswith("_kernel")]
+        assert {e.name for e in kernels} >= {"_forward_lookup_kernel", "_backward_lookup_kernel"}, kernels
+        assert {e.device_index for e in kernels} == {1}
+        assert y1.device == dx1.device == x1.device
+        for ours, there in ((y1, y0), (bits1, bits0), (dx1, dx0)):
+            assert torch.equal(ours.cpu(), there.cpu())

@@ -8,7 +8,8 @@ These observers run together:
 - a ``TorchFunctionMode`` names the op running, opens a :class:`Call` for functional activations
   (``F.gelu``...), and records which ops take an activation's output (its consumers);
 - both record, per module, an :class:`Event` for each child called and each op run directly in its
-  forward, with the storages it took and gave (what ``gated.match`` reads the structure of an MLP from);
+  forward, with the storages it took and gave (what ``gated.match`` reads the structure of an MLP from),
+  leaving out ops that returned their input itself (``x.to(x.device)``);
 - the ``_apply_gate`` methods of the modules the walker names (transformers' MoE experts compute
   act(gate) * up there) are wrapped for the probe, recording which of the module's events ran inside
   (``ProbeResult.gate_calls``);
@@ -254,8 +255,11 @@ class _Probe(TorchFunctionMode):
         finally:
             self.ops.pop()
         if event is not None and isinstance(out, torch.Tensor):
-            event.output = storage_key(out)
-            self.keep.append(out)
+            if out is x and not name.endswith("_"):  # .to / .contiguous that changed nothing (accelerate)
+                self.events[here].pop()
+            else:
+                event.output = storage_key(out)
+                self.keep.append(out)
         if call is not None:
             self._close(call, out)
         return out

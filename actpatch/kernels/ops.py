@@ -12,9 +12,9 @@ Every device runs the pure-PyTorch reference; CUDA runs the fused Triton kernels
 (one place decides: ``activation_forward`` ... ``rms_norm_backward`` below, which the ops call; the
 RMSNorm's forward is torch's ops everywhere, bitwise the module's).
 ``activation_forward`` ... ``rms_norm_backward`` are those implementations as plain functions, for callers
-that skip the dispatcher (``actpatch.functional`` in eager mode: through the custom op a forward +
-backward took 493 µs of CPU on the H200 machine against the eager path's 249, ``benchmarks/call_overhead.py``,
-time a CPU-bound training step pays in wall time).
+that skip the dispatcher (``actpatch.functional`` in eager mode): the dispatcher's Python round trip
+costs about as much CPU time again as the eager path (``benchmarks/call_overhead.py``; docs/benchmarks.md),
+time a CPU-bound training step pays in wall time.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ Importing this module raises ImportError when Triton is missing (ops.py then kee
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 import torch
 import triton
@@ -33,6 +35,7 @@ import triton.language as tl
 from ..activations import Activation, InverseTable, table_for
 from . import lookup
 from .bits import packed_size
+from .launch import launch
 from .reference import device_coefficients, right_end
 
 try:  # Triton >= 3.0 (the CUDA libdevice wrappers); absent under very old releases
@@ -329,22 +332,36 @@ def _kernel(jitted, device: torch.device):
     return InterpretedFunction(jitted.fn), False
 
 
+@cache
 def _f32(v: float) -> float:
     return float(np.float32(v))
 
 
-def _launch(kernel, n: int, rows: int, warps: int, args: tuple, **constexprs) -> None:
+@cache
+def _table_scalars(table: InverseTable) -> dict:
+    """``_backward_kernel``'s scalar arguments for ``table``, as float32 values."""
+    return {
+        "y_hi": table.y_star_hi,
+        "y_lo": table.y_star_lo,
+        "inv_y_hi": _f32(1.0 / table.y_star_hi),
+        "t_end": right_end(table.n),
+        "scale_right": _f32(table.n / table.w_max),
+        "scale_near": _f32(table.n / table.w_near),
+        "scale_tail": _f32(table.n / (table.v_max - 1.0)),
+        "N": table.n,
+        "DEG": table.deg,
+    }
+
+
+def _launch(kernel, n: int, rows: int, warps: int, args: tuple, **scalars) -> None:
     """Whole rows of 8 with per-row masks (vector loads), then the last partial row, if any, alone."""
     full = n // 8
-    if full:
-        grid = (-(-full // rows),)  # ceil; triton.cdiv is a JIT function, microseconds per host call
-        kernel[grid](*args, **_place(constexprs, 0, True, rows, warps))
+    if full:  # ceil division (triton.cdiv is a JIT function: microseconds per host call)
+        launch(
+            kernel, -(-full // rows), args, scalars | {"row_start": 0, "FULL_ROWS": True, "ROWS": rows}, warps
+        )
     if n % 8:
-        kernel[(1,)](*args, **_place(constexprs, full, False, 1, 1))
-
-
-def _place(constexprs: dict, row_start: int, full_rows: bool, rows: int, warps: int) -> dict:
-    return constexprs | {"row_start": row_start, "FULL_ROWS": full_rows, "ROWS": rows, "num_warps": warps}
+        launch(kernel, 1, args, scalars | {"row_start": full, "FULL_ROWS": False, "ROWS": 1}, 1)
 
 
 def forward(
@@ -462,15 +479,7 @@ def backward(
             BACKWARD_ROWS,
             BACKWARD_WARPS,
             args,
-            y_hi=table.y_star_hi,
-            y_lo=table.y_star_lo,
-            inv_y_hi=_f32(1.0 / table.y_star_hi),
-            t_end=right_end(table.n),
-            scale_right=_f32(table.n / table.w_max),
-            scale_near=_f32(table.n / table.w_near),
-            scale_tail=_f32(table.n / (table.v_max - 1.0)),
-            N=table.n,
-            DEG=table.deg,
+            **_table_scalars(table),
             STRIDE=coef.shape[1],
             GPU=compiled,
             BF16_BY_HAND=by_hand,

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .rms_norm import _scaled_dtype
 from .triton import _kernel, _sum_combine
 
@@ -98,13 +99,17 @@ def backward(
     programs = min(_programs(x.device) if compiled else 4, n_rows)
     block = triton.next_power_of_2(width)
     partial = torch.empty(programs, block, dtype=torch.float32, device=x.device)
-    kernel[(programs,)](
-        dyc, xc, w, r.contiguous(), dx, partial, n_rows, width, -(-n_rows // programs),
-        GEMMA=variant == "gemma",
-        S_DTYPE=_TL[sdt],
-        GW_DTYPE=_TL[torch.promote_types(dyc.dtype, w.dtype)],
-        DS_DTYPE=_TL[summed],
-        BLOCK=block,
-        num_warps=_warps(block),
-    )  # fmt: skip
+    launch(
+        kernel,
+        programs,
+        (dyc, xc, w, r.contiguous(), dx, partial, n_rows, width, -(-n_rows // programs)),
+        {
+            "GEMMA": variant == "gemma",
+            "S_DTYPE": _TL[sdt],
+            "GW_DTYPE": _TL[torch.promote_types(dyc.dtype, w.dtype)],
+            "DS_DTYPE": _TL[summed],
+            "BLOCK": block,
+        },
+        _warps(block),
+    )
     return dx, partial[:, :width].sum(0).to(summed).to(w.dtype)
