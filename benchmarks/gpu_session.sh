@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_session.sh kernels    # GPU tests, kernel sweep/table/>2^31/accuracy
 #   bash benchmarks/gpu_session.sh models     # projection, SASS mix, training steps, step profile, FSDP2
 #   bash benchmarks/gpu_session.sh launch     # GPU tests, CPU cost per call, the three training steps
+#   bash benchmarks/gpu_session.sh compiled   # the three training steps and saved bytes under torch.compile
 # Logs and JSON go to $OUT (default gpu-results/).  Each step has a time limit; its exit status is logged.
 set -u
 OUT=${OUT:-gpu-results}
@@ -40,8 +41,12 @@ launch)
     step train_step 270 python3 benchmarks/train_step.py --models gpt2-medium bert-base llama3-8b-layer \
         --rounds 4 --json "$OUT/train_step.json"
     ;;
+compiled)
+    step compiled 330 python3 benchmarks/train_step.py --models bert-base llama3-8b-layer gpt2-medium \
+        --compiled --json "$OUT/compiled.json"
+    ;;
 *)
-    echo "usage: gpu_session.sh kernels|models|launch" >&2
+    echo "usage: gpu_session.sh kernels|models|launch|compiled" >&2
     exit 2
     ;;
 esac

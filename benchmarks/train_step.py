@@ -1,7 +1,7 @@
 """Whole training step (forward + backward) with activations swapped by hand for actpatch's modules.
 
     python benchmarks/train_step.py [--device cuda] [--models gpt2-medium bert-base llama3-8b-layer]
-                                    [--compile] [--json FILE]
+                                    [--compile] [--compiled] [--json FILE]
     python benchmarks/train_step.py --device cpu --quick     # smoke test with tiny shapes
 
 Models are built from transformers configs with random weights, bf16 (float32 with --device cpu), in
@@ -17,7 +17,10 @@ llama3-8b-layer-actpatch: actpatch.patch_model with its defaults (gated MLPs fus
 - saved activation bytes per token per layer: memory_allocated after the forward minus before, as the slope
   between a 2-layer and a 4-layer model (embeddings, logits and loss drop out);
 - --compile: torch.compile of the patched model, graph breaks counted by torch._dynamo, none may come from
-  actpatch's ops.
+  actpatch's ops;
+- --compiled: step times and saved bytes of ``torch.compile(model)`` instead, eager and patched alike
+  (each swap recompiles once, in the warm-up; actpatch's ops are opaque custom ops in the compiled graph,
+  around which the compiler's partitioner chooses what to save).
 """
 
 from __future__ import annotations
@@ -198,6 +201,7 @@ def step_times(name: str, args) -> dict:
     if args.quick:
         b, s, layers = QUICK[name]
     model = build(name, layers, args)
+    runner = torch.compile(model) if args.compiled else model  # the swaps change model's modules
     inputs = batch(model, b, s, args.device)
     patched: dict = {}
     times: dict[str, list[float]] = {"eager": [], "patched": []}
@@ -205,11 +209,11 @@ def step_times(name: str, args) -> dict:
         for mode in ("eager", "patched") if rnd % 2 == 0 else ("patched", "eager"):
             if mode == "patched":
                 swap(model, patched)
-            time_steps(model, inputs, args.device, args.warmup)
-            times[mode] += time_steps(model, inputs, args.device, args.steps)
+            time_steps(runner, inputs, args.device, args.warmup)
+            times[mode] += time_steps(runner, inputs, args.device, args.steps)
             unswap(patched)
     eager, ours = statistics.median(times["eager"]), statistics.median(times["patched"])
-    del model
+    del model, runner
     _free(args.device)
     return {
         "layers": layers,
@@ -262,15 +266,16 @@ def memory_slope(name: str, args) -> dict:
     per_mode: dict[str, dict[int, int]] = {"eager": {}, "patched": {}}
     for layers in (2, 4):
         model = build(name, layers, args)
+        runner = torch.compile(model) if args.compiled else model
         inputs = batch(model, b, s, args.device)
         for mode in ("eager", "patched"):
             patched: dict = {}
             if mode == "patched":
                 swap(model, patched)
-            step(model, inputs)  # warm-up (allocator, kernels)
-            per_mode[mode][layers] = saved_bytes(model, inputs, args.device)
+            step(runner, inputs)  # warm-up (allocator, kernels, compilation)
+            per_mode[mode][layers] = saved_bytes(runner, inputs, args.device)
             unswap(patched)
-        del model, inputs
+        del model, runner, inputs
         _free(args.device)
     for mode, per_layers in per_mode.items():
         res[f"{mode}_bytes_per_token_per_layer"] = (per_layers[4] - per_layers[2]) / 2 / (b * s)
@@ -327,6 +332,7 @@ def main() -> int:
     p.add_argument("--no-time", action="store_true")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compiled", action="store_true", help="measure torch.compile(model) instead")
     p.add_argument("--json")
     args = p.parse_args()
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -342,14 +348,16 @@ def main() -> int:
         if not args.no_memory:
             r.update(memory_slope(name, args))
             print(
-                f"{name}: saved bytes/token/layer eager {r['eager_bytes_per_token_per_layer']:,.0f} "
+                f"{name}: {'compiled ' if args.compiled else ''}saved bytes/token/layer eager "
+                f"{r['eager_bytes_per_token_per_layer']:,.0f} "
                 f"patched {r['patched_bytes_per_token_per_layer']:,.0f}",
                 flush=True,
             )
         if not args.no_time:
             r.update(step_times(name, args))
             print(
-                f"{name}: step eager {r['eager_ms']:.2f} ms patched {r['patched_ms']:.2f} ms "
+                f"{name}: {'compiled ' if args.compiled else ''}"
+                f"step eager {r['eager_ms']:.2f} ms patched {r['patched_ms']:.2f} ms "
                 f"(x{r['ratio']:.3f}; {r['layers']} layers, batch {r['batch']}, seq {r['seq']})",
                 flush=True,
             )
