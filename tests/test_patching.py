@@ -196,6 +196,31 @@ def test_gated_mlps_are_found_by_what_ran(family):
         torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
 
 
+class _MovingMLP(torch.nn.Module):
+    """down(silu(gate(x)) * up(x)) after ``x.to(device)`` or ``x.to(dtype)``, both no-ops in float32."""
+
+    def __init__(self, cast: bool):
+        super().__init__()
+        self.gate, self.up, self.down = (torch.nn.Linear(8, 8) for _ in range(3))
+        self.act, self.cast = torch.nn.SiLU(), cast
+
+    def forward(self, x):
+        x = x.to(torch.float32) if self.cast else x.to(x.device).contiguous()
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+@pytest.mark.parametrize("cast", [False, True], ids=["device", "dtype"])
+def test_a_no_op_move_is_not_part_of_an_mlp_but_a_cast_is(cast):
+    """A ``.to(device)`` or ``.contiguous()`` that returns its input (accelerate's hooks do this) leaves the
+    MLP fusable; a ``.to(dtype)`` is a cast in another dtype, so the MLP is not fused (the fused forward
+    would skip it) and its activation is inverted alone."""
+    model = torch.nn.Sequential(_MovingMLP(cast), torch.nn.Linear(8, 1))
+    report = actpatch.patch_model(model, example_inputs=torch.randn(4, 8, requires_grad=True), norms=False)
+    assert [(s.path, s.kind) for s in report.patched_sites] == [
+        ("0.act", "activation") if cast else ("0", "gated")
+    ]
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_moe_experts_fuse_their_apply_gate_only_when_it_runs(family):
     """grouped_mm (transformers' default) calls _apply_gate once: fused, gradients kept.  The eager

@@ -9,7 +9,8 @@ These observers run together:
   (``F.gelu``...), and records which ops take an activation's output (its consumers);
 - both record, per module, an :class:`Event` for each child called and each op run directly in its
   forward, with the storages it took and gave (what ``gated.match`` reads the structure of an MLP from),
-  leaving out ops that returned their input itself (``x.to(x.device)``);
+  leaving out a ``.to(device)`` or ``.contiguous()`` that returned its input itself (accelerate's hooks
+  move every module's inputs to its device);
 - the ``_apply_gate`` methods of the modules the walker names (transformers' MoE experts compute
   act(gate) * up there) are wrapped for the probe, recording which of the module's events ran inside
   (``ProbeResult.gate_calls``);
@@ -45,6 +46,7 @@ _METADATA_OPS = frozenset(
 )
 # Data-dependent Python control flow on meta tensors ("if (mask == 0).all():") gets these answers.
 _DATA_DEPENDENT = {"__bool__": False, "item": 0}
+_LAYOUT_OPS = frozenset({"to", "contiguous"})  # no event when they return their input (no dtype given)
 _INPLACE_DUNDERS = frozenset({"__iadd__", "__isub__", "__imul__", "__itruediv__", "__setitem__"})
 
 
@@ -94,6 +96,13 @@ class Call:
     parents: frozenset[int] = frozenset()  # ids of the calls open when this one started
     input_nbytes: int = 0  # its input's storage (norm calls)
     input_scalable: bool = False  # and whether that is in the model's dtype
+
+
+def _moves_nothing(name: str, args: tuple, kwargs: dict) -> bool:
+    """An op that moves or lays out its input and was given no dtype (nor a tensor to take one from):
+    when it returns the input itself, nothing ran, in whatever dtype the model runs."""
+    given = (*args[1:], *kwargs.values())
+    return name in _LAYOUT_OPS and not any(isinstance(a, (torch.dtype, torch.Tensor)) for a in given)
 
 
 @dataclass
@@ -255,7 +264,7 @@ class _Probe(TorchFunctionMode):
         finally:
             self.ops.pop()
         if event is not None and isinstance(out, torch.Tensor):
-            if out is x and not name.endswith("_"):  # .to / .contiguous that changed nothing (accelerate)
+            if out is x and _moves_nothing(name, args, kwargs):
                 self.events[here].pop()
             else:
                 event.output = storage_key(out)
