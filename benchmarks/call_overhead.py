@@ -7,10 +7,10 @@ launches the next), wall time per call over ``--calls`` calls, for torch's F.gel
 (``actpatch.functional.gelu``: an autograd.Function) and how much of it its two launchers take, an
 autograd.Function that saves two tensors and launches nothing (the floor of any op written in Python),
 the custom op through the dispatcher (``torch.ops.actpatch.gelu``, what torch.compile calls), and the
-raw kernel launchers
-(``actpatch.kernels.ops.activation_forward`` / ``_backward``); then the other sites' eager paths against
-what they replace, on [16, 256] rows: ``silu_mul`` against ``F.silu(a) * b``, ``rms_norm`` against
-Hugging Face's LlamaRMSNorm.  The machine's CPU speed varies between sessions: compare rows of one run.
+raw kernel launchers (``actpatch.kernels.ops.activation_forward`` / ``_backward``); then the other sites'
+eager paths against what they replace, on [16, 256] rows: ``silu_mul`` against ``F.silu(a) * b``,
+``rms_norm`` against Hugging Face's LlamaRMSNorm.  The machine's CPU speed varies between sessions:
+compare rows of one run.
 """
 
 from __future__ import annotations

@@ -197,7 +197,8 @@ def test_gated_mlps_are_found_by_what_ran(family):
 
 
 class _MovingMLP(torch.nn.Module):
-    """down(silu(gate(x)) * up(x)) after ``x.to(device)`` or ``x.to(dtype)``, both no-ops in float32."""
+    """down(silu(gate(x)) * up(x)) after ``x.to(x.device).contiguous()`` or ``x.to(torch.float32)``: no-ops
+    in float32."""
 
     def __init__(self, cast: bool):
         super().__init__()
