@@ -168,6 +168,12 @@ def batch(model, b: int, s: int, device: str) -> dict:
     return {"input_ids": ids, "labels": ids}
 
 
+def runner(model, args):
+    """What runs the steps: ``model``, or ``torch.compile(model)`` with --compiled (the swaps change
+    ``model``'s modules, which the compiled wrapper shares)."""
+    return torch.compile(model) if args.compiled else model
+
+
 def step(model, inputs: dict) -> None:
     model(**inputs).loss.backward()
     for p in model.parameters():
@@ -201,7 +207,7 @@ def step_times(name: str, args) -> dict:
     if args.quick:
         b, s, layers = QUICK[name]
     model = build(name, layers, args)
-    runner = torch.compile(model) if args.compiled else model  # the swaps change model's modules
+    run = runner(model, args)
     inputs = batch(model, b, s, args.device)
     patched: dict = {}
     times: dict[str, list[float]] = {"eager": [], "patched": []}
@@ -209,11 +215,11 @@ def step_times(name: str, args) -> dict:
         for mode in ("eager", "patched") if rnd % 2 == 0 else ("patched", "eager"):
             if mode == "patched":
                 swap(model, patched)
-            time_steps(runner, inputs, args.device, args.warmup)
-            times[mode] += time_steps(runner, inputs, args.device, args.steps)
+            time_steps(run, inputs, args.device, args.warmup)
+            times[mode] += time_steps(run, inputs, args.device, args.steps)
             unswap(patched)
     eager, ours = statistics.median(times["eager"]), statistics.median(times["patched"])
-    del model, runner
+    del model, run
     _free(args.device)
     return {
         "layers": layers,
@@ -266,16 +272,16 @@ def memory_slope(name: str, args) -> dict:
     per_mode: dict[str, dict[int, int]] = {"eager": {}, "patched": {}}
     for layers in (2, 4):
         model = build(name, layers, args)
-        runner = torch.compile(model) if args.compiled else model
+        run = runner(model, args)
         inputs = batch(model, b, s, args.device)
         for mode in ("eager", "patched"):
             patched: dict = {}
             if mode == "patched":
                 swap(model, patched)
-            step(runner, inputs)  # warm-up (allocator, kernels, compilation)
-            per_mode[mode][layers] = saved_bytes(runner, inputs, args.device)
+            step(run, inputs)  # warm-up (allocator, kernels, compilation)
+            per_mode[mode][layers] = saved_bytes(run, inputs, args.device)
             unswap(patched)
-        del model, runner, inputs
+        del model, run, inputs
         _free(args.device)
     for mode, per_layers in per_mode.items():
         res[f"{mode}_bytes_per_token_per_layer"] = (per_layers[4] - per_layers[2]) / 2 / (b * s)
@@ -343,12 +349,13 @@ def main() -> int:
 
     res["torch"], res["transformers"] = torch.__version__, transformers.__version__
     ok = True
+    mode = "compiled " if args.compiled else ""
     for name in args.models:
         r = res[name] = {}
         if not args.no_memory:
             r.update(memory_slope(name, args))
             print(
-                f"{name}: {'compiled ' if args.compiled else ''}saved bytes/token/layer eager "
+                f"{name}: {mode}saved bytes/token/layer eager "
                 f"{r['eager_bytes_per_token_per_layer']:,.0f} "
                 f"patched {r['patched_bytes_per_token_per_layer']:,.0f}",
                 flush=True,
@@ -356,8 +363,7 @@ def main() -> int:
         if not args.no_time:
             r.update(step_times(name, args))
             print(
-                f"{name}: {'compiled ' if args.compiled else ''}"
-                f"step eager {r['eager_ms']:.2f} ms patched {r['patched_ms']:.2f} ms "
+                f"{name}: {mode}step eager {r['eager_ms']:.2f} ms patched {r['patched_ms']:.2f} ms "
                 f"(x{r['ratio']:.3f}; {r['layers']} layers, batch {r['batch']}, seq {r['seq']})",
                 flush=True,
             )

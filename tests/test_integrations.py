@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from tiny_models import LLAMA_BLOCKS
 from torch import nn
 
 import actpatch
@@ -326,8 +327,7 @@ def _dispatched(model: nn.Module) -> nn.Module:
     entry (forced on one CPU here; tests/test_patching.py spreads it over two GPUs)."""
     from accelerate import dispatch_model
 
-    blocks = ("model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.norm")
-    return dispatch_model(model, device_map=dict.fromkeys((*blocks, "lm_head"), "cpu"), force_hooks=True)
+    return dispatch_model(model, device_map=dict.fromkeys(LLAMA_BLOCKS, "cpu"), force_hooks=True)
 
 
 def test_accelerate_device_map_hooks_keep_working_and_come_back():

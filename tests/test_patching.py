@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import FAMILIES, saved_bytes, tiny_model
+from tiny_models import FAMILIES, LLAMA_BLOCKS, saved_bytes, tiny_model
 
 import actpatch
 from actpatch.analysis.inputs import input_spec
@@ -290,8 +290,7 @@ def test_gpu_defaults_on_a_model_spread_over_two_gpus():
     unpatched, within float32 summation order."""
     from accelerate import dispatch_model
 
-    layout = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0}
-    layout |= {"model.layers.1": 1, "model.norm": 1, "lm_head": 1}
+    layout = {block: int(i >= 3) for i, block in enumerate(LLAMA_BLOCKS)}  # layers.1 onwards on cuda:1
     model = dispatch_model(tiny_model("llama"), device_map=layout)
     _, kwargs = input_spec(model).make(4, 32)
     _, loss, grads = _step(model, kwargs)

@@ -22,6 +22,11 @@ TINY_LLAMA = {
     "max_position_embeddings": 64,
 }
 
+# The blocks of a 2-layer Llama a device_map places (accelerate's dispatch_model), in order.
+LLAMA_BLOCKS = (
+    "model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.norm", "lm_head"
+)  # fmt: skip
+
 COMMON = dict(num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, vocab_size=96)
 LLAMA_LIKE = dict(COMMON, hidden_size=32, intermediate_size=64, num_key_value_heads=2)
 
