@@ -11,6 +11,10 @@ keep the product plus, per element, the gate (or up where act(gate) is ~0) and t
 
 ``rms_norm(x, weight, eps, variant)`` returns a Hugging Face RMSNorm's output bitwise and keeps x and
 1/rms instead of float32 copies (``actpatch.kernels.rms_norm``).
+
+``dropout(x, p, training)`` returns ``F.dropout(x, p, training)`` bitwise (the same random draws) and keeps
+its mask as ceil(n/8) bytes of bits instead of a byte (CUDA) or a noise value (CPU) per element; its
+gradient is torch's, bitwise (``actpatch.kernels.dropout``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from .activations import ACTIVATIONS
 from .activations.sigmoid_gated import quick_gelu_forward
 from .kernels import gated, ops
 from .kernels import rms_norm as _rms_norm
-from .kernels.ops import GATED_OPS, OPS, rms_norm_backward_op, rms_norm_op
+from .kernels.ops import GATED_OPS, OPS, dropout_backward_op, dropout_op, rms_norm_backward_op, rms_norm_op
 
 INVERTIBLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -81,6 +85,24 @@ class ActpatchRMSNorm(torch.autograd.Function):
         if torch.is_grad_enabled():
             return (*rms_norm_backward_op(dy, x, w, r, ctx.variant), None, None)
         return (*ops.rms_norm_backward(dy, x, w, r, ctx.variant), None, None)
+
+
+class ActpatchDropout(torch.autograd.Function):
+    """actpatch::dropout without the dispatcher (eager mode): keeps the mask's bits."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        y, bits = ops.dropout_forward(x, p)
+        ctx.save_for_backward(bits)
+        ctx.p = p
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (bits,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return dropout_backward_op(dy, bits, ctx.p), None
+        return ops.dropout_backward(dy, bits, ctx.p), None
 
 
 def _inverted(name: str, x: torch.Tensor, plain: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -147,3 +169,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "
             return rms_norm_op(x, weight, float(eps), variant)[0]
         return ActpatchRMSNorm.apply(x, weight, float(eps), variant)
     return _rms_norm.forward(x, weight, eps, variant)[0]
+
+
+def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Tensor:
+    """Dropout: each element zeroed with probability p, the rest scaled by 1 / (1 - p), as ``F.dropout``."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if training and 0.0 < p < 1.0 and x.numel() and x.requires_grad and torch.is_grad_enabled():
+        if torch.compiler.is_compiling():
+            return dropout_op(x, float(p))[0]
+        return ActpatchDropout.apply(x, float(p))
+    return F.dropout(x, p, training)

@@ -38,4 +38,15 @@ class InvertedQuickGELU(nn.Module):
         return functional.quick_gelu(x)
 
 
-__all__ = ["InvertedGELU", "InvertedQuickGELU", "InvertedSiLU"]
+class PackedDropout(nn.Dropout):
+    """``nn.Dropout`` (the same outputs and gradients, bitwise) that keeps its mask as 1 bit per element.
+
+    A subclass, so code that finds dropouts by ``isinstance`` (or sets ``.p``) still finds this one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            return super().forward(x)
+        return functional.dropout(x, self.p, self.training)
+
+
+__all__ = ["InvertedGELU", "InvertedQuickGELU", "InvertedSiLU", "PackedDropout"]

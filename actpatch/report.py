@@ -17,8 +17,10 @@ Contract (the CLI and the manifest rely on it; ``to_dict()`` returns exactly the
                  saved_bytes_per_token: int   bytes of saved activations freed per token (batch x seq
                                        position) at the projection's dtype, 0 when not patched
                  kind: str             "activation" (the activation module is swapped), "gated" (path
-                                       is a gated MLP whose act(gate) * up is fused) or "norm" (path is an
-                                       RMSNorm that keeps x and 1/rms; activation "rms_norm")
+                                       is a gated MLP whose act(gate) * up is fused), "norm" (path is an
+                                       RMSNorm that keeps x and 1/rms; activation "rms_norm") or
+                                       "dropout" (a dropout swapped for one keeping its mask as bits;
+                                       activation "dropout")
     Projection   batch_size: int, seq_len: int, dtype: str ("bfloat16")
                  activation_bytes_before: int   bytes saved for backward by one forward (parameters
                                                 excluded) at that shape and dtype, unpatched

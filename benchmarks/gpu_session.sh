@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_session.sh kernels    # GPU tests, kernel sweep/table/>2^31/accuracy
 #   bash benchmarks/gpu_session.sh models     # projection, SASS mix, training steps, step profile, FSDP2
 #   bash benchmarks/gpu_session.sh launch     # GPU tests, CPU cost per call, the three training steps
-#   bash benchmarks/gpu_session.sh compiled   # the three training steps and saved bytes under torch.compile
+#   bash benchmarks/gpu_session.sh compiled   # training steps and saved bytes under torch.compile
+#   bash benchmarks/gpu_session.sh dropouts   # GPU tests, GPT-2 / BERT steps with and without PackedDropout
 # Logs and JSON go to $OUT (default gpu-results/).  Each step has a time limit; its exit status is logged.
 set -u
 OUT=${OUT:-gpu-results}
@@ -42,11 +43,16 @@ launch)
         --rounds 4 --json "$OUT/train_step.json"
     ;;
 compiled)
-    step compiled 330 python3 benchmarks/train_step.py --models bert-base llama3-8b-layer gpt2-medium \
-        --compiled --json "$OUT/compiled.json"
+    step compiled 560 python3 benchmarks/train_step.py --models gpt2-medium gpt2-medium-dropouts bert-base \
+        llama3-8b-layer --compiled --json "$OUT/compiled.json"
+    ;;
+dropouts)
+    step pytest_gpu 200 python3 -m pytest tests -m gpu -q -rs -p no:cacheprovider
+    step train_step 330 python3 benchmarks/train_step.py --models gpt2-medium gpt2-medium-dropouts bert-base \
+        bert-base-dropouts --rounds 4 --json "$OUT/train_step.json"
     ;;
 *)
-    echo "usage: gpu_session.sh kernels|models|launch|compiled" >&2
+    echo "usage: gpu_session.sh kernels|models|launch|compiled|dropouts" >&2
     exit 2
     ;;
 esac

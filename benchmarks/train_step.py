@@ -11,6 +11,8 @@ llama3-8b-layer-gated: Llama's MLP computes down(silu_mul(gate(x), up(x))), as p
 llama3-8b-layer-liger: Liger-Kernel's SwiGLU (LigerSiLUMulFunction, as LigerSwiGLUMLP) instead, CUDA only;
 llama3-8b-layer-liger-norm: Liger's SwiGLU and LigerRMSNorm (llama casting mode), CUDA only;
 llama3-8b-layer-actpatch: actpatch.patch_model with its defaults (gated MLPs fused, RMSNorms keep x, 1/rms).
+gpt2-medium-dropouts, bert-base-dropouts: the activation swap, and every nn.Dropout -> PackedDropout (its mask
+kept as bits, as patch_model(dropouts=True) does; GPT-2 and BERT train with dropout 0.1).
 
 - step time: median of CUDA-event-timed steps (forward, backward, grads set to None), eager and patched
   measured alternately on one model instance;
@@ -34,7 +36,7 @@ import time
 import torch
 
 from actpatch.functional import silu_mul
-from actpatch.nn import InvertedGELU, InvertedSiLU
+from actpatch.nn import InvertedGELU, InvertedSiLU, PackedDropout
 
 # name: (config factory(layers, quick), batch, seq, layers for the step time, swap function)
 
@@ -84,6 +86,24 @@ def _swap_gpt2(model, patched: dict) -> None:
 def _swap_bert(model, patched: dict) -> None:
     for layer in model.bert.encoder.layer:
         _swap(layer.intermediate, "intermediate_act_fn", InvertedGELU(), patched)
+
+
+def _swap_dropouts(model, patched: dict) -> None:
+    """Every nn.Dropout of the model -> PackedDropout(p): the same draws and gradients, masks kept as bits."""
+    for parent in list(model.modules()):
+        for attr, child in list(parent.named_children()):
+            if type(child) is torch.nn.Dropout:
+                _swap(parent, attr, PackedDropout(child.p), patched)
+
+
+def _swap_gpt2_dropouts(model, patched: dict) -> None:
+    _swap_gpt2(model, patched)
+    _swap_dropouts(model, patched)
+
+
+def _swap_bert_dropouts(model, patched: dict) -> None:
+    _swap_bert(model, patched)
+    _swap_dropouts(model, patched)
 
 
 def _swap_llama(model, patched: dict) -> None:
@@ -146,6 +166,8 @@ def unswap(patched: dict) -> None:
 MODELS = {
     "gpt2-medium": (_gpt2, 8, 1024, 12, _swap_gpt2),
     "bert-base": (_bert, 32, 512, 12, _swap_bert),
+    "gpt2-medium-dropouts": (_gpt2, 8, 1024, 12, _swap_gpt2_dropouts),
+    "bert-base-dropouts": (_bert, 32, 512, 12, _swap_bert_dropouts),
     "llama3-8b-layer": (_llama, 2, 4096, 4, _swap_llama),
     "llama3-8b-layer-gated": (_llama, 2, 4096, 4, _swap_llama_gated),
     "llama3-8b-layer-liger": (_llama, 2, 4096, 4, _swap_llama_liger),
@@ -170,8 +192,13 @@ def batch(model, b: int, s: int, device: str) -> dict:
 
 def runner(model, args):
     """What runs the steps: ``model``, or ``torch.compile(model)`` with --compiled (the swaps change
-    ``model``'s modules, which the compiled wrapper shares)."""
-    return torch.compile(model) if args.compiled else model
+    ``model``'s modules, which the compiled wrapper shares).  Dynamo's caches are emptied first: frames
+    that every model shares (transformers' wrappers) would otherwise reach the recompile limit after a
+    few models and silently run eager from then on."""
+    if not args.compiled:
+        return model
+    torch._dynamo.reset()
+    return torch.compile(model)
 
 
 def step(model, inputs: dict) -> None:

@@ -198,6 +198,19 @@ def test_include_and_exclude_patterns():
     assert some["projection"]["saved_bytes"] < all_sites["projection"]["saved_bytes"]
 
 
+def test_dropouts_flag_adds_the_dropout_sites():
+    """``--dropouts``: GPT-2's 25 dropouts (embeddings, two per block) keep their masks as bits, each
+    freeing 7/8 of a 1-byte mask per element (768 x 7/8 = 672 bytes per token)."""
+    plain = _json(invoke("convert", "gpt2", "--dry-run", "--json", "--dtype", "bfloat16"))
+    both = _json(invoke("convert", "gpt2", "--dry-run", "--json", "--dtype", "bfloat16", "--dropouts"))
+    dropout_sites = [s for s in both["sites"] if s["kind"] == "dropout"]
+    assert not any(s["kind"] == "dropout" for s in plain["sites"])
+    assert len(dropout_sites) == 25 and {s["saved_bytes_per_token"] for s in dropout_sites} == {672}
+    assert both["projection"]["activation_bytes_before"] == plain["projection"]["activation_bytes_before"]
+    extra = both["projection"]["saved_bytes"] - plain["projection"]["saved_bytes"]
+    assert extra == pytest.approx(25 * 672 * 512, rel=1e-3)
+
+
 def test_projection_scales_with_the_shape():
     small = _json(invoke("convert", "gpt2", "--dry-run", "--json", "--seq-len", "128"))["projection"]
     big = _json(invoke("convert", "gpt2", "--dry-run", "--json", "--seq-len", "256", "--batch-size", "2"))[

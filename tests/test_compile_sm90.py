@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from actpatch.kernels import triton as tk
+from actpatch.kernels import triton_dropout as td
 from actpatch.kernels import triton_gated as tg
 from actpatch.kernels import triton_norm as tn
 
@@ -48,6 +49,8 @@ NORM_BACKWARD = {
     "dy_ptr": "*{t}", "x_ptr": "*{t}", "w_ptr": "*{t}", "r_ptr": "*fp32", "dx_ptr": "*{t}", "dw_ptr": "*fp32",
     "n_rows": "i64", "width": "i64", "rows_per_program": "i32",
 }  # fmt: skip
+DROPOUT_PACK = {"mask_ptr": "*u8", "bits_ptr": "*u8", **ROW}
+DROPOUT_BACKWARD = {"dy_ptr": "*{t}", "bits_ptr": "*u8", "dx_ptr": "*{t}", **ROW, "s": "fp32"}
 BASE = {
     "ROWS": 64,
     "FULL_ROWS": True,
@@ -62,6 +65,8 @@ CASES = {
     "lookup backward": (tk._backward_lookup_kernel, LOOKUP_BACKWARD, {}),
     "gated forward": (tg._forward_kernel, GATED_FORWARD, {"ACT": 2}),
     "gated backward": (tg._backward_kernel, GATED_BACKWARD, {"ACT": 0}),
+    "dropout pack": (td._pack_kernel, DROPOUT_PACK, {}),
+    "dropout backward": (td._backward_kernel, DROPOUT_BACKWARD, {}),
     "rms_norm backward": (
         tn._backward_kernel,
         NORM_BACKWARD,

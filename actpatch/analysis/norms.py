@@ -77,14 +77,7 @@ def _same(a: object, b: torch.Tensor) -> bool:
 def gain(probe: ProbeResult, call: Call) -> Bytes:
     """Bytes freed by one call: what its own ops saved that nobody else keeps (other than x), less what
     the replacement keeps: x (unless it is saved anyway) and 4 bytes of 1/rms per row."""
-    outside = {s.storage for s in probe.saved if id(call) not in s.inside}
-    freed, seen = Bytes(), {call.input_storage}
-    for s in probe.saved:
-        if id(call) not in s.inside or s.storage in seen or s.storage in probe.excluded_storages:
-            continue
-        seen.add(s.storage)
-        if s.storage not in outside:
-            freed += Bytes(s.nbytes, 0.0) if s.scalable else Bytes(0.0, s.nbytes)
+    freed = probe.freed_by(call, frozenset({call.input_storage}))
     rows = call.numel // call.module.weight.shape[0]
     x_kept = any(s.storage == call.input_storage for s in probe.saved)
     x_bytes = 0 if x_kept else call.input_nbytes

@@ -4,7 +4,7 @@ These observers run together:
 
 - global module forward hooks keep the stack of running modules, and open a :class:`Call` for every
   call of a candidate module (a leaf without parameters or buffers, registered or not) and of the
-  RMSNorm-shaped modules the walker names (``ProbeResult.norm_calls``);
+  modules the walker watches, RMSNorm-shaped ones and dropouts (``ProbeResult.watched_calls``);
 - a ``TorchFunctionMode`` names the op running, opens a :class:`Call` for functional activations
   (``F.gelu``...), and records which ops take an activation's output (its consumers);
 - both record, per module, an :class:`Event` for each child called and each op run directly in its
@@ -33,9 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .memory import Bytes
 from .sites import functional_activation, is_candidate
 
 # Ops that only read metadata: not consumers of a tensor.
@@ -134,8 +136,21 @@ class ProbeResult:
     calls: list[Call]
     excluded_storages: set[int]  # parameters and buffers
     events: dict[str, list[Event]] = field(default_factory=dict)  # module path -> what ran directly in it
-    norm_calls: list[Call] = field(default_factory=list)  # calls of the modules given as norm_modules
+    watched_calls: list[Call] = field(default_factory=list)  # calls of the modules given as watched
     gate_calls: list[GateCall] = field(default_factory=list)  # calls of the gate_modules' _apply_gate
+
+    def freed_by(self, call: Call, skip: frozenset[int] = frozenset()) -> Bytes:
+        """Bytes of the tensors ``call``'s own ops saved that nothing outside it keeps (each storage once;
+        those in ``skip``, parameters and buffers left out): what replacing the call frees."""
+        outside = {s.storage for s in self.saved if id(call) not in s.inside}
+        freed, seen = Bytes(), set(skip)
+        for s in self.saved:
+            if id(call) not in s.inside or s.storage in seen or s.storage in self.excluded_storages:
+                continue
+            seen.add(s.storage)
+            if s.storage not in outside:
+                freed += Bytes(s.nbytes, 0.0) if s.scalable else Bytes(0.0, s.nbytes)
+        return freed
 
 
 @dataclass
@@ -146,12 +161,12 @@ class _Frame:
 
 
 class _Probe(TorchFunctionMode):
-    def __init__(self, model: nn.Module, dtype: torch.dtype, norm_modules: frozenset[int]) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype, watched: frozenset[int]) -> None:
         super().__init__()
         self.model_dtype = dtype
-        self.norm_modules = norm_modules
-        self.norm_calls: list[Call] = []
-        self.norm_inputs: list[tuple[Call, torch.Tensor, int]] = []  # (call, x, x._version at the call)
+        self.watched = watched
+        self.watched_calls: list[Call] = []
+        self.watched_inputs: list[tuple[Call, torch.Tensor, int]] = []  # (call, x, x._version at the call)
         self.paths = {id(m): name for name, m in model.named_modules()}
         self.stack: list[_Frame] = []
         self.ops: list[str] = []
@@ -182,10 +197,10 @@ class _Probe(TorchFunctionMode):
         if isinstance(x, torch.Tensor) and x.is_floating_point() and is_candidate(module):
             call = Call(site=path, kind=kind, module=module, activation=None, input_storage=storage_key(x))
             self._open(call)
-        elif isinstance(x, torch.Tensor) and x.is_floating_point() and id(module) in self.norm_modules:
+        elif isinstance(x, torch.Tensor) and x.is_floating_point() and id(module) in self.watched:
             call = Call(path, kind, module, None, storage_key(x), input_nbytes=storage_nbytes(x))
             call.input_scalable = x.dtype == self.model_dtype
-            self.norm_inputs.append((call, x, x._version))
+            self.watched_inputs.append((call, x, x._version))
             self._open(call)
         event = _event(path, True, args, {})
         self.keep.extend(_tensors(args, {}))
@@ -214,8 +229,8 @@ class _Probe(TorchFunctionMode):
         call.numel, call.dtype = output.numel(), output.dtype
         call.requires_grad = output.requires_grad
         call.version = output._version
-        if call in (c for c, _, _ in self.norm_inputs):
-            self.norm_calls.append(call)
+        if call in (c for c, _, _ in self.watched_inputs):
+            self.watched_calls.append(call)
             return
         self.keep.append(output)
         self.outputs[call.output_storage] = call
@@ -245,6 +260,8 @@ class _Probe(TorchFunctionMode):
             return _DATA_DEPENDENT[name]  # a meta tensor has no value: take the common training branch
         if name == "scaled_dot_product_attention" and isinstance(args[0], torch.Tensor) and args[0].is_meta:
             func = fused_sdpa
+        if name == "dropout" and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            func = fused_dropout
         here = self.stack[-1].path if self.stack else ""
         event = None
         if name not in _METADATA_OPS:
@@ -303,10 +320,10 @@ class _Probe(TorchFunctionMode):
             call = self.outputs.get(storage_key(t))
             if call is not None and t._version != call.version:
                 call.inplace = call.inplace or "in-place op"
-        for call, x, version in self.norm_inputs:
-            if x._version != version:  # the replacement keeps x: an in-place change would break backward
+        for call, x, version in self.watched_inputs:
+            if x._version != version:  # a norm's replacement keeps x: an in-place change would break backward
                 call.inplace = call.inplace or "input modified in place"
-        self.norm_inputs.clear()
+        self.watched_inputs.clear()
         self.keep.clear()
         self.outputs.clear()
 
@@ -357,6 +374,16 @@ def fused_sdpa(
     return out[0]
 
 
+def fused_dropout(input, p=0.5, training=True, inplace=False):
+    """``F.dropout`` through torch's fused kernel, for meta tensors.
+
+    On meta (as on CPU) dropout multiplies by a noise tensor of x's dtype, which autograd keeps; a GPU run
+    uses ``native_dropout``, which keeps a bool mask (1 byte an element).  Dry runs assume the GPU's."""
+    if training and 0.0 < p < 1.0 and not inplace and input.numel():
+        return torch.native_dropout(input, p, True)[0]
+    return F.dropout(input, p, training, inplace)
+
+
 @contextlib.contextmanager
 def training_mode(model: nn.Module) -> Iterator[None]:
     """Every module in training mode (set directly: no train() overrides run), restored afterwards."""
@@ -375,16 +402,16 @@ def run_probe(
     args: tuple,
     kwargs: dict,
     dtype: torch.dtype,
-    norm_modules: frozenset[int] = frozenset(),
+    watched: frozenset[int] = frozenset(),
     gate_modules: frozenset[int] = frozenset(),
 ) -> ProbeResult:
     """Run ``model(*args, **kwargs)`` once in training mode with grad on and observe it; calls of the
-    modules whose ids are in ``norm_modules`` are recorded in ``norm_calls``, calls of the ``_apply_gate``
+    modules whose ids are in ``watched`` are recorded in ``watched_calls``, calls of the ``_apply_gate``
     of those in ``gate_modules`` in ``gate_calls``.
 
     The global RNG state is restored afterwards, so a probe leaves dropout streams unchanged.
     """
-    probe = _Probe(model, dtype, norm_modules)
+    probe = _Probe(model, dtype, watched)
     excluded = {storage_key(t) for t in (*model.parameters(), *model.buffers())}
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     pre = torch.nn.modules.module.register_module_forward_pre_hook(probe.pre_hook)
@@ -409,7 +436,9 @@ def run_probe(
         pre.remove()
         post.remove()
         _reshard(model)
-    return ProbeResult(probe.saved, probe.calls, excluded, probe.events, probe.norm_calls, probe.gate_calls)
+    return ProbeResult(
+        probe.saved, probe.calls, excluded, probe.events, probe.watched_calls, probe.gate_calls
+    )
 
 
 def _reshard(model: nn.Module) -> None:

@@ -22,6 +22,10 @@ With ``norms``, every module that computes an RMSNorm bitwise as ``actpatch.kern
 (:mod:`actpatch.analysis.norms`) is a site of kind "norm", patched when it ran with a float input and a
 gradient, under no other saved-tensor hooks, its input unchanged in place afterwards (the replacement keeps
 it), and keeping x and 1/rms frees more than it adds.
+
+With ``dropouts``, every ``nn.Dropout`` with 0 < p < 1 that ran (:mod:`actpatch.analysis.dropouts`) is a
+site of kind "dropout", patched when it ran with a gradient, under no other saved-tensor hooks, not in
+place, and its mask's bits free more than they add.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import contextlib
 import fnmatch
 import math
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +42,7 @@ from torch import nn
 
 from ..kernels.gated import GATED
 from ..report import PatchReport, Projection, Site
+from . import dropouts as _dropouts
 from . import gated
 from . import norms as _norms
 from .inputs import input_spec, model_dtype, unwrap
@@ -68,20 +73,22 @@ def walk(
     already_patched: set[str],
     gated: bool = False,
     norms: bool = False,
+    dropouts: bool = False,
 ) -> PatchReport:
     """Analyse ``model`` (whose originals are in place) and decide every site; changes nothing.
     With ``gated``, an activation inside a gated MLP (``gated.match``) is fused with its product; with
-    ``norms``, RMSNorms keep x and 1/rms."""
+    ``norms``, RMSNorms keep x and 1/rms; with ``dropouts``, dropout modules keep their masks as bits."""
     target = dtype or model_dtype(model)
     with torch.random.fork_rng(devices=[]):
         kinds = {id(m): classify_module(m) for m in model.modules() if is_candidate(m)}
     norm_candidates = _norms.candidates(model) if norms else {}
+    dropout_candidates = _dropouts.candidates(model) if dropouts else {}
     gate_modules = frozenset(id(m) for m in model.modules() if gated and _has_apply_gate(m, kinds))
     with _meta_cast(model, target):
         probe_dtype = model_dtype(model)
         spec = input_spec(model, example_inputs)
         shapes = probe_shapes(spec.seq_dependent, spec.max_seq, spec.fixed_shape, batch_size)
-        ids = frozenset(norm_candidates)
+        ids = frozenset(norm_candidates) | frozenset(dropout_candidates)
         probes = [run_probe(model, *spec.make(b, s), probe_dtype, ids, gate_modules) for b, s in shapes]
     sites = _collect_sites(model, probes[0], kinds)
     evidences = [_Evidence(p) for p in probes]
@@ -113,6 +120,10 @@ def walk(
         if norm is not None:
             norm_site, norm_gains, parts[path] = norm
             decided.append((norm_site, norm_gains))
+    for path in dropout_candidates.values():
+        dropout = _dropout_site(modules[path], path, probes, include, exclude, already_patched)
+        if dropout is not None:
+            decided.append(dropout)
 
     kind = fit_kind(spec.seq_dependent, spec.fixed_shape)
     ratio = target.itemsize / probe_dtype.itemsize
@@ -203,18 +214,53 @@ def _norm_site(
 ) -> tuple[Site, list[Bytes], tuple[str, str]] | None:
     """The site of an RMSNorm-shaped module that ran and computes a known variant, what it frees at each
     probe shape, and its parts (variant, eps attribute); None for a module that is not one."""
-    calls = [c for c in probes[0].norm_calls if c.site == path]
-    variant = _norms.variant_of(module, eps_attr) if calls else None
+    called = any(c.site == path for c in probes[0].watched_calls)
+    variant = _norms.variant_of(module, eps_attr) if called else None
     if variant is None:
         return None
-    gains = [sum((_norms.gain(p, c) for c in p.norm_calls if c.site == path), Bytes()) for p in probes]
+    site, gains = _watched_site(path, "norm", _norms.gain, probes, include, exclude, already_patched)
+    return site, gains, (variant, eps_attr)
+
+
+def _dropout_site(
+    module: nn.Module,
+    path: str,
+    probes: list[ProbeResult],
+    include: list[str] | None,
+    exclude: list[str] | None,
+    already_patched: set[str],
+) -> tuple[Site, list[Bytes]] | None:
+    """The site of a dropout module that ran, and what it frees at each probe shape; None when it did
+    not run."""
+    if not any(c.site == path for c in probes[0].watched_calls):
+        return None
+    site, gains = _watched_site(path, "dropout", _dropouts.gain, probes, include, exclude, already_patched)
+    if module.inplace and path not in already_patched:
+        site.patched, site.reason = False, "in-place dropout (inplace=True): left as it is"
+    return site, gains
+
+
+def _watched_site(
+    path: str,
+    kind: str,
+    gain: Callable[[ProbeResult, Call], Bytes],
+    probes: list[ProbeResult],
+    include: list[str] | None,
+    exclude: list[str] | None,
+    already_patched: set[str],
+) -> tuple[Site, list[Bytes]]:
+    """The site of a watched module (kind "norm": activation "rms_norm"; "dropout": "dropout") and what
+    ``gain`` says its calls free at each probe shape: patched when every call ran with a gradient, outside
+    checkpointed blocks, (a norm) with its input unchanged afterwards, and it frees something."""
+    calls = [c for c in probes[0].watched_calls if c.site == path]
+    gains = [sum((gain(p, c) for c in p.watched_calls if c.site == path), Bytes()) for p in probes]
     reason = None
     for call in calls:
         if not call.requires_grad:
             reason = "no gradient flows through it (frozen, no_grad or reentrant checkpointing)"
         elif call.foreign_hooks:
             reason = "inside a checkpointed block: nothing is saved there, nothing to gain"
-        elif call.inplace:
+        elif call.inplace and kind == "norm":
             reason = f"{call.inplace}: the replacement keeps its input"
         if reason:
             break
@@ -225,7 +271,8 @@ def _norm_site(
     if path in already_patched:
         reason = None
     consumer = next((s.where for s in probes[0].saved if s.storage == calls[0].output_storage), None)
-    return Site(path, "rms_norm", consumer, reason is None, reason, kind="norm"), gains, (variant, eps_attr)
+    activation = "rms_norm" if kind == "norm" else kind
+    return Site(path, activation, consumer, reason is None, reason, kind=kind), gains
 
 
 def _has_apply_gate(module: nn.Module, kinds: dict[int, str | None]) -> bool:

@@ -160,6 +160,13 @@ def convert(
         bool,
         typer.Option("--norms/--no-norms", help="RMSNorms keep their input and 1/rms, not float32 copies."),
     ] = True,
+    dropouts: Annotated[
+        bool,
+        typer.Option(
+            "--dropouts/--no-dropouts",
+            help="Dropouts keep their masks as bits (same outputs and gradients; eager training).",
+        ),
+    ] = False,
     trust_remote_code: Annotated[
         bool, typer.Option("--trust-remote-code", help="Allow code from the model's repository to run.")
     ] = False,
@@ -180,6 +187,7 @@ def convert(
             verify=verify,
             gated=gated,
             norms=norms,
+            dropouts=dropouts,
             trust_remote_code=trust_remote_code,
             debug=debug,
         )
@@ -200,6 +208,7 @@ def _convert(
     trust_remote_code: bool,
     gated: bool = True,
     norms: bool = True,
+    dropouts: bool = False,
     debug: bool = False,
 ) -> None:
     import torch
@@ -227,6 +236,7 @@ def _convert(
         "exclude": exclude,
         "gated": gated,
         "norms": norms,
+        "dropouts": dropouts,
     }
 
     what = "config (meta device, no weights)" if dry_run else "model"

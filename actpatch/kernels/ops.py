@@ -5,6 +5,9 @@ autograd saves y itself and the bits);
 ``actpatch::<name>_backward(Tensor dy, Tensor y, Tensor bits) -> Tensor``  dx = dy · g_b(y).
 ``actpatch::<name>_mul(Tensor a, Tensor b) -> (Tensor m, Tensor k, Tensor bits)``  the gated product
 m = act(a) · b for silu, gelu, gelu_tanh (``gated.py``); ``<name>_mul_backward(dm, m, k, bits)`` -> (da, db).
+``actpatch::dropout(Tensor x, float p) -> (Tensor y, Tensor bits)``  torch's dropout (training mode), keeping
+its mask as bits (``dropout.py``); ``dropout_backward(dy, bits, p)`` -> dx, torch's gradient bitwise (linear
+in dy, so differentiable again: its derivative is itself).
 ``actpatch::rms_norm(Tensor x, Tensor w, float eps, str variant) -> (Tensor y, Tensor r)``  RMSNorm keeping
 x and r = 1/rms (``rms_norm.py``); ``rms_norm_backward(dy, x, w, r, variant)`` -> (dx, dw).
 
@@ -20,11 +23,12 @@ time a CPU-bound training step pays in wall time.
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch
 
 from ..activations import ACTIVATIONS
-from . import gated, reference, rms_norm
+from . import dropout, gated, reference, rms_norm
 from .bits import packed_size
 
 DOUBLE_BACKWARD_ERROR = (
@@ -45,6 +49,14 @@ def _triton(module: str):
 _KERNELS = _triton("triton")
 _GATED_KERNELS = _triton("triton_gated")
 _NORM_KERNELS = _triton("triton_norm")
+_DROPOUT_KERNELS = _triton("triton_dropout")
+_DROPOUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# a random op: never recomputed, reordered or merged by the compiler (``tags`` exists since torch 2.8)
+_SEEDED = (
+    {"tags": (torch.Tag.nondeterministic_seeded,)}
+    if "tags" in inspect.signature(torch.library.custom_op).parameters
+    else {}
+)
 
 
 def activation_forward(name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +98,22 @@ def rms_norm_backward(
     if x.is_cuda and _NORM_KERNELS is not None:
         return _NORM_KERNELS.backward(dy, x, w, r, variant)
     return rms_norm.backward(dy, x, w, r, variant)
+
+
+def dropout_forward(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, bits) as ``actpatch::dropout`` computes them on x's device: torch's own dropout, its mask packed
+    by Triton on CUDA."""
+    if x.is_cuda and _DROPOUT_KERNELS is not None:
+        y, mask = torch.native_dropout(x, p, True)
+        return y, _DROPOUT_KERNELS.pack(mask)
+    return dropout.forward(x, p)
+
+
+def dropout_backward(dy: torch.Tensor, bits: torch.Tensor, p: float) -> torch.Tensor:
+    """dx as ``actpatch::dropout_backward`` computes it on dy's device."""
+    if dy.is_cuda and _DROPOUT_KERNELS is not None and dy.dtype in _DROPOUT_DTYPES:
+        return _DROPOUT_KERNELS.backward(dy, bits, p)
+    return dropout.backward(dy, bits, p)
 
 
 def _register(name: str) -> tuple[object, object]:
@@ -202,3 +230,46 @@ def _rms_norm_second_order(ctx, _ddx, _ddw):
 
 rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
 rms_norm_backward_op.register_autograd(_rms_norm_second_order, setup_context=lambda ctx, inputs, output: None)
+
+
+@torch.library.custom_op("actpatch::dropout", mutates_args=(), **_SEEDED)
+def dropout_op(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return dropout_forward(x, p)
+
+
+@dropout_op.register_fake
+def _(x, p):
+    return torch.empty_like(x), x.new_empty(packed_size(x.numel()), dtype=torch.uint8)
+
+
+@torch.library.custom_op("actpatch::dropout_backward", mutates_args=())
+def dropout_backward_op(dy: torch.Tensor, bits: torch.Tensor, p: float) -> torch.Tensor:
+    return dropout_backward(dy, bits, p)
+
+
+@dropout_backward_op.register_fake
+def _(dy, bits, p):
+    return torch.empty_like(dy)
+
+
+def _dropout_setup(ctx, inputs, output):
+    ctx.p = inputs[1]
+    ctx.save_for_backward(output[1])
+
+
+def _dropout_backward(ctx, dy, _dbits):
+    return dropout_backward_op(dy, ctx.saved_tensors[0], ctx.p), None
+
+
+def _dropout_backward_setup(ctx, inputs, output):
+    _, bits, ctx.p = inputs
+    ctx.save_for_backward(bits)
+
+
+def _dropout_second_order(ctx, ddx):
+    """dx is linear in dy, dx = D(dy): its own derivative is D again (as torch's dropout, to any order)."""
+    return dropout_backward_op(ddx, ctx.saved_tensors[0], ctx.p), None, None
+
+
+dropout_op.register_autograd(_dropout_backward, setup_context=_dropout_setup)
+dropout_backward_op.register_autograd(_dropout_second_order, setup_context=_dropout_backward_setup)
