@@ -171,6 +171,24 @@ def test_callback_patches_at_train_begin_keeps_rng_and_writes_manifest(tmp_path)
     assert sorted(patched_paths(loaded)) == sorted(patched_paths(model))
 
 
+def test_trainer_with_dropout_masks_as_bits_trains_bitwise_as_without(tmp_path):
+    """Only the dropouts patched (dropout 0.1, through the callback): the Trainer's losses and the trained
+    weights are the baseline's bitwise (the same draws, the same gradients), four steps in."""
+    base = tiny_bert(dropout=0.1)
+    base_trainer = trainer_for(base, tmp_path / "base")
+    base_trainer.train()
+
+    callback = ActPatchCallback(dropouts=True, include=["*dropout"])
+    model = tiny_bert(dropout=0.1)
+    trainer = trainer_for(model, tmp_path / "bits", callbacks=[callback])
+    trainer.train()
+    kinds = {s.kind for s in callback.report.patched_sites}
+    assert kinds == {"dropout"} and len(callback.report.patched_sites) == 5
+    assert losses(trainer) == losses(base_trainer)
+    base_state = base.state_dict()
+    assert all(torch.equal(v, base_state[k]) for k, v in model.state_dict().items())
+
+
 # -- PEFT LoRA ----------------------------------------------------------------------------------------
 
 
