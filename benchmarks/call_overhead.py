@@ -9,8 +9,8 @@ autograd.Function that saves two tensors and launches nothing (the floor of any 
 the custom op through the dispatcher (``torch.ops.actpatch.gelu``, what torch.compile calls), and the
 raw kernel launchers (``actpatch.kernels.ops.activation_forward`` / ``_backward``); then the other sites'
 eager paths against what they replace, on [16, 256] rows: ``silu_mul`` against ``F.silu(a) * b``,
-``rms_norm`` against Hugging Face's LlamaRMSNorm.  The machine's CPU speed varies between sessions:
-compare rows of one run.
+``rms_norm`` against Hugging Face's LlamaRMSNorm, ``dropout`` (p = 0.1) against ``F.dropout``.  The
+machine's CPU speed varies between sessions: compare rows of one run.
 """
 
 from __future__ import annotations
@@ -113,6 +113,8 @@ def main() -> int:
         "actpatch.functional.silu_mul": lambda: AF.silu_mul(a, b).backward(dm),
         "LlamaRMSNorm (eager)": lambda: norm(a).backward(dm),
         "actpatch.functional.rms_norm": lambda: AF.rms_norm(a, norm.weight, 1e-6).backward(dm),
+        "torch F.dropout": lambda: F.dropout(a, 0.1).backward(dm),
+        "actpatch.functional.dropout": lambda: AF.dropout(a, 0.1).backward(dm),
     }
     for name, fn in cases.items():
         print(f"{name:<40} {per_call_us(fn, args.calls, args.device):8.1f} µs per call", flush=True)
