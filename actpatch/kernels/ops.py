@@ -51,7 +51,7 @@ _GATED_KERNELS = _triton("triton_gated")
 _NORM_KERNELS = _triton("triton_norm")
 _DROPOUT_KERNELS = _triton("triton_dropout")
 _DROPOUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# a random op: never recomputed, reordered or merged by the compiler (``tags`` exists since torch 2.8)
+# a random op: never recomputed, reordered or merged by the compiler (where custom_op takes ``tags``)
 _SEEDED = (
     {"tags": (torch.Tag.nondeterministic_seeded,)}
     if "tags" in inspect.signature(torch.library.custom_op).parameters
