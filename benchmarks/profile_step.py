@@ -4,7 +4,9 @@
 
 Builds the model as benchmarks/train_step.py does, warms up, then profiles ``--steps`` steps of each mode
 with torch.profiler: per mode, the wall time per step, the summed CUDA kernel time per step (the GPU's
-busy time), and the kernels whose time differs most between the modes.
+busy time), and the kernels whose time differs most between the modes; and the host-device synchronisations
+one eager step makes (``torch.cuda.set_sync_debug_mode``: each one stops the CPU from running ahead of the
+GPU, so the CPU time of what follows shows in the wall time).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections import Counter
 
 import torch
@@ -35,6 +38,18 @@ def profile_mode(model, inputs: dict, steps: int) -> tuple[float, Counter]:
     return wall, kernels
 
 
+def synchronisations(model, inputs: dict) -> list[str]:
+    """The warnings torch gives for each synchronising CUDA call in one step."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step(model, inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="bert-base", choices=list(MODELS))
@@ -45,6 +60,13 @@ def main() -> int:
     _, b, s, layers, swap = MODELS[args.model]
     model = build(args.model, layers, args)
     inputs = batch(model, b, s, "cuda")
+    syncs = synchronisations(model, inputs)
+    print(
+        f"{args.model}: {len(syncs)} synchronising calls in one eager step",
+        *syncs[:3],
+        sep="\n  ",
+        flush=True,
+    )
     result = {}
     for mode in ("eager", "patched", "eager", "patched"):  # the second round is the one reported
         patched: dict = {}

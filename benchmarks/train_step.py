@@ -13,6 +13,7 @@ llama3-8b-layer-liger-norm: Liger's SwiGLU and LigerRMSNorm (llama casting mode)
 llama3-8b-layer-actpatch: actpatch.patch_model with its defaults (gated MLPs fused, RMSNorms keep x, 1/rms).
 gpt2-medium-dropouts, bert-base-dropouts: the activation swap, and every nn.Dropout -> PackedDropout (its mask
 kept as bits, as patch_model(dropouts=True) does; GPT-2 and BERT train with dropout 0.1).
+bert-base-no-attention-dropout: bert-base with its attention-probability dropout at 0 (hidden dropout 0.1).
 
 - step time: median of CUDA-event-timed steps (forward, backward, grads set to None), eager and patched
   measured alternately on one model instance;
@@ -49,7 +50,7 @@ def _gpt2(layers: int, quick: bool):
     return GPT2LMHeadModel(cfg)
 
 
-def _bert(layers: int, quick: bool):
+def _bert(layers: int, quick: bool, **overrides):
     from transformers import BertConfig, BertForMaskedLM
 
     h = 64 if quick else 768
@@ -58,8 +59,13 @@ def _bert(layers: int, quick: bool):
         hidden_size=h,
         num_attention_heads=4 if quick else 12,
         intermediate_size=4 * h,
+        **overrides,
     )
     return BertForMaskedLM(cfg)
+
+
+def _bert_no_attention_dropout(layers: int, quick: bool):
+    return _bert(layers, quick, attention_probs_dropout_prob=0.0)
 
 
 def _llama(layers: int, quick: bool):
@@ -168,6 +174,7 @@ MODELS = {
     "bert-base": (_bert, 32, 512, 12, _swap_bert),
     "gpt2-medium-dropouts": (_gpt2, 8, 1024, 12, _swap_gpt2_dropouts),
     "bert-base-dropouts": (_bert, 32, 512, 12, _swap_bert_dropouts),
+    "bert-base-no-attention-dropout": (_bert_no_attention_dropout, 32, 512, 12, _swap_bert),
     "llama3-8b-layer": (_llama, 2, 4096, 4, _swap_llama),
     "llama3-8b-layer-gated": (_llama, 2, 4096, 4, _swap_llama_gated),
     "llama3-8b-layer-liger": (_llama, 2, 4096, 4, _swap_llama_liger),
