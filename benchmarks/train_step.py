@@ -102,14 +102,14 @@ def _swap_dropouts(model, patched: dict) -> None:
                 _swap(parent, attr, PackedDropout(child.p), patched)
 
 
-def _swap_gpt2_dropouts(model, patched: dict) -> None:
-    _swap_gpt2(model, patched)
-    _swap_dropouts(model, patched)
+def _and_dropouts(swap):
+    """``swap``, then every nn.Dropout -> PackedDropout."""
 
+    def both(model, patched: dict) -> None:
+        swap(model, patched)
+        _swap_dropouts(model, patched)
 
-def _swap_bert_dropouts(model, patched: dict) -> None:
-    _swap_bert(model, patched)
-    _swap_dropouts(model, patched)
+    return both
 
 
 def _swap_llama(model, patched: dict) -> None:
@@ -172,8 +172,8 @@ def unswap(patched: dict) -> None:
 MODELS = {
     "gpt2-medium": (_gpt2, 8, 1024, 12, _swap_gpt2),
     "bert-base": (_bert, 32, 512, 12, _swap_bert),
-    "gpt2-medium-dropouts": (_gpt2, 8, 1024, 12, _swap_gpt2_dropouts),
-    "bert-base-dropouts": (_bert, 32, 512, 12, _swap_bert_dropouts),
+    "gpt2-medium-dropouts": (_gpt2, 8, 1024, 12, _and_dropouts(_swap_gpt2)),
+    "bert-base-dropouts": (_bert, 32, 512, 12, _and_dropouts(_swap_bert)),
     "bert-base-no-attention-dropout": (_bert_no_attention_dropout, 32, 512, 12, _swap_bert),
     "llama3-8b-layer": (_llama, 2, 4096, 4, _swap_llama),
     "llama3-8b-layer-gated": (_llama, 2, 4096, 4, _swap_llama_gated),

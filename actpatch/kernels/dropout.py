@@ -16,6 +16,8 @@ op, so y and dx are torch's bitwise on every device; only what is kept changes, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .bits import pack_bits, unpack_bits
@@ -31,14 +33,17 @@ def scale(p: float) -> float:
     return 1.0 / (1.0 - p)
 
 
-def forward(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, bits) for 0 < p < 1, as torch's dropout computes y on x's device."""
+def forward(
+    x: torch.Tensor, p: float, pack: Callable[[torch.Tensor], torch.Tensor] = pack_bits
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, bits) for 0 < p < 1, as torch's dropout computes y on x's device; ``pack`` packs the bool mask
+    (``bits.pack_bits``, or a kernel doing the same)."""
     if fused(x.device):
         y, mask = torch.native_dropout(x, p, True)
-        return y, pack_bits(mask)
+        return y, pack(mask)
     noise = torch.empty_like(x).bernoulli_(1 - p)
     noise.div_(1 - p)
-    return x * noise, pack_bits(noise != 0)
+    return x * noise, pack(noise != 0)
 
 
 def backward(dy: torch.Tensor, bits: torch.Tensor, p: float) -> torch.Tensor:

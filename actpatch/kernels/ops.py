@@ -104,8 +104,7 @@ def dropout_forward(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tens
     """(y, bits) as ``actpatch::dropout`` computes them on x's device: torch's own dropout, its mask packed
     by Triton on CUDA."""
     if x.is_cuda and _DROPOUT_KERNELS is not None:
-        y, mask = torch.native_dropout(x, p, True)
-        return y, _DROPOUT_KERNELS.pack(mask)
+        return dropout.forward(x, p, _DROPOUT_KERNELS.pack)
     return dropout.forward(x, p)
 
 
