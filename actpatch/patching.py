@@ -26,32 +26,32 @@ Contract::
 Which sites are patched is decided by evidence (:mod:`actpatch.analysis.walker`).  The replacement
 module keeps the original in its ``__dict__`` (not as a submodule), so ``state_dict``, ``parameters``
 and ``named_modules`` paths do not change and :func:`unpatch_model` restores the very same objects.
-A fused gated MLP or a patched RMSNorm keeps its class, children and parameters; only an instance
-``forward`` is added (and removed by :func:`unpatch_model`); under accelerate's hooks (``device_map``)
-the hooked ``_old_forward`` is replaced instead, and restored.
-Patching twice changes nothing: sites already patched keep their replacement; patch_model only adds
-patches (call unpatch_model to start over).  For :func:`analyze`, ``Site.patched`` says whether
-patch_model would leave the site patched.
+A fused gated MLP or a patched RMSNorm keeps its children, parameters and class name: its class becomes a
+subclass running a plan (:mod:`actpatch.in_place`), which follows copies, replicas and pickling.
+Patching twice changes nothing: sites already patched stay patched, whatever the options of the later
+call (which only choose what it adds; a gated MLP fused later takes over its activation's swap); the
+report always describes the model as it is after the call (call unpatch_model to start over).  For
+:func:`analyze`, ``Site.patched`` says whether patch_model would leave the site patched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import types
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from . import functional as F
+from . import in_place
 from .analysis.walker import walk
 from .nn import InvertedGELU, InvertedQuickGELU, InvertedSiLU, PackedDropout
 from .report import PatchReport
 
 _ORIGINAL = "_actpatch_original"
-_FORWARD = "_actpatch_forward"  # on a gated MLP or RMSNorm patched in place: (kind, parts, activation)
-_REPLACED = "_actpatch_replaced"  # and the instance method its forward took the place of, if any
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _PRODUCTS = {
     "silu": F.silu_mul,
     "gelu": F.gelu_mul,
@@ -67,6 +67,9 @@ _REPLACEMENTS = {  # activation -> replacement of the original module
 }
 
 
+_OPTIONS = {"gated": "gated", "norm": "norms", "dropout": "dropouts"}  # site kind -> its option
+
+
 def analyze(
     model: nn.Module,
     *,
@@ -74,8 +77,8 @@ def analyze(
     seq_len: int = 512,
     dtype: torch.dtype | str | None = None,
     example_inputs: object = None,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
     gated: bool = True,
     norms: bool = True,
     dropouts: bool = False,
@@ -85,27 +88,30 @@ def analyze(
     _check_module(model)
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
+    include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
+    target = _as_dtype(dtype)
+    chosen = {"gated": gated, "norms": norms, "dropouts": dropouts}
     with _originals_restored(model) as patched_now:
+        present = {_OPTIONS[k] for k in patched_now.values() if k in _OPTIONS}  # kept, whatever the options
         return walk(
             model,
             batch_size=batch_size,
             seq_len=seq_len,
-            dtype=_as_dtype(dtype),
+            dtype=target,
             example_inputs=example_inputs,
             include=include,
             exclude=exclude,
-            already_patched=patched_now,
-            gated=gated,
-            norms=norms,
-            dropouts=dropouts,
+            already_patched=set(patched_now),
+            kept_only=frozenset(o for o in present if not chosen[o]),
+            **{o: on or o in present for o, on in chosen.items()},
         )
 
 
 def patch_model(
     model: nn.Module,
     *,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
     example_inputs: object = None,
     batch_size: int = 1,
     seq_len: int = 512,
@@ -130,13 +136,11 @@ def patch_model(
         dropouts=dropouts,
     )
     current = patched_modules(model)
-    for site in report.patched_sites:
-        if site.path in current:
-            continue
-        if site.kind in ("gated", "norm"):
-            _set_forward(model.get_submodule(site.path), site.kind, report.parts[site.path], site.activation)
-        else:
-            _swap(model, site.path, site.activation)
+    for site in report.sites:
+        if site.patched and site.path not in current:
+            _patch(model, site, report.parts.get(site.path))
+        elif not site.patched and site.path in current:  # an activation a gated MLP now fuses
+            _unpatch(model, site.path, current[site.path])
     return report
 
 
@@ -146,22 +150,86 @@ def unpatch_model(model: nn.Module) -> list[str]:
     _check_module(model)
     patched = patched_modules(model)
     for path, module in patched.items():
-        if _FORWARD in module.__dict__:
-            _unset_forward(module)
-        else:
-            _set(model, path, module.__dict__[_ORIGINAL])
+        _unpatch(model, path, module)
     return list(patched)
 
 
 def patched_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Module path -> replacement (or the gated MLP or RMSNorm patched in place), for every site patched
     by actpatch."""
-    return {path: m for path, m in model.named_modules() if _ORIGINAL in m.__dict__ or _FORWARD in m.__dict__}
+    return {path: m for path, m in model.named_modules() if _ORIGINAL in m.__dict__ or in_place.is_patched(m)}
 
 
 def original_module(module: nn.Module) -> nn.Module | None:
     """The module a replacement stands in for (None if ``module`` is not a replacement)."""
     return module.__dict__.get(_ORIGINAL)
+
+
+@dataclass(frozen=True)
+class FusedGated:
+    """A gated MLP's plan: ``forward(x)`` = down(between(act(gate(x)) · up(x))) with the product fused
+    (``split``: the two halves of one gate_up(x)), or, for ``entry`` "_apply_gate" (MoE experts), the fused
+    product of gate_up's halves."""
+
+    activation: str
+    entry: str
+    gate: str
+    up: str
+    down: str
+    split: str
+    between: str
+    kind = "gated"
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.entry == "_apply_gate":
+            return self._halves_product(x)
+        if self.split:
+            m = self._halves_product(getattr(module, self.gate)(x))
+        else:
+            m = _PRODUCTS[self.activation](getattr(module, self.gate)(x), getattr(module, self.up)(x))
+        return getattr(module, self.down)(getattr(module, self.between)(m) if self.between else m)
+
+    def _halves_product(self, gate_up: torch.Tensor) -> torch.Tensor:
+        a, b = gate_up.chunk(2, dim=-1)
+        a, b = (a, b) if self.split == "gate_first" else (b, a)
+        return _PRODUCTS[self.activation](a, b)
+
+
+@dataclass(frozen=True)
+class InvertedNorm:
+    """An RMSNorm's plan: ``forward(x)`` = ``actpatch.functional.rms_norm`` (keeps x and 1/rms)."""
+
+    variant: str
+    eps_attr: str
+    entry = "forward"
+    kind = "norm"
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, module.weight, getattr(module, self.eps_attr), self.variant)
+
+
+def _patch(model: nn.Module, site, parts: object) -> None:
+    if site.kind == "gated":
+        in_place.install(model.get_submodule(site.path), FusedGated(site.activation, **asdict(parts)))
+    elif site.kind == "norm":
+        in_place.install(model.get_submodule(site.path), InvertedNorm(**asdict(parts)))
+    else:
+        _swap(model, site.path, site.activation)
+
+
+def _unpatch(model: nn.Module, path: str, module: nn.Module) -> None:
+    if in_place.is_patched(module):
+        in_place.uninstall(module)
+    else:
+        _set(model, path, module.__dict__[_ORIGINAL])
+
+
+def _kind(module: nn.Module) -> str:
+    """The site kind of a patched module."""
+    plan = in_place.plan_of(module)
+    if plan is not None:
+        return plan.kind
+    return "dropout" if isinstance(module, PackedDropout) else "activation"
 
 
 def _swap(model: nn.Module, path: str, activation: str) -> None:
@@ -172,69 +240,6 @@ def _swap(model: nn.Module, path: str, activation: str) -> None:
     _set(model, path, replacement)
 
 
-def _set_forward(module: nn.Module, kind: str, parts: tuple, activation: str) -> None:
-    """An instance method for ``module``: a gated MLP's ``forward`` computes down(act(gate(x)) * up(x)) with
-    the product fused (``split``: the two halves of one gate_up(x); ``between``: down(between(product))),
-    MoE experts' ``_apply_gate(gate_up)`` the fused product of its halves, an RMSNorm's ``forward``
-    ``actpatch.functional.rms_norm``.  The class, its parameters and state_dict are untouched."""
-    module.__dict__[_FORWARD] = (kind, parts, activation)
-    if kind == "norm":
-        entry, method = "forward", _norm_forward
-    else:
-        entry = parts[0]
-        method = _gated_forward if entry == "forward" else _gated_apply_gate
-    attr = _hooked(module, entry)
-    if attr in module.__dict__:
-        module.__dict__[_REPLACED] = module.__dict__[attr]
-    setattr(module, attr, types.MethodType(method, module))
-
-
-def _hooked(module: nn.Module, entry: str) -> str:
-    """The attribute a replacement of ``entry`` goes to: accelerate's hooks (``device_map``, offloading)
-    wrap ``forward`` in an instance ``forward`` that moves tensors and calls ``_old_forward``; that one is
-    replaced, so the hook keeps working."""
-    if entry == "forward" and "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__:
-        return "_old_forward"
-    return entry
-
-
-def _norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    _, (variant, eps_attr), _ = self.__dict__[_FORWARD]
-    return F.rms_norm(x, self.weight, getattr(self, eps_attr), variant)
-
-
-def _gated_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    _, (_, gate, up, down, split, between), activation = self.__dict__[_FORWARD]
-    if split:
-        m = _halves_product(getattr(self, gate)(x), split, activation)
-    else:
-        m = _PRODUCTS[activation](getattr(self, gate)(x), getattr(self, up)(x))
-    return getattr(self, down)(getattr(self, between)(m) if between else m)
-
-
-def _gated_apply_gate(self: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
-    _, (_, _, _, _, split, _), activation = self.__dict__[_FORWARD]
-    return _halves_product(gate_up, split, activation)
-
-
-def _halves_product(gate_up: torch.Tensor, split: str, activation: str) -> torch.Tensor:
-    a, b = gate_up.chunk(2, dim=-1)
-    a, b = (a, b) if split == "gate_first" else (b, a)
-    return _PRODUCTS[activation](a, b)
-
-
-def _unset_forward(module: nn.Module) -> None:
-    kind, parts, _ = module.__dict__.pop(_FORWARD)
-    entry = parts[0] if kind == "gated" else "forward"
-    attr = _hooked(module, entry)
-    if _REPLACED in module.__dict__:
-        module.__dict__[attr] = module.__dict__.pop(_REPLACED)
-    elif attr != entry:  # hooks added after patching took the patched method for the original
-        module.__dict__[attr] = getattr(type(module), entry).__get__(module)
-    else:
-        del module.__dict__[attr]
-
-
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -242,21 +247,20 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def _originals_restored(model: nn.Module) -> Iterator[set[str]]:
-    """Originals in place while probing (so the evidence is the same), replacements put back after."""
+def _originals_restored(model: nn.Module) -> Iterator[dict[str, str]]:
+    """Originals in place while probing (so the evidence is the same), replacements put back after;
+    yields the site kind of each patched path."""
     patched = patched_modules(model)
-    fused = {path: m.__dict__[_FORWARD] for path, m in patched.items() if _FORWARD in m.__dict__}
+    plans = {path: in_place.plan_of(m) for path, m in patched.items()}
+    kinds = {path: _kind(m) for path, m in patched.items()}
     for path, module in patched.items():
-        if path in fused:
-            _unset_forward(module)
-        else:
-            _set(model, path, module.__dict__[_ORIGINAL])
+        _unpatch(model, path, module)
     try:
-        yield set(patched)
+        yield kinds
     finally:
         for path, module in patched.items():
-            if path in fused:
-                _set_forward(module, *fused[path])
+            if plans[path] is not None:
+                in_place.install(module, plans[path])
             else:
                 _set(model, path, module)
 
@@ -266,10 +270,24 @@ def _check_module(model: object) -> None:
         raise TypeError(f"actpatch expects a torch.nn.Module, got {type(model).__name__}")
 
 
+def _patterns(value: str | Iterable[str] | None, name: str) -> list[str] | None:
+    """``include``/``exclude`` as a list of fnmatch patterns: a str is one pattern."""
+    if value is None or isinstance(value, str):
+        return value if value is None else [value]
+    patterns = list(value) if isinstance(value, Iterable) else None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{name} must be a pattern (str) or a list of them, got {value!r}")
+    return patterns
+
+
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
+    """The projection's dtype: None (the parameters'), or a floating dtype actpatch projects."""
+    if dtype is None:
+        return None
+    value = dtype
+    if not isinstance(dtype, torch.dtype):
+        value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if value not in FLOAT_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+        raise ValueError(f"unsupported dtype {dtype!r}: actpatch projects {names}")
     return value

@@ -73,9 +73,9 @@ class PatchReport:
     dry_run: bool
     sites: list[Site]
     projection: Projection
-    # for patch_model, not part of to_dict(): gated site path -> (gate, up, down, split) child names,
-    # norm site path -> (rms_norm variant, eps attribute)
-    parts: dict[str, tuple] = field(default_factory=dict, repr=False, compare=False)
+    # for patch_model, not part of to_dict(): gated or norm site path -> its named parts
+    # (``analysis.gated.GatedParts``, ``analysis.norms.NormParts``)
+    parts: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def patched_sites(self) -> list[Site]:

@@ -10,6 +10,7 @@ import torch
 from tiny_models import FAMILIES, LLAMA_BLOCKS, saved_bytes, tiny_model
 
 import actpatch
+from actpatch import in_place
 from actpatch.analysis.inputs import input_spec
 from actpatch.patching import patched_modules
 
@@ -233,13 +234,13 @@ def test_moe_experts_fuse_their_apply_gate_only_when_it_runs(family):
     report = actpatch.patch_model(model, batch_size=BATCH, seq_len=SEQ, norms=False)
     experts = [s for s in report.patched_sites if s.path.endswith(".mlp.experts")]
     assert len(experts) == 2 and all(s.kind == "gated" for s in experts)
-    assert all("_apply_gate" in vars(model.get_submodule(s.path)) for s in experts)
+    assert all(in_place.plan_of(model.get_submodule(s.path)).entry == "_apply_gate" for s in experts)
     _, loss, grads = _step(model, kwargs)
     assert torch.equal(loss, ref_loss)
     for name, g in ref_grads.items():
         assert (grads[name] - g).norm() <= 1e-5 * g.norm() + 1e-7, name
     actpatch.unpatch_model(model)
-    assert not any("_apply_gate" in vars(m) for m in model.modules())
+    assert not any(in_place.is_patched(m) or "_apply_gate" in vars(m) for m in model.modules())
 
     model.set_experts_implementation("eager")
     report = actpatch.analyze(model, batch_size=BATCH, seq_len=SEQ, norms=False)
@@ -312,3 +313,63 @@ def test_gated_mlp_is_not_fused_where_inverting_the_activation_alone_frees_more(
     report = actpatch.analyze(model, batch_size=BATCH, seq_len=SEQ, norms=False)
     assert {s.path for s in report.patched_sites} == {f"model.layers.{i}.mlp.act_fn" for i in range(2)}
     assert not any(s.kind == "gated" for s in report.sites)
+
+
+def test_a_string_pattern_is_one_pattern():
+    model = tiny_model("llama")
+    only_layer0 = actpatch.analyze(model, include="model.layers.0.*")
+    assert {s.path for s in only_layer0.patched_sites} == {
+        "model.layers.0.mlp", "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm"
+    }  # fmt: skip
+    not_layer1 = actpatch.analyze(model, exclude="model.layers.1.*")
+    assert {s.path for s in not_layer1.patched_sites} == {s.path for s in only_layer0.patched_sites} | {
+        "model.norm"
+    }
+    with pytest.raises(TypeError, match="include must be a pattern"):
+        actpatch.analyze(model, include=3)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bool", "complex64", "float8_e4m3fn", torch.int32, "nonsense"])
+def test_a_dtype_that_is_not_a_float_is_refused(dtype):
+    with pytest.raises(ValueError, match="unsupported dtype .*: actpatch projects float32, bfloat16"):
+        actpatch.analyze(tiny_model("llama"), dtype=dtype)
+
+
+def _described(model, report):
+    """The report's patched sites and the model's, each with its kind."""
+    reported = {(s.path, s.kind) for s in report.patched_sites}
+    kinds = {"FusedGated": "gated", "InvertedNorm": "norm"}
+    actual = {
+        (p, kinds[type(in_place.plan_of(m)).__name__] if in_place.is_patched(m) else
+         "dropout" if isinstance(m, actpatch.nn.PackedDropout) else "activation")
+        for p, m in patched_modules(model).items()
+    }  # fmt: skip
+    return reported, actual
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [({"gated": False}, {"gated": True}), ({"gated": True}, {"gated": False}),
+     ({"dropouts": True}, {"dropouts": False}), ({"norms": True}, {"norms": False})],
+)  # fmt: skip
+def test_a_second_patch_with_other_options_reports_the_model_as_it_is(first, second):
+    """Later options choose what a call adds; what is patched stays patched and is reported, and a gated
+    MLP fused later takes over its activation (restored: the fused forward does not call it)."""
+    family = "gpt2" if "dropouts" in first else "llama"
+    model = tiny_model(family)
+    _, kwargs = input_spec(model).make(BATCH, SEQ)
+    _, ref_loss, ref_grads = _step(model, kwargs)
+    first_report = actpatch.patch_model(model, batch_size=BATCH, seq_len=SEQ, **first)
+    report = actpatch.patch_model(model, batch_size=BATCH, seq_len=SEQ, **second)
+    reported, actual = _described(model, report)
+    assert reported == actual and actual
+    _, loss, grads = _step(model, kwargs)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, g in ref_grads.items():
+        assert (grads[name] - g).norm() <= 2e-3 * g.norm() + 1e-6, name
+    if first == {"gated": False}:
+        act = model.model.layers[0].mlp.act_fn
+        assert type(act).__name__ == "SiLUActivation" and ("model.layers.0.mlp", "gated") in actual
+    if first == {"dropouts": True}:
+        dropouts = {(s.path, "dropout") for s in first_report.patched_sites if s.kind == "dropout"}
+        assert dropouts and dropouts <= actual

@@ -32,6 +32,18 @@ _HALVES = {(2, ("dim", -1)), (2, -1)}  # the constants of .chunk(2, dim=-1) / .c
 
 
 @dataclass(frozen=True)
+class GatedParts:
+    """What a fused gated MLP calls: its children by attribute name, the method that gets the product."""
+
+    entry: str  # "forward", or "_apply_gate" (MoE experts: the product of gate_up's halves)
+    gate: str  # child attribute names (gate == up: one gate_up projection, split by ``split``)
+    up: str
+    down: str
+    split: str  # "" (two projections), "gate_first" or "up_first" (the halves of chunk(2, dim=-1))
+    between: str  # a child called on the product before down (dropout), or ""
+
+
+@dataclass(frozen=True)
 class GatedMLP:
     parent: str  # module path of the MLP
     gate: str  # child attribute names (gate == up: one gate_up projection, split by ``split``)
@@ -43,8 +55,8 @@ class GatedMLP:
     between: str = ""  # a child called on the product before down (dropout), or ""
 
     @property
-    def parts(self) -> tuple[str, str, str, str, str, str]:
-        return self.entry, self.gate, self.up, self.down, self.split, self.between
+    def parts(self) -> GatedParts:
+        return GatedParts(self.entry, self.gate, self.up, self.down, self.split, self.between)
 
 
 def match(probe: ProbeResult, act_path: str) -> GatedMLP | None:

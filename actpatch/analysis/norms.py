@@ -12,6 +12,7 @@ will train with.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,6 +27,14 @@ _CHECKS = (
     (torch.float16, torch.float16),
     (torch.bfloat16, torch.float32),
 )
+
+
+@dataclass(frozen=True)
+class NormParts:
+    """What a patched RMSNorm computes: the ``rms_norm`` variant and the attribute holding its eps."""
+
+    variant: str
+    eps_attr: str
 
 
 def candidates(model: nn.Module) -> dict[int, tuple[str, str]]:

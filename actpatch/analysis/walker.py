@@ -74,10 +74,14 @@ def walk(
     gated: bool = False,
     norms: bool = False,
     dropouts: bool = False,
+    kept_only: frozenset[str] = frozenset(),
 ) -> PatchReport:
     """Analyse ``model`` (whose originals are in place) and decide every site; changes nothing.
     With ``gated``, an activation inside a gated MLP (``gated.match``) is fused with its product; with
-    ``norms``, RMSNorms keep x and 1/rms; with ``dropouts``, dropout modules keep their masks as bits."""
+    ``norms``, RMSNorms keep x and 1/rms; with ``dropouts``, dropout modules keep their masks as bits.
+    The options named in ``kept_only`` ("gated", "norms", "dropouts") are on only to report the sites of
+    that kind in ``already_patched``: the others of that kind are left alone."""
+    selection = _Selection(include, exclude, already_patched, kept_only)
     target = dtype or model_dtype(model)
     with torch.random.fork_rng(devices=[]):
         kinds = {id(m): classify_module(m) for m in model.modules() if is_candidate(m)}
@@ -93,20 +97,17 @@ def walk(
     sites = _collect_sites(model, probes[0], kinds)
     evidences = [_Evidence(p) for p in probes]
     decided: list[tuple[Site, list[Bytes]]] = []  # each site, and what it frees at each probe shape
-    parts: dict[str, tuple] = {}
+    parts: dict[str, gated.GatedParts | _norms.NormParts] = {}
     for site in sites:
         reason, consumer = evidences[0].judge(site)
-        if reason is None and not _selected(site.path, include, exclude):
-            reason = "excluded by include/exclude"
-        if site.path in already_patched:
-            reason = None
+        reason = selection.reason(reason, (site.path,))
         gains = [e.gain(_calls_of(e.probe, site)) for e in evidences]
         fused = None
         if gated:
             basic = evidences[0].basic_reason(site)
-            fused = _gated_site(site, basic, probes, include, exclude, already_patched)
+            fused = _gated_site(site, basic, probes, selection)
         alone_frees_more = fused is not None and reason is None and _total(fused[1][0]) < _total(gains[0])
-        if alone_frees_more and fused[0].path not in already_patched:  # invert the activation alone
+        if alone_frees_more and fused[0].path not in selection.already_patched:  # invert the activation alone
             fused = None
         if fused is not None:
             fused_site, fused_gains, parts[fused_site.path] = fused
@@ -116,12 +117,12 @@ def walk(
         decided.append((Site(site.path, site.activation, consumer, reason is None, reason), gains))
     modules = dict(model.named_modules())
     for path, eps_attr in norm_candidates.values():
-        norm = _norm_site(modules[path], path, eps_attr, probes, include, exclude, already_patched)
+        norm = _norm_site(modules[path], path, eps_attr, probes, selection)
         if norm is not None:
             norm_site, norm_gains, parts[path] = norm
             decided.append((norm_site, norm_gains))
     for path in dropout_candidates.values():
-        dropout = _dropout_site(modules[path], path, probes, include, exclude, already_patched)
+        dropout = _dropout_site(modules[path], path, probes, selection)
         if dropout is not None:
             decided.append(dropout)
 
@@ -165,10 +166,8 @@ def _gated_site(
     site: _Site,
     basic_reason: str | None,
     probes: list[ProbeResult],
-    include: list[str] | None,
-    exclude: list[str] | None,
-    already_patched: set[str],
-) -> tuple[Site, list[Bytes], tuple[str, str, str, str]] | None:
+    selection: _Selection,
+) -> tuple[Site, list[Bytes], gated.GatedParts] | None:
     """The gated site replacing ``site`` (an activation passing rules 1-4 in a gated MLP at every probe
     shape; its input may be kept alive by the product: fusing frees it), what it frees at each probe
     shape, and its parts (``GatedMLP.parts``)."""
@@ -191,13 +190,7 @@ def _gated_site(
         return None
     if gains[0].scalable + gains[0].fixed <= 0:
         return None
-    reason = None
-    paths = (mlp.parent, site.path)  # either path may be named in include; neither may be excluded
-    included = any(_selected(p, include, None) for p in paths)
-    if not (included and all(_selected(p, None, exclude) for p in paths)):
-        reason = "excluded by include/exclude"
-    if mlp.parent in already_patched:
-        reason = None
+    reason = selection.reason(None, (mlp.parent, site.path), "gated")
     consumer = next((s.where for s in probes[0].saved if s.storage == mlp.storages[3]), None)
     fused = Site(mlp.parent, site.activation, consumer, reason is None, reason, kind="gated")
     return fused, gains, mlp.parts
@@ -208,34 +201,30 @@ def _norm_site(
     path: str,
     eps_attr: str,
     probes: list[ProbeResult],
-    include: list[str] | None,
-    exclude: list[str] | None,
-    already_patched: set[str],
-) -> tuple[Site, list[Bytes], tuple[str, str]] | None:
+    selection: _Selection,
+) -> tuple[Site, list[Bytes], _norms.NormParts] | None:
     """The site of an RMSNorm-shaped module that ran and computes a known variant, what it frees at each
-    probe shape, and its parts (variant, eps attribute); None for a module that is not one."""
+    probe shape, and its parts; None for a module that is not one."""
     called = any(c.site == path for c in probes[0].watched_calls)
     variant = _norms.variant_of(module, eps_attr) if called else None
     if variant is None:
         return None
-    site, gains = _watched_site(path, "norm", _norms.gain, probes, include, exclude, already_patched)
-    return site, gains, (variant, eps_attr)
+    site, gains = _watched_site(path, "norm", _norms.gain, probes, selection)
+    return site, gains, _norms.NormParts(variant, eps_attr)
 
 
 def _dropout_site(
     module: nn.Module,
     path: str,
     probes: list[ProbeResult],
-    include: list[str] | None,
-    exclude: list[str] | None,
-    already_patched: set[str],
+    selection: _Selection,
 ) -> tuple[Site, list[Bytes]] | None:
     """The site of a dropout module that ran, and what it frees at each probe shape; None when it did
     not run."""
     if not any(c.site == path for c in probes[0].watched_calls):
         return None
-    site, gains = _watched_site(path, "dropout", _dropouts.gain, probes, include, exclude, already_patched)
-    if module.inplace and path not in already_patched:
+    site, gains = _watched_site(path, "dropout", _dropouts.gain, probes, selection)
+    if module.inplace and path not in selection.already_patched:
         site.patched, site.reason = False, "in-place dropout (inplace=True): left as it is"
     return site, gains
 
@@ -245,9 +234,7 @@ def _watched_site(
     kind: str,
     gain: Callable[[ProbeResult, Call], Bytes],
     probes: list[ProbeResult],
-    include: list[str] | None,
-    exclude: list[str] | None,
-    already_patched: set[str],
+    selection: _Selection,
 ) -> tuple[Site, list[Bytes]]:
     """The site of a watched module (kind "norm": activation "rms_norm"; "dropout": "dropout") and what
     ``gain`` says its calls free at each probe shape: patched when every call ran with a gradient, outside
@@ -266,10 +253,7 @@ def _watched_site(
             break
     if reason is None and _total(gains[0]) <= 0:
         reason = "nothing to gain"
-    if reason is None and not _selected(path, include, exclude):
-        reason = "excluded by include/exclude"
-    if path in already_patched:
-        reason = None
+    reason = selection.reason(reason, (path,), {"norm": "norms", "dropout": "dropouts"}[kind])
     consumer = next((s.where for s in probes[0].saved if s.storage == calls[0].output_storage), None)
     activation = "rms_norm" if kind == "norm" else kind
     return Site(path, activation, consumer, reason is None, reason, kind=kind), gains
@@ -409,10 +393,28 @@ def _total_bytes(probe: ProbeResult) -> Bytes:
     return total
 
 
-def _selected(path: str, include: list[str] | None, exclude: list[str] | None) -> bool:
-    if include is not None and not any(fnmatch.fnmatchcase(path, p) for p in include):
-        return False
-    return not (exclude and any(fnmatch.fnmatchcase(path, p) for p in exclude))
+@dataclass(frozen=True)
+class _Selection:
+    """Which sites the caller chose: ``include``/``exclude`` fnmatch patterns on paths, the options on only
+    to keep what is already patched (``kept_only``), and the sites patched already (they stay patched)."""
+
+    include: list[str] | None
+    exclude: list[str] | None
+    already_patched: set[str]
+    kept_only: frozenset[str]
+
+    def reason(self, reason: str | None, paths: tuple[str, ...], option: str = "") -> str | None:
+        """``reason`` for a site named by ``paths`` (any may be included, none excluded), or why it is not
+        chosen; None for a site already patched."""
+        if paths[0] in self.already_patched:
+            return None
+        if reason is None and option in self.kept_only:
+            return f"{option}=False: only the {option} sites already patched are kept"
+        included = self.include is None or any(fnmatch.fnmatchcase(p, i) for p in paths for i in self.include)
+        excluded = self.exclude and any(fnmatch.fnmatchcase(p, e) for p in paths for e in self.exclude)
+        if reason is None and not (included and not excluded):
+            return "excluded by include/exclude"
+        return reason
 
 
 def _model_name(model: nn.Module) -> str:

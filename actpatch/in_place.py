@@ -1,0 +1,102 @@
+"""Behaviour installed in a module itself: it keeps its parameters, children, hooks and path, and its class
+becomes a subclass of the same name whose entry method runs a *plan*::
+
+    install(module, plan)     module.__class__ = patched_class(type(module), plan.entry)
+                              module._actpatch_plan = plan     (a frozen dataclass of names, no tensors)
+    uninstall(module)         the class and any hooked method back as they were
+
+The subclass's entry (``forward``, or the ``_apply_gate`` of transformers' MoE experts) calls
+``plan(self, *args)``; without a plan it is the original method.  Behaviour lives in the class and the
+plan in the instance, so it follows the instance that is called: ``copy.copy``, ``deepcopy`` and
+``nn.DataParallel`` replicas (a new object of the same class with a copy of ``__dict__``) run their own
+children and weights.  Pickled (``torch.save(model)``), a patched module is written as its original class
+plus a call that swaps the subclass back in on load, with the plan in its state: loading needs actpatch
+importable and gives the patched module back.
+
+Under accelerate's hooks (``device_map``, offloading) the instance ``forward`` is the hook, which calls the
+instance's ``_old_forward``: that one is pointed at the patched method, and restored on uninstall (also when
+the hooks came after patching and took the patched method for the original).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Protocol
+
+from torch import nn
+
+PLAN = "_actpatch_plan"
+_REPLACED = "_actpatch_replaced"  # a hooked module's ``_old_forward`` before patching
+_CLASSES: dict[tuple[type, str], type] = {}
+
+
+class Plan(Protocol):
+    entry: str
+
+    def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def patched_class(base: type, entry: str) -> type:
+    """The subclass of ``base`` (same name and module) whose ``entry`` runs the instance's plan; cached."""
+    key = (base, entry)
+    if key in _CLASSES:
+        return _CLASSES[key]
+    original = getattr(base, entry)
+
+    def method(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        plan = getattr(self, PLAN, None)
+        return original(self, *args, **kwargs) if plan is None else plan(self, *args, **kwargs)
+
+    def __reduce_ex__(self: nn.Module, protocol: int) -> tuple:
+        reduced = object.__reduce_ex__(self, max(protocol, 2))  # (copyreg.__newobj__, (cls,), state, ...)
+        if type(self) is not cls:  # a subclass made after patching (FSDP2): its own business
+            return reduced
+        return (_rebuild, (base, entry), *reduced[2:])
+
+    method.__name__, method.__qualname__ = entry, f"{base.__qualname__}.{entry}"
+    namespace = {entry: method, "__reduce_ex__": __reduce_ex__, "__module__": base.__module__}
+    cls = type(base.__name__, (base,), namespace | {"__qualname__": base.__qualname__})
+    _CLASSES[key] = cls
+    return cls
+
+
+def _rebuild(base: type, entry: str) -> nn.Module:
+    """An empty instance of ``patched_class(base, entry)``, for unpickling (its state follows)."""
+    cls = patched_class(base, entry)
+    return cls.__new__(cls)
+
+
+def is_patched(module: nn.Module) -> bool:
+    return PLAN in module.__dict__
+
+
+def plan_of(module: nn.Module) -> Plan | None:
+    return module.__dict__.get(PLAN)
+
+
+def install(module: nn.Module, plan: Plan) -> None:
+    """Run ``plan`` as ``module``'s ``plan.entry`` from now on."""
+    base = type(module)
+    cls = patched_class(base, plan.entry)
+    module.__dict__[PLAN] = plan
+    module.__class__ = cls
+    if _hooked(module, plan.entry):
+        module.__dict__[_REPLACED] = module.__dict__["_old_forward"]
+        module.__dict__["_old_forward"] = types.MethodType(cls.forward, module)
+
+
+def uninstall(module: nn.Module) -> None:
+    """Put ``module``'s class and methods back as they were before :func:`install`."""
+    plan = module.__dict__.pop(PLAN)
+    base = next(c.__base__ for c in type(module).__mro__ if _CLASSES.get((c.__base__, plan.entry)) is c)
+    patched = _CLASSES[(base, plan.entry)]
+    if type(module) is patched:  # a subclass made after patching (FSDP2) stays, running the original
+        module.__class__ = base
+    if _REPLACED in module.__dict__:
+        module.__dict__["_old_forward"] = module.__dict__.pop(_REPLACED)
+    elif _hooked(module, plan.entry) and getattr(module._old_forward, "__func__", None) is patched.forward:
+        module.__dict__["_old_forward"] = types.MethodType(base.forward, module)  # hooks added after patching
+
+
+def _hooked(module: nn.Module, entry: str) -> bool:
+    return entry == "forward" and "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__
