@@ -5,6 +5,11 @@ Each function returns exactly what its torch counterpart returns.  When a gradie
 and ceil(n/8) bytes of branch bits [x >= x*]; the backward computes f'(x) from them.  Otherwise
 (no grad, inference_mode, float64) the plain torch op runs and nothing extra is computed or kept.
 
+``formula=``: an elementwise module or function computing the same activation with its own rounding (a
+Python formula such as GPT-2's ``gelu_new``): y is then exactly its output (16-bit: read from a table of its
+output at every value, and g from the minimax table of its own (branch, y) classes,
+``lookup.backward_table_of``; otherwise computed by it, without grad), inverted as above.
+
 ``silu_mul(gate, up)`` and ``gelu_mul(gate, up)`` return act(gate) * up (torch's two ops, bitwise) and
 keep the product plus, per element, the gate (or up where act(gate) is ~0) and two bits
 (``actpatch.kernels.gated``), for gate and up of one shape and dtype; otherwise the plain ops run.
@@ -19,36 +24,59 @@ gradient is torch's, bitwise (``actpatch.kernels.dropout``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 import torch.nn.functional as F
 
 from .activations import ACTIVATIONS
 from .activations.sigmoid_gated import quick_gelu_forward
-from .kernels import gated, ops
+from .kernels import gated, lookup, ops
 from .kernels import rms_norm as _rms_norm
+from .kernels.bits import pack_bits
 from .kernels.ops import GATED_OPS, OPS, dropout_backward_op, dropout_op, rms_norm_backward_op, rms_norm_op
 
 INVERTIBLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class ActpatchInverted(torch.autograd.Function):
-    """actpatch::<name> without the dispatcher (eager mode): the same implementations, the same saves."""
+    """actpatch::<name> without the dispatcher (eager mode): the same implementations, the same saves;
+    with a 16-bit forward ``table`` (a formula's), y is read from it."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, name: str) -> torch.Tensor:
-        y, bits = ops.activation_forward(name, x)
+    def forward(
+        ctx, x: torch.Tensor, name: str, tables: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        y, bits = ops.activation_forward(name, x, tables and tables[0])
+        ctx.save_for_backward(y, bits)
+        ctx.name, ctx.g_table = name, tables and tables[1]
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        y, bits = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the custom op, whose own backward says why it cannot
+            return OPS[ctx.name][1](dy, y, bits), None, None
+        return ops.activation_backward(ctx.name, dy, y, bits, ctx.g_table), None, None
+
+
+class ActpatchGiven(torch.autograd.Function):
+    """An inverted activation whose y the caller computed (a formula's, without grad): keeps y and the bits
+    [x >= x*]; the backward is actpatch::<name>'s."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
+        bits = pack_bits(x.float() >= ACTIVATIONS[name].x_star)
         ctx.save_for_backward(y, bits)
         ctx.name = name
         return y
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         y, bits = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: the custom op, whose own backward says why it cannot
-            return OPS[ctx.name][1](dy, y, bits), None
-        return ops.activation_backward(ctx.name, dy, y, bits), None
+        if torch.is_grad_enabled():
+            return OPS[ctx.name][1](dy, y, bits), None, None
+        return ops.activation_backward(ctx.name, dy, y, bits), None, None
 
 
 class ActpatchGated(torch.autograd.Function):
@@ -105,31 +133,56 @@ class ActpatchDropout(torch.autograd.Function):
         return ops.dropout_backward(dy, bits, ctx.p), None
 
 
-def _inverted(name: str, x: torch.Tensor, plain: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    if x.requires_grad and torch.is_grad_enabled() and x.dtype in INVERTIBLE_DTYPES:
+Formula = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _inverted(name: str, x: torch.Tensor, plain: Formula, formula: Formula | None = None) -> torch.Tensor:
+    if not (x.requires_grad and torch.is_grad_enabled() and x.dtype in INVERTIBLE_DTYPES):
+        return plain(x) if formula is None else formula(x)
+    if formula is None:
         if torch.compiler.is_compiling():  # one opaque op in the graph
             return OPS[name][0](x)[0]
         return ActpatchInverted.apply(x, name)
-    return plain(x)
+    if x.dtype in lookup.DTYPES and not torch.compiler.is_compiling():
+        key = formula_key(formula)
+        tables = (
+            lookup.table_of(formula, key, x.dtype, x.device),
+            lookup.backward_table_of(formula, key, ACTIVATIONS[name], x.dtype, x.device),
+        )
+        return ActpatchInverted.apply(x, name, tables)
+    with torch.no_grad():
+        y = formula(x)
+    return ActpatchGiven.apply(x, y, name)
 
 
-def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+def formula_key(formula: Formula) -> Hashable:
+    """What identifies an elementwise formula's output: a module's class and its plain settings (``eps``,
+    ``min``...), or the function itself."""
+    if not isinstance(formula, torch.nn.Module):
+        return formula
+    settings = (
+        (k, v) for k, v in vars(formula).items() if isinstance(v, int | float | str) and not k.startswith("_")
+    )
+    return type(formula), tuple(sorted(settings))
+
+
+def gelu(x: torch.Tensor, approximate: str = "none", *, formula: Formula | None = None) -> torch.Tensor:
     """GELU, x Φ(x) (``approximate="none"``) or 0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³))) (``"tanh"``)."""
     if approximate == "none":
-        return _inverted("gelu", x, F.gelu)
+        return _inverted("gelu", x, F.gelu, formula)
     if approximate == "tanh":
-        return _inverted("gelu_tanh", x, ACTIVATIONS["gelu_tanh"].forward)
+        return _inverted("gelu_tanh", x, ACTIVATIONS["gelu_tanh"].forward, formula)
     raise ValueError(f"actpatch.functional.gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
-def silu(x: torch.Tensor) -> torch.Tensor:
+def silu(x: torch.Tensor, *, formula: Formula | None = None) -> torch.Tensor:
     """SiLU / Swish, x σ(x)."""
-    return _inverted("silu", x, F.silu)
+    return _inverted("silu", x, F.silu, formula)
 
 
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+def quick_gelu(x: torch.Tensor, *, formula: Formula | None = None) -> torch.Tensor:
     """QuickGELU, x σ(1.702 x) (CLIP's activation)."""
-    return _inverted("quick_gelu", x, quick_gelu_forward)
+    return _inverted("quick_gelu", x, quick_gelu_forward, formula)
 
 
 def _gated(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

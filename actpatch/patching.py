@@ -46,6 +46,7 @@ from torch import nn
 
 from . import functional as F
 from . import in_place
+from .analysis.sites import runs_torch_op
 from .analysis.walker import walk
 from .nn import InvertedGELU, InvertedQuickGELU, InvertedSiLU, PackedDropout
 from .report import PatchReport
@@ -58,12 +59,12 @@ _PRODUCTS = {
     "gelu_tanh": functools.partial(F.gelu_mul, approximate="tanh"),
 }
 
-_REPLACEMENTS = {  # activation -> replacement of the original module
-    "gelu": lambda _: InvertedGELU("none"),
-    "gelu_tanh": lambda _: InvertedGELU("tanh"),
-    "silu": lambda _: InvertedSiLU(),
-    "quick_gelu": lambda _: InvertedQuickGELU(),
-    "dropout": lambda original: PackedDropout(original.p),
+_REPLACEMENTS = {  # activation -> replacement of the original module, given the formula it must keep
+    "gelu": lambda _, formula: InvertedGELU("none", formula),
+    "gelu_tanh": lambda _, formula: InvertedGELU("tanh", formula),
+    "silu": lambda _, formula: InvertedSiLU(formula),
+    "quick_gelu": lambda _, formula: InvertedQuickGELU(formula),
+    "dropout": lambda original, _: PackedDropout(original.p),
 }
 
 
@@ -234,7 +235,8 @@ def _kind(module: nn.Module) -> str:
 
 def _swap(model: nn.Module, path: str, activation: str) -> None:
     original = model.get_submodule(path)
-    replacement = _REPLACEMENTS[activation](original)
+    formula = None if activation == "dropout" or runs_torch_op(original, activation) else original
+    replacement = _REPLACEMENTS[activation](original, formula)
     replacement.train(original.training)
     replacement.__dict__[_ORIGINAL] = original  # not a submodule: state_dict and paths stay the same
     _set(model, path, replacement)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..activations import ACTIVATIONS
+from ..kernels.lookup import every_value
 
 INVERTIBLE = frozenset(ACTIVATIONS)
 
@@ -72,6 +73,30 @@ def formula_of(module: nn.Module) -> str | None:
         if torch.allclose(y, f(x), rtol=1e-5, atol=1e-6):
             return name
     return None
+
+
+_FLOAT32_GRID = torch.cat(
+    [torch.linspace(-30.0, 30.0, 60001), torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0])]
+)
+
+
+def runs_torch_op(module: nn.Module, activation: str) -> bool:
+    """Whether ``module``'s output is bitwise actpatch's forward of ``activation`` (torch's own op) on every
+    bfloat16 and float16 value and a dense float32 grid, on the CPU; False for a Python formula with its
+    own rounding (GPT-2's ``gelu_new``), whose output the replacement then computes by the module."""
+    op = ACTIVATIONS[activation].forward
+    inputs = [every_value(torch.bfloat16), every_value(torch.float16), _FLOAT32_GRID]
+    try:
+        with torch.no_grad():
+            return all(_same_bits(module(x), op(x)) for x in inputs)
+    except Exception:  # a module that fails on some dtype: its own forward decides
+        return False
+
+
+def _same_bits(a: object, b: torch.Tensor) -> bool:
+    if not isinstance(a, torch.Tensor) or a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all() and (a.signbit() == b.signbit()).all())
 
 
 def classify_module(module: nn.Module) -> str | None:

@@ -3,6 +3,13 @@
 forward_table(act, dtype, device)   int16 [65536]: the bits of y = torch's own ``act.forward`` of the x
                                     with bit pattern i, on ``device`` (so the kernel's y is that op's,
                                     bitwise); the kernel compares x >= x* itself;
+table_of(fn, key, dtype, device)    the same for any elementwise ``fn`` (a module's own Python formula),
+                                    cached under ``key``;
+backward_table_of(fn, key, act, dtype, device)
+                                    float32 [2 · 65536] for such an ``fn``: g at (branch, y) is the midpoint
+                                    of f' over the inputs of that branch ``fn`` rounds to y, the estimate at
+                                    the information limit of ``fn``'s own rounding (a Python formula's y is
+                                    coarser than torch's op's); the reference's g where ``fn`` never gives y;
 backward_table(act, dtype, device)  float32 [2 · 65536]: g = ``reference.inverse_derivative`` at the y with
                                     bit pattern i, left branch (entries 0..65535) then right, computed on the
                                     CPU, so that dx = dy · g is the reference's backward bitwise everywhere.
@@ -15,14 +22,16 @@ dtype, device) and cached: 128 KiB + 512 KiB.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+
 import torch
 
 from ..activations import Activation
 from .reference import inverse_derivative
 
 DTYPES = (torch.bfloat16, torch.float16)
-_FORWARD: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
-_BACKWARD: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+_FORWARD: dict[tuple[Hashable, torch.dtype, torch.device], torch.Tensor] = {}
+_BACKWARD: dict[tuple, torch.Tensor] = {}
 
 
 def every_value(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -31,10 +40,42 @@ def every_value(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch
 
 
 def forward_table(act: Activation, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = (act.name, dtype, device)
+    return table_of(act.forward, act.name, dtype, device)
+
+
+def table_of(
+    fn: Callable[[torch.Tensor], torch.Tensor], key: Hashable, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """int16 [65536]: the bits of ``fn`` at every value of ``dtype`` on ``device`` (built without grad)."""
+    key = (key, dtype, device)
     if key not in _FORWARD:
-        _FORWARD[key] = act.forward(every_value(dtype, device)).view(torch.int16).contiguous()
+        with torch.no_grad():
+            _FORWARD[key] = fn(every_value(dtype, device)).view(torch.int16).contiguous()
     return _FORWARD[key]
+
+
+def backward_table_of(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    key: Hashable,
+    act: Activation,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """float32 [2 · 65536]: the minimax g of ``fn``'s (branch, y) classes, built on the CPU in float64."""
+    key = ("backward", key, dtype, device)
+    if key not in _BACKWARD:
+        x = every_value(dtype)
+        with torch.no_grad():
+            y = fn(x)
+        slot = ((x.float() >= act.x_star).long() << 16) | (y.view(torch.int16).long() & 0xFFFF)
+        known = torch.isfinite(x) & torch.isfinite(y)
+        slot, df = slot[known], act.df_safe(x[known].double())
+        lo = torch.full((2 * 65536,), torch.inf, dtype=torch.float64).scatter_reduce(0, slot, df, "amin")
+        hi = torch.full((2 * 65536,), -torch.inf, dtype=torch.float64).scatter_reduce(0, slot, df, "amax")
+        g = backward_table(act, dtype, torch.device("cpu")).double()
+        g = torch.where(torch.isfinite(lo), (lo + hi) / 2, g)
+        _BACKWARD[key] = g.float().to(device).contiguous()
+    return _BACKWARD[key]
 
 
 def backward_table(act: Activation, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -59,18 +59,24 @@ _SEEDED = (
 )
 
 
-def activation_forward(name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, bits) as ``actpatch::<name>`` computes them on x's device."""
+def activation_forward(
+    name: str, x: torch.Tensor, table: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, bits) as ``actpatch::<name>`` computes them on x's device; with a 16-bit forward ``table`` (a
+    module's own formula's, ``lookup.table_of``), y is its entry of x."""
     if x.is_cuda and _KERNELS is not None:
-        return _KERNELS.forward(x, ACTIVATIONS[name])
-    return reference.forward(x, ACTIVATIONS[name])
+        return _KERNELS.forward(x, ACTIVATIONS[name], table)
+    return reference.forward(x, ACTIVATIONS[name], table)
 
 
-def activation_backward(name: str, dy: torch.Tensor, y: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """dx as ``actpatch::<name>_backward`` computes it on y's device."""
+def activation_backward(
+    name: str, dy: torch.Tensor, y: torch.Tensor, bits: torch.Tensor, table: torch.Tensor | None = None
+) -> torch.Tensor:
+    """dx as ``actpatch::<name>_backward`` computes it on y's device; with a 16-bit backward ``table`` (a
+    formula's, ``lookup.backward_table_of``), g is read from it."""
     if y.is_cuda and _KERNELS is not None:
-        return _KERNELS.backward(dy, y, bits, ACTIVATIONS[name])
-    return reference.backward(dy, y, bits, ACTIVATIONS[name])
+        return _KERNELS.backward(dy, y, bits, ACTIVATIONS[name], g_table=table)
+    return reference.backward(dy, y, bits, ACTIVATIONS[name], table)
 
 
 def gated_forward(

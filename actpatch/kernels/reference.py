@@ -1,6 +1,7 @@
 """Pure-PyTorch inverted activations: any device, float32 arithmetic for float32/bf16/fp16.
 
-forward:  y = f(x) with the activation's own eager formula, bits = pack([x >= x*]).
+forward:  y = f(x) with the activation's own eager formula (or the entry of x in a given 16-bit forward
+          table), bits = pack([x >= x*]).
 backward: dx = dy · g_b(y), g from the fitted InverseTable (see activations/approximation.py).
 """
 
@@ -74,13 +75,22 @@ def inverse_derivative(y: torch.Tensor, right: torch.Tensor, act: Activation) ->
     return torch.where(y.isnan(), y, torch.where(tail, y * p, p))
 
 
-def forward(x: torch.Tensor, act: Activation) -> tuple[torch.Tensor, torch.Tensor]:
-    y = act.forward(x)
+def forward(
+    x: torch.Tensor, act: Activation, table: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, bits); y = ``table``'s entry of x's bit pattern (int16 [65536], for 16-bit x) when one is given."""
+    y = act.forward(x) if table is None else table.take(x.view(torch.int16).long() & 0xFFFF).view(x.dtype)
     bits = pack_bits(x.float() >= act.x_star)
     return y, bits
 
 
-def backward(dy: torch.Tensor, y: torch.Tensor, bits: torch.Tensor, act: Activation) -> torch.Tensor:
+def backward(
+    dy: torch.Tensor, y: torch.Tensor, bits: torch.Tensor, act: Activation, table: torch.Tensor | None = None
+) -> torch.Tensor:
+    """dx = dy · g; g = ``table``'s entry of (branch, y's bits) (float32 [2 · 65536], 16-bit y) if given."""
     right = unpack_bits(bits, y.numel()).view(y.shape)
-    g = inverse_derivative(y, right, act)
+    if table is not None:
+        g = table.take((right.long() << 16) | (y.view(torch.int16).long() & 0xFFFF))
+    else:
+        g = inverse_derivative(y, right, act)
     return (dy.float() * g).to(dy.dtype)

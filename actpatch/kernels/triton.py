@@ -365,18 +365,20 @@ def _launch(kernel, n: int, rows: int, warps: int, args: tuple, **scalars) -> No
 
 
 def forward(
-    x: torch.Tensor, act: Activation, *, lookup_table: bool = True
+    x: torch.Tensor, act: Activation, table: torch.Tensor | None = None, *, lookup_table: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, bits): y a fresh tensor like ``x`` (shape, and strides for dense x), bits uint8 [ceil(n/8)].
-    16-bit x reads y from ``lookup.forward_table`` unless ``lookup_table`` is False (for benchmarks) or the
-    arithmetic is faster and checked to be torch's (``ARITHMETIC_FLOAT16``)."""
+    16-bit x reads y from ``table`` (a module's own formula's) or ``lookup.forward_table`` unless
+    ``lookup_table`` is False (for benchmarks) or the arithmetic is faster and checked to be torch's
+    (``ARITHMETIC_FLOAT16``)."""
     n = x.numel()
     bits = torch.empty(packed_size(n), dtype=torch.uint8, device=x.device)
     xc = x.contiguous()
     yc = torch.empty_like(xc)
-    if n and x.dtype in lookup.DTYPES and lookup_table and not _arithmetic_is_torch(act, x):
+    standard = x.dtype in lookup.DTYPES and lookup_table and not _arithmetic_is_torch(act, x)
+    if n and (table is not None or standard):
         kernel, _ = _kernel(_forward_lookup_kernel, x.device)
-        table = lookup.forward_table(act, x.dtype, x.device)
+        table = lookup.forward_table(act, x.dtype, x.device) if table is None else table
         args = (xc.view(torch.int16), yc.view(torch.int16), bits, table, n)
         fp16 = x.dtype == torch.float16
         _launch(
@@ -436,8 +438,10 @@ def backward(
     *,
     lookup_table: bool = True,
     table: InverseTable | None = None,
+    g_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dx = dy · g_b(y), a fresh tensor like ``dy``.
+    """dx = dy · g_b(y), a fresh tensor like ``dy``; 16-bit y with a ``g_table`` (float32 [2 · 65536], a
+    formula's: ``lookup.backward_table_of``) reads g from it.
 
     On CUDA, y / y* is y times a float32 reciprocal, log2 and √ the hardware's approximate ones (an ulp or
     two: y's own rounding moves g far more); under the interpreter, correctly rounded division and √ and
@@ -447,7 +451,7 @@ def backward(
     n = y.numel()
     dyc = dy.contiguous()
     dxc = torch.empty_like(dyc)
-    if n and y.dtype in lookup.DTYPES and table is None and lookup_table:
+    if n and (g_table is not None or y.dtype in lookup.DTYPES and table is None and lookup_table):
         kernel, compiled = _kernel(_backward_lookup_kernel, y.device)
         by_hand = not compiled and y.dtype == torch.bfloat16
         args = (
@@ -455,7 +459,7 @@ def backward(
             y.contiguous().view(torch.int16),
             bits,
             dxc.view(torch.int16) if by_hand else dxc,
-            lookup.backward_table(act, y.dtype, y.device),
+            lookup.backward_table(act, y.dtype, y.device) if g_table is None else g_table,
             n,
         )
         _launch(kernel, n, LOOKUP_BACKWARD_ROWS, LOOKUP_BACKWARD_WARPS, args, BF16_BY_HAND=by_hand)
