@@ -112,3 +112,26 @@ def test_patched_gpt2_logits_and_loss_are_bitwise_unpatched(dtype):
         torch.manual_seed(0)
         got = model(**kwargs)
         assert torch.equal(got.logits, expected.logits) and torch.equal(got.loss, expected.loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_patched_gpt2_is_bitwise_unpatched_and_its_formula_kernels_match_the_reference(dtype):
+    model = tiny_model("gpt2").to("cuda", dtype)
+    _, kwargs = input_spec(model).make(2, 12)
+    kwargs = {k: v.cuda() for k, v in kwargs.items()}
+    reference_model = copy.deepcopy(model)
+    actpatch.patch_model(model, batch_size=2, seq_len=12)
+    torch.manual_seed(0)
+    expected = reference_model(**kwargs)
+    torch.manual_seed(0)
+    got = model(**kwargs)
+    assert torch.equal(got.logits, expected.logits) and torch.equal(got.loss, expected.loss)
+    if dtype == torch.float32:
+        return
+    x = lookup.every_value(dtype, "cuda")
+    y, g = _inverted(NewGELUActivation(), x)
+    assert _same(y, NewGELUActivation()(x))
+    _, g_cpu = _inverted(NewGELUActivation(), x.cpu())
+    assert _same(g.cpu(), g_cpu)

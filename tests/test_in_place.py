@@ -138,3 +138,23 @@ def test_a_class_made_after_patching_keeps_working_and_unpatches():
     assert type(norm).__name__ == "FSDPLlamaRMSNorm" and not in_place.is_patched(norm)
     y = norm(x)
     assert torch.equal(y, patched_y) and y.grad_fn.name() != "ActpatchRMSNormBackward"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_data_parallel_replicas_compute_with_their_own_devices_weights():
+    """nn.DataParallel over two GPUs: each replica of a patched model runs its own children (on its own
+    GPU), so the loss and gradients equal the single-GPU patched model's."""
+    model = tiny_model("llama").cuda()
+    _, kwargs = input_spec(model).make(4, SEQ)
+    kwargs = {k: v.cuda() for k, v in kwargs.items()}
+    actpatch.patch_model(model, batch_size=4, seq_len=SEQ)
+    single = copy.deepcopy(model)
+    logits = single(input_ids=kwargs["input_ids"]).logits
+    logits.float().square().mean().backward()
+    parallel = torch.nn.DataParallel(model, device_ids=[0, 1])
+    out = parallel(input_ids=kwargs["input_ids"]).logits
+    torch.testing.assert_close(out, logits.detach(), rtol=1e-5, atol=1e-6)
+    out.float().square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), single.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
