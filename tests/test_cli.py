@@ -277,6 +277,15 @@ def test_verify_failure_exits_1_and_saves_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_default_t5_config_converts_and_verifies(tmp_path):
+    """A T5 config.json without decoder_start_token_id (T5Config's default has none): the probe's and
+    --verify's batches carry their own decoder ids."""
+    config = {"model_type": "t5", "num_layers": 1, "num_heads": 2, "d_model": 16, "d_kv": 8, "d_ff": 32}
+    result = invoke("convert", str(_config_dir(tmp_path, config)), "--verify", "--seq-len", "16", "--json")
+    report = _json(result)
+    assert report["verify"]["ok"] and any(s["patched"] for s in report["sites"])
+
+
 def test_models_table():
     result = invoke("models")
     assert result.exit_code == 0 and "meta-llama/Llama-3.1-70B" in result.stdout and "28672" in result.stdout
