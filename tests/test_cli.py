@@ -19,6 +19,7 @@ from actpatch.cli import app
 
 BIN = Path(sys.executable).with_name("actpatch")
 SCRIPT = str(BIN) if BIN.exists() else shutil.which("actpatch")
+ROOT = Path(__file__).resolve().parents[1]
 
 SITE_KEYS = {"path", "activation", "consumer", "patched", "reason", "saved_bytes_per_token", "kind"}
 PROJECTION_KEYS = {
@@ -39,10 +40,16 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("COLUMNS", "200")
 
 
+def script_env() -> dict[str, str]:
+    """os.environ, with this checkout first on the path: the console script may belong to another one."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
 def actpatch_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     assert SCRIPT, "the actpatch console script is not installed"
     return subprocess.run(
-        [SCRIPT, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=os.environ
+        [SCRIPT, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=script_env()
     )
 
 
@@ -117,7 +124,9 @@ def test_human_output_has_table_and_summary():
 def test_verify_and_output_on_a_tiny_local_model(tmp_path):
     model_dir = _config_dir(tmp_path, TINY_LLAMA)
     out = tmp_path / "patched"
-    proc = actpatch_cli("convert", str(model_dir), "--verify", "--output", str(out), "--json")
+    proc = actpatch_cli(
+        "convert", str(model_dir), "--verify", "--output", str(out), "--random-init", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     check = report["verify"]
@@ -245,6 +254,37 @@ def test_existing_output_is_a_usage_error(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep"]
 
 
+def _weights(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(directory / "model.safetensors")
+
+
+def test_config_file_path_loads_the_weights_beside_it(tmp_path):
+    """MODEL as DIR/config.json stands for DIR: its weights are loaded and saved, not random ones."""
+    from actpatch.loading import load_model
+
+    model_dir = _config_dir(tmp_path, TINY_LLAMA)
+    load_model(str(model_dir)).model.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    result = invoke("convert", str(model_dir / "config.json"), "--output", str(out), "--json")
+    assert _json(result)["output"] == str(out) and "no weights found" not in result.stderr
+    original, saved = _weights(model_dir), _weights(out)
+    assert original.keys() == saved.keys() and all(original[k].equal(saved[k]) for k in original)
+
+
+def test_output_without_weights_needs_random_init(tmp_path):
+    model_dir = _config_dir(tmp_path, TINY_LLAMA)
+    out = tmp_path / "out"
+    refused = invoke("convert", str(model_dir / "config.json"), "--output", str(out))
+    assert refused.exit_code == 2 and refused.stdout == "" and not out.exists()
+    assert refused.stderr.startswith("actpatch: error: ") and "--random-init" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert invoke("convert", str(model_dir), "--dry-run").exit_code == 0  # dry runs need no weights
+    assert invoke("convert", str(model_dir), "--output", str(out), "--random-init").exit_code == 0
+    assert (out / "model.safetensors").is_file()
+
+
 def test_failing_save_leaves_no_directory(tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 
@@ -254,7 +294,7 @@ def test_failing_save_leaves_no_directory(tmp_path, monkeypatch):
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", failing_save)
     model_dir = _config_dir(tmp_path, TINY_LLAMA)
-    result = invoke("convert", str(model_dir), "--output", str(tmp_path / "new" / "out"))
+    result = invoke("convert", str(model_dir), "--output", str(tmp_path / "new" / "out"), "--random-init")
     assert result.exit_code == 1 and "No space left on device" in result.stderr
     assert not (tmp_path / "new").exists()
     assert not [p for p in tmp_path.rglob("*") if "actpatch-partial" in p.name]
@@ -272,7 +312,7 @@ def test_verify_failure_exits_1_and_saves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(verify_mod, "verify", pessimist)
     model_dir = _config_dir(tmp_path, TINY_LLAMA)
-    result = invoke("convert", str(model_dir), "--verify", "--output", str(tmp_path / "out"))
+    result = invoke("convert", str(model_dir), "--verify", "--output", str(tmp_path / "out"), "--random-init")
     assert result.exit_code == 1 and "beyond tolerance" in result.stderr and "FAILED" in result.stdout
     assert not (tmp_path / "out").exists()
 

@@ -150,6 +150,25 @@ def test_config_file_path_is_accepted(tmp_path):
     assert loading.load_config(str(d / "config.json")).hidden_size == 32
 
 
+def test_config_file_path_stands_for_its_directory(tmp_path):
+    d = _config_dir(tmp_path, TINY_LLAMA)
+    loading.load_model(str(d)).model.save_pretrained(d)
+    (d / "config.json").rename(d / "tiny.json")  # from_pretrained(d) alone would find no config
+    source = loading.resolve(str(d / "tiny.json"))
+    assert (source.kind, source.location, source.has_weights) == ("local", str(d), True)
+    loaded = loading.load_model(str(d / "tiny.json"), random_init=False)
+    assert loaded.weights == "pretrained" and not loaded.notes
+
+
+def test_no_weights_without_random_init_raises(tmp_path):
+    d = _config_dir(tmp_path, TINY_LLAMA)
+    with pytest.raises(loading.MissingWeightsError, match="no weights found"):
+        loading.load_model(str(d), random_init=False)
+    with pytest.raises(loading.MissingWeightsError, match="no weights found"):
+        loading.load_model("gpt2", random_init=False)  # a built-in, offline
+    assert loading.load_model(str(d), dry_run=True, random_init=False).weights == "meta"
+
+
 @pytest.mark.parametrize("name", ["./missing", "/no/such/dir", "a/b/c", "missing.json"])
 def test_missing_path_is_not_found(name):
     with pytest.raises(ModelNotFoundError, match="no such file or directory"):

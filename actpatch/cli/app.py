@@ -146,6 +146,13 @@ def convert(
             show_default=False,
         ),
     ] = None,
+    random_init: Annotated[
+        bool,
+        typer.Option(
+            "--random-init",
+            help="With --output and a MODEL without weights: save randomly initialised ones (else refused).",
+        ),
+    ] = False,
     verify: Annotated[
         bool,
         typer.Option("--verify", help="Compare one forward/backward on a random batch, patched vs original."),
@@ -184,6 +191,7 @@ def convert(
             exclude=_patterns(exclude),
             json_output=json_output,
             output=output,
+            random_init=random_init,
             verify=verify,
             gated=gated,
             norms=norms,
@@ -206,6 +214,7 @@ def _convert(
     output: Path | None,
     verify: bool,
     trust_remote_code: bool,
+    random_init: bool = False,
     gated: bool = True,
     norms: bool = True,
     dropouts: bool = False,
@@ -216,7 +225,7 @@ def _convert(
 
     import actpatch
 
-    from .. import loading, manifest
+    from .. import manifest
 
     if dry_run and output is not None:
         raise UsageProblem("--output needs weights; it cannot be used with --dry-run")
@@ -241,9 +250,7 @@ def _convert(
 
     what = "config (meta device, no weights)" if dry_run else "model"
     with err.status(f"Loading {what} of {name} ..."):
-        loaded = loading.load_model(
-            name, dry_run=dry_run, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
+        loaded = _load(name, dry_run, torch_dtype, trust_remote_code, random_init or output is None)
     for note in loaded.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
     model = loaded.model
@@ -297,6 +304,18 @@ def _convert(
         message = "--verify: the patched model differs from the original beyond tolerance"
         print(error_line(message + ("; nothing saved" if output is not None else "")), file=sys.stderr)
         raise typer.Exit(EXIT_FAILURE)
+
+
+def _load(name: str, dry_run: bool, dtype: Any, trust_remote_code: bool, random_init: bool) -> Any:
+    """loading.load_model; random weights only where allowed (--output saves them: --random-init)."""
+    from .. import loading
+
+    try:
+        return loading.load_model(
+            name, dry_run=dry_run, dtype=dtype, trust_remote_code=trust_remote_code, random_init=random_init
+        )
+    except loading.MissingWeightsError as e:
+        raise UsageProblem(f"{e}; --output would save random weights: pass --random-init for that") from e
 
 
 @app.command("models")
