@@ -285,6 +285,15 @@ def test_output_without_weights_needs_random_init(tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
+def test_output_to_a_mount_point_is_refused_before_loading(tmp_path, monkeypatch):
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == mount)
+    result = invoke("convert", str(tmp_path / "nothing-here"), "--output", str(mount))
+    assert result.exit_code == 2 and "mount point" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_failing_save_leaves_no_directory(tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 
