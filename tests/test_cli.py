@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -167,6 +168,54 @@ def test_debug_shows_the_traceback(tmp_path):
     proc = actpatch_cli("convert", str(d), "--dry-run", "--debug")
     assert proc.returncode == 1 and "Traceback" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("actpatch: error: ")
+
+
+# Runs the CLI with a save_pretrained that writes a file, then waits to be signalled.
+_SLOW_SAVE = """
+import sys, time
+from pathlib import Path
+from transformers import PreTrainedModel
+from actpatch.cli import main
+
+def slow_save(self, directory, **kwargs):
+    (Path(directory) / "model.safetensors").write_bytes(b"half")
+    time.sleep(120)
+
+PreTrainedModel.save_pretrained = slow_save
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_terminated_while_saving_leaves_nothing(tmp_path, signum):
+    model_dir = _config_dir(tmp_path, TINY_LLAMA)
+    out = tmp_path / "out"
+    args = ["convert", str(model_dir), "--output", str(out), "--random-init"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_SAVE, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=script_env(),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".out.actpatch-partial-*/model.safetensors")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, stderr
+    assert stderr.strip().splitlines()[-1] == f"actpatch: error: terminated ({signal.Signals(signum).name})"
+    assert {p.name for p in tmp_path.iterdir()} - {"hf-home"} == {"model"}  # no partial directory left
+
+
+def test_signal_handlers_are_restored_after_a_command():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    assert invoke("models", "--json").exit_code == 0
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_unwritable_output_leaves_nothing(tmp_path):

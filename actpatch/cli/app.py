@@ -7,7 +7,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from enum import Enum
@@ -41,6 +43,36 @@ class UsageProblem(Exception):
     """A combination of arguments that cannot work (exit code 2)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised as SIGINT raises KeyboardInterrupt (exit code 128 + the signal)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_TERMINATING = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM and SIGHUP unwind the stack like Ctrl-C, so clean-ups run (the
+    partial --output directory is removed); the previous handlers are restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set them
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    previous = {s: signal.signal(s, raise_terminated) for s in _TERMINATING}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _stderr() -> Console:
     return Console(stderr=True)
 
@@ -64,9 +96,13 @@ def exit_code_for(exc: BaseException) -> int:
 def _errors(debug: bool) -> Iterator[None]:
     """Turn any exception into one line on stderr and an exit code; ``debug`` adds the traceback."""
     try:
-        yield
+        with _terminate_as_interrupt():
+            yield
     except (typer.Exit, typer.Abort):
         raise
+    except Terminated as e:
+        print(error_line(f"terminated ({signal.Signals(e.signum).name})"), file=sys.stderr)
+        raise typer.Exit(128 + e.signum) from None
     except KeyboardInterrupt:
         print(error_line("interrupted"), file=sys.stderr)
         raise typer.Exit(130) from None
