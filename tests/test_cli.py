@@ -137,6 +137,9 @@ def test_verify_and_output_on_a_tiny_local_model(tmp_path):
     recorded = json.loads((out / "actpatch_manifest.json").read_text())
     assert [s["path"] for s in recorded["sites"]] == [s["path"] for s in report["sites"] if s["patched"]]
     assert (out / "model.safetensors").is_file()
+    assert proc.stderr.splitlines() == [
+        f"note: {model_dir}: no weights found; randomly initialised from its config"
+    ]
 
     import actpatch
 
@@ -156,6 +159,21 @@ def test_verify_and_output_on_a_tiny_local_model(tmp_path):
 )
 def test_usage_errors(args, code, fragment):
     _assert_one_line_error(actpatch_cli(*args), code, fragment)
+
+
+def test_unreachable_hub_is_one_line(tmp_path):
+    """HF_HUB_OFFLINE unset, a Hub that refuses connections at once: huggingface_hub's retries and
+    warnings stay quiet; the error is the one line."""
+    env = {k: v for k, v in script_env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")
+    proc = subprocess.run(
+        [SCRIPT, "convert", "nobody/not-a-builtin-model", "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    _assert_one_line_error(proc, 2, "nobody/not-a-builtin-model")
 
 
 def test_invalid_json_config_fails_with_one_line(tmp_path):

@@ -121,6 +121,34 @@ def _errors(debug: bool) -> Iterator[None]:
         raise typer.Exit(exit_code_for(e)) from None
 
 
+@contextlib.contextmanager
+def _quiet_libraries(debug: bool) -> Iterator[None]:
+    """transformers' and huggingface_hub's warnings (the Hub's retries ...) and progress bars off while a
+    command runs, so that stderr holds actpatch's own lines and an error stays one line; restored
+    afterwards.  ``debug`` leaves them on."""
+    if debug:
+        yield
+        return
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    levels = hf_logging.get_verbosity(), hub_utils.logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    hf_logging.set_verbosity_error()
+    hub_utils.logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(levels[0])
+        hub_utils.logging.set_verbosity(levels[1])
+        if bars[0]:
+            hf_logging.enable_progress_bar()
+        if bars[1]:
+            hub_utils.enable_progress_bars()
+
+
 def _patterns(values: list[str] | None) -> list[str] | None:
     """Repeated options and comma-separated lists, flattened."""
     if not values:
@@ -216,7 +244,7 @@ def convert(
     debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
 ) -> None:
     """Find the activations of MODEL that can be inverted, patch them, and project the memory saved."""
-    with _errors(debug):
+    with _errors(debug), _quiet_libraries(debug):
         _convert(
             model,
             dry_run=dry_run,
@@ -257,7 +285,6 @@ def _convert(
     debug: bool = False,
 ) -> None:
     import torch
-    from transformers.utils import logging as hf_logging
 
     import actpatch
 
@@ -270,8 +297,6 @@ def _convert(
     if output is not None:
         manifest.check_output_dir(output)
     torch_dtype = getattr(torch, dtype)
-    if not debug:
-        hf_logging.set_verbosity_error()  # transformers' warnings are noise here; errors still surface
     err = _stderr()
     shape = {
         "batch_size": batch_size,
