@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from . import configs
 
@@ -288,11 +289,12 @@ def load_model(
     """Build the model ``name`` points to, in training mode.
 
     ``dry_run``: on the meta device from the config only (accelerate.init_empty_weights), nothing read
-    or allocated.  Otherwise the weights are loaded when there are some; a local config without
-    weights, or a built-in config whose weights cannot be had, is randomly initialised
-    (``LoadedModel.weights == "random"``), or raises MissingWeightsError when ``random_init`` is False
-    (for callers that would save the weights).  The model is built from the config that was read, so
-    a config file under another name than config.json still loads the weights beside it.
+    or allocated; grouped_mm experts run an op whose meta kernel takes every dtype.  Otherwise the
+    weights are loaded when there are some; a local config without weights, or a built-in config whose
+    weights cannot be had, is randomly initialised (``LoadedModel.weights == "random"``), or raises
+    MissingWeightsError when ``random_init`` is False (for callers that would save the weights).  The
+    model is built from the config that was read, so a config file under another name than config.json
+    still loads the weights beside it.
     """
     source = resolve(name)
     config = load_config(source, trust_remote_code=trust_remote_code)
@@ -307,6 +309,7 @@ def load_model(
 
             with init_empty_weights():
                 model = auto.from_config(config, **kwargs)
+            _meta_safe_experts(model)
             weights = "meta"
         elif source.has_weights:
             model = _from_pretrained(auto, source.location, {**kwargs, "config": config})
@@ -335,6 +338,44 @@ def load_model(
         raise ModelLoadError(f"{name}: cannot build the model ({_one_line(e)})") from e
     model.train()
     return LoadedModel(model, source, weights, notes)
+
+
+# The experts implementation a dry run gives the models whose experts run grouped_mm.
+META_GROUPED_MM = "actpatch_meta_grouped_mm"
+
+
+class _GroupedMMOnMeta(TorchFunctionMode):
+    """torch._grouped_mm of meta tensors -> transformers' grouped_mm_fallback op, whose fake kernel takes
+    any dtype (grouped_mm's own meta kernel takes only bfloat16) and which saves the same tensors for
+    backward (input and weight)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        plain = kwargs.get("bias") is None and kwargs.get("out_dtype") is None and len(args) == 2
+        if func is torch._grouped_mm and plain and args[0].is_meta and kwargs.get("offs") is not None:
+            return torch.ops.transformers.grouped_mm_fallback(*args, kwargs["offs"])
+        return func(*args, **kwargs)
+
+
+def _meta_grouped_mm_experts(self: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    from transformers.integrations import moe
+
+    with _GroupedMMOnMeta():
+        return moe.grouped_mm_experts_forward(self, *args, **kwargs)
+
+
+def _meta_safe_experts(model: torch.nn.Module) -> None:
+    """Let a meta model's grouped_mm experts (Mixtral, Qwen-MoE ...) run in any dtype, for dry runs in
+    float32 / float16: their forward runs grouped_mm's fallback op on meta (:class:`_GroupedMMOnMeta`)."""
+    get = getattr(model, "get_experts_implementation", None)
+    if get is None or "grouped_mm" not in get().values():
+        return
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(META_GROUPED_MM, _meta_grouped_mm_experts)
+    model.set_experts_implementation(
+        {k: META_GROUPED_MM if v == "grouped_mm" else v for k, v in get().items()}
+    )
 
 
 def _check_random_init(allowed: bool, why: str) -> None:
