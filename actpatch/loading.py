@@ -3,10 +3,12 @@
 ``resolve`` decides where a MODEL argument points (a local directory or config file, the Hugging Face
 cache or Hub, or a config shipped in :mod:`actpatch.configs`), ``load_config`` reads and validates its
 config, and ``load_model`` builds the model: on the meta device for dry runs (no weights read), from
-the weights when there are some, or randomly initialised from the config when there are none.
+the weights when there are some, or randomly initialised from the config when there are none (unless
+the caller forbids it).
 
-Errors are :class:`ModelLoadError` (or its subclass :class:`ModelNotFoundError` when the argument
-names nothing), with a one-line message fit to show a user.  Nothing here prints.
+Errors are :class:`ModelLoadError` (or its subclasses :class:`ModelNotFoundError` when the argument
+names nothing, :class:`MissingWeightsError` when weights are required and there are none), with a
+one-line message fit to show a user.  Nothing here prints.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from . import configs
 
@@ -51,6 +54,10 @@ class ModelLoadError(Exception):
 
 class ModelNotFoundError(ModelLoadError):
     """The MODEL argument names no local path, built-in config, cached or reachable Hub repository."""
+
+
+class MissingWeightsError(ModelLoadError):
+    """The model has no weights to load and ``load_model(random_init=False)`` forbids random ones."""
 
 
 @dataclass
@@ -96,6 +103,10 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
+def _has_weights(directory: Path) -> bool:
+    return any((directory / f).is_file() for f in WEIGHT_FILES)
+
+
 def _cached_file(repo_id: str, filename: str) -> str | None:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -109,18 +120,18 @@ def _cached_file(repo_id: str, filename: str) -> str | None:
 def resolve(name: str) -> ModelSource:
     """Decide what ``name`` refers to, without the network.
 
-    Order: an existing local directory or config file; the Hugging Face cache; a built-in config;
-    otherwise a Hub repository (only if the Hub may be used).  Raises ModelNotFoundError.
+    Order: an existing local directory or config file (which stands for its directory: the weights
+    beside it are loaded); the Hugging Face cache; a built-in config; otherwise a Hub repository (only
+    if the Hub may be used).  Raises ModelNotFoundError.
     """
     path = Path(name).expanduser()
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
             raise ModelNotFoundError(f"{name}: directory has no config.json")
-        has_weights = any((path / f).is_file() for f in WEIGHT_FILES)
-        return ModelSource(name, "local", str(path), has_weights, config_file)
+        return ModelSource(name, "local", str(path), _has_weights(path), config_file)
     if path.is_file():
-        return ModelSource(name, "local", str(path.parent), False, path)
+        return ModelSource(name, "local", str(path.parent), _has_weights(path.parent), path)
     if _looks_like_path(name):
         raise ModelNotFoundError(f"{name}: no such file or directory")
     if _cached_file(name, "config.json"):
@@ -273,12 +284,17 @@ def load_model(
     dry_run: bool = False,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    random_init: bool = True,
 ) -> LoadedModel:
     """Build the model ``name`` points to, in training mode.
 
     ``dry_run``: on the meta device from the config only (accelerate.init_empty_weights), nothing read
-    or allocated.  Otherwise the weights are loaded when there are some; a local config without
-    weights, or a built-in config, is randomly initialised (``LoadedModel.weights == "random"``).
+    or allocated; grouped_mm experts run an op whose meta kernel takes every dtype.  Otherwise the
+    weights are loaded when there are some; a local config without weights, or a built-in config whose
+    weights cannot be had, is randomly initialised (``LoadedModel.weights == "random"``), or raises
+    MissingWeightsError when ``random_init`` is False (for callers that would save the weights).  The
+    model is built from the config that was read, so a config file under another name than config.json
+    still loads the weights beside it.
     """
     source = resolve(name)
     config = load_config(source, trust_remote_code=trust_remote_code)
@@ -293,19 +309,22 @@ def load_model(
 
             with init_empty_weights():
                 model = auto.from_config(config, **kwargs)
+            _meta_safe_experts(model)
             weights = "meta"
         elif source.has_weights:
-            model = _from_pretrained(auto, source.location, kwargs)
+            model = _from_pretrained(auto, source.location, {**kwargs, "config": config})
             weights = "pretrained"
         elif source.kind == "builtin" and not hub_offline():
             try:
                 model = _from_pretrained(auto, source.location, kwargs)
                 weights = "pretrained"
             except ModelLoadError as e:
+                _check_random_init(random_init, str(e))
                 model = auto.from_config(config, **kwargs)
                 weights = "random"
                 notes.append(f"{e}; randomly initialised from the built-in config instead")
         else:
+            _check_random_init(random_init, f"{name}: no weights found")
             model = auto.from_config(config, **kwargs)
             weights = "random"
             notes.append(f"{name}: no weights found; randomly initialised from its config")
@@ -321,6 +340,49 @@ def load_model(
     return LoadedModel(model, source, weights, notes)
 
 
+# The experts implementation a dry run gives the models whose experts run grouped_mm.
+META_GROUPED_MM = "actpatch_meta_grouped_mm"
+
+
+class _GroupedMMOnMeta(TorchFunctionMode):
+    """torch._grouped_mm of meta tensors -> transformers' grouped_mm_fallback op, whose fake kernel takes
+    any dtype (grouped_mm's own meta kernel takes only bfloat16) and which saves the same tensors for
+    backward (input and weight)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        plain = kwargs.get("bias") is None and kwargs.get("out_dtype") is None and len(args) == 2
+        if func is torch._grouped_mm and plain and args[0].is_meta and kwargs.get("offs") is not None:
+            return torch.ops.transformers.grouped_mm_fallback(*args, kwargs["offs"])
+        return func(*args, **kwargs)
+
+
+def _meta_grouped_mm_experts(self: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    from transformers.integrations import moe
+
+    with _GroupedMMOnMeta():
+        return moe.grouped_mm_experts_forward(self, *args, **kwargs)
+
+
+def _meta_safe_experts(model: torch.nn.Module) -> None:
+    """Let a meta model's grouped_mm experts (Mixtral, Qwen-MoE ...) run in any dtype, for dry runs in
+    float32 / float16: their forward runs grouped_mm's fallback op on meta (:class:`_GroupedMMOnMeta`)."""
+    get = getattr(model, "get_experts_implementation", None)
+    if get is None or "grouped_mm" not in get().values():
+        return
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(META_GROUPED_MM, _meta_grouped_mm_experts)
+    model.set_experts_implementation(
+        {k: META_GROUPED_MM if v == "grouped_mm" else v for k, v in get().items()}
+    )
+
+
+def _check_random_init(allowed: bool, why: str) -> None:
+    if not allowed:
+        raise MissingWeightsError(why)
+
+
 def _from_pretrained(auto: Any, location: str, kwargs: dict[str, Any]) -> torch.nn.Module:
     try:
         return auto.from_pretrained(location, **kwargs)
@@ -330,6 +392,7 @@ def _from_pretrained(auto: Any, location: str, kwargs: dict[str, Any]) -> torch.
 
 __all__ = [
     "LoadedModel",
+    "MissingWeightsError",
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelSource",

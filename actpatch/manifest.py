@@ -43,7 +43,7 @@ class OutputError(Exception):
 
 
 class OutputExistsError(OutputError):
-    """The output directory exists and is not empty."""
+    """The output path exists and cannot be replaced: not an empty directory, or a mount point."""
 
 
 @dataclass
@@ -218,12 +218,34 @@ def load_patched(path: str | os.PathLike[str], **from_pretrained_kwargs: Any) ->
     return model
 
 
+def _target(out: Path) -> Path:
+    """The directory the rename will replace: ``out`` with symlinks resolved, so that a symlink to an
+    empty directory is written through (its target replaced) rather than replaced itself."""
+    try:
+        return out.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise OutputError(f"{out}: cannot resolve it ({e})") from e
+
+
 def check_output_dir(directory: str | os.PathLike[str]) -> None:
-    """Raise OutputExistsError / OutputError now if ``directory`` could not receive a saved model."""
+    """Raise OutputExistsError / OutputError now if ``directory`` could not receive a saved model.
+
+    Checks what :func:`save_patched`'s final steps need: an empty directory there may be removed (not
+    a mount point, which cannot be), and the nearest existing parent of its (symlink-resolved) path is
+    a writable directory, for the partial sibling directory and the rename.
+    """
     out = Path(directory).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputExistsError(f"{out}: already exists and is not an empty directory")
-    parent = out.absolute().parent
+    target = _target(out)
+    try:
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise OutputExistsError(f"{out}: already exists and is not an empty directory")
+    except PermissionError as e:
+        raise OutputError(f"{out}: cannot read it ({e.strerror})") from e
+    if target.exists() and os.path.ismount(target):
+        raise OutputExistsError(
+            f"{out}: is a mount point, which cannot be replaced; give a directory inside it"
+        )
+    parent = target.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
@@ -245,12 +267,14 @@ def save_patched(
 
     Everything is written into a hidden sibling directory first and renamed into place at the end;
     on any error the partial directory (and any parent directory created for it) is removed, and
-    OutputError is raised for file-system failures.  ``directory`` must not exist or be empty.
+    OutputError is raised for file-system failures.  ``directory`` must not exist or be an empty
+    directory (not a mount point); a symlink to one is written through.
     """
     out = Path(directory).expanduser()
     check_output_dir(out)
+    target = _target(out)
     manifest = build_manifest(model, report, include=include, exclude=exclude)
-    parent = out.absolute().parent
+    parent = target.parent
     created: list[Path] = []
     probe = parent
     while not probe.exists():
@@ -261,7 +285,7 @@ def save_patched(
     try:
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.actpatch-partial-", dir=parent))
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.actpatch-partial-", dir=parent))
             umask = os.umask(0)
             os.umask(umask)
             tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's mode
@@ -270,9 +294,9 @@ def save_patched(
         try:
             model.save_pretrained(tmp, **save_kwargs)
             write_manifest(manifest, tmp)
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
+            if target.exists():
+                target.rmdir()
+            os.replace(tmp, target)
         except OSError as e:
             raise OutputError(f"{out}: cannot write the model ({e.strerror or e})") from e
         done = True

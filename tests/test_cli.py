@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from actpatch.cli import app
 
 BIN = Path(sys.executable).with_name("actpatch")
 SCRIPT = str(BIN) if BIN.exists() else shutil.which("actpatch")
+ROOT = Path(__file__).resolve().parents[1]
 
 SITE_KEYS = {"path", "activation", "consumer", "patched", "reason", "saved_bytes_per_token", "kind"}
 PROJECTION_KEYS = {
@@ -39,10 +41,16 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("COLUMNS", "200")
 
 
+def script_env() -> dict[str, str]:
+    """os.environ, with this checkout first on the path: the console script may belong to another one."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
 def actpatch_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     assert SCRIPT, "the actpatch console script is not installed"
     return subprocess.run(
-        [SCRIPT, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=os.environ
+        [SCRIPT, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=script_env()
     )
 
 
@@ -117,7 +125,9 @@ def test_human_output_has_table_and_summary():
 def test_verify_and_output_on_a_tiny_local_model(tmp_path):
     model_dir = _config_dir(tmp_path, TINY_LLAMA)
     out = tmp_path / "patched"
-    proc = actpatch_cli("convert", str(model_dir), "--verify", "--output", str(out), "--json")
+    proc = actpatch_cli(
+        "convert", str(model_dir), "--verify", "--output", str(out), "--random-init", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     check = report["verify"]
@@ -127,6 +137,9 @@ def test_verify_and_output_on_a_tiny_local_model(tmp_path):
     recorded = json.loads((out / "actpatch_manifest.json").read_text())
     assert [s["path"] for s in recorded["sites"]] == [s["path"] for s in report["sites"] if s["patched"]]
     assert (out / "model.safetensors").is_file()
+    assert proc.stderr.splitlines() == [
+        f"note: {model_dir}: no weights found; randomly initialised from its config"
+    ]
 
     import actpatch
 
@@ -148,6 +161,21 @@ def test_usage_errors(args, code, fragment):
     _assert_one_line_error(actpatch_cli(*args), code, fragment)
 
 
+def test_unreachable_hub_is_one_line(tmp_path):
+    """HF_HUB_OFFLINE unset, a Hub that refuses connections at once: huggingface_hub's retries and
+    warnings stay quiet; the error is the one line."""
+    env = {k: v for k, v in script_env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")
+    proc = subprocess.run(
+        [SCRIPT, "convert", "nobody/not-a-builtin-model", "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    _assert_one_line_error(proc, 2, "nobody/not-a-builtin-model")
+
+
 def test_invalid_json_config_fails_with_one_line(tmp_path):
     d = _config_dir(tmp_path, '{"model_type": "llama",')
     _assert_one_line_error(actpatch_cli("convert", str(d), "--dry-run"), 1, "not valid JSON")
@@ -158,6 +186,54 @@ def test_debug_shows_the_traceback(tmp_path):
     proc = actpatch_cli("convert", str(d), "--dry-run", "--debug")
     assert proc.returncode == 1 and "Traceback" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("actpatch: error: ")
+
+
+# Runs the CLI with a save_pretrained that writes a file, then waits to be signalled.
+_SLOW_SAVE = """
+import sys, time
+from pathlib import Path
+from transformers import PreTrainedModel
+from actpatch.cli import main
+
+def slow_save(self, directory, **kwargs):
+    (Path(directory) / "model.safetensors").write_bytes(b"half")
+    time.sleep(120)
+
+PreTrainedModel.save_pretrained = slow_save
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_terminated_while_saving_leaves_nothing(tmp_path, signum):
+    model_dir = _config_dir(tmp_path, TINY_LLAMA)
+    out = tmp_path / "out"
+    args = ["convert", str(model_dir), "--output", str(out), "--random-init"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_SAVE, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=script_env(),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".out.actpatch-partial-*/model.safetensors")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, stderr
+    assert stderr.strip().splitlines()[-1] == f"actpatch: error: terminated ({signal.Signals(signum).name})"
+    assert {p.name for p in tmp_path.iterdir()} - {"hf-home"} == {"model"}  # no partial directory left
+
+
+def test_signal_handlers_are_restored_after_a_command():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    assert invoke("models", "--json").exit_code == 0
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_unwritable_output_leaves_nothing(tmp_path):
@@ -245,6 +321,46 @@ def test_existing_output_is_a_usage_error(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep"]
 
 
+def _weights(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(directory / "model.safetensors")
+
+
+def test_config_file_path_loads_the_weights_beside_it(tmp_path):
+    """MODEL as DIR/config.json stands for DIR: its weights are loaded and saved, not random ones."""
+    from actpatch.loading import load_model
+
+    model_dir = _config_dir(tmp_path, TINY_LLAMA)
+    load_model(str(model_dir)).model.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    result = invoke("convert", str(model_dir / "config.json"), "--output", str(out), "--json")
+    assert _json(result)["output"] == str(out) and "no weights found" not in result.stderr
+    original, saved = _weights(model_dir), _weights(out)
+    assert original.keys() == saved.keys() and all(original[k].equal(saved[k]) for k in original)
+
+
+def test_output_without_weights_needs_random_init(tmp_path):
+    model_dir = _config_dir(tmp_path, TINY_LLAMA)
+    out = tmp_path / "out"
+    refused = invoke("convert", str(model_dir / "config.json"), "--output", str(out))
+    assert refused.exit_code == 2 and refused.stdout == "" and not out.exists()
+    assert refused.stderr.startswith("actpatch: error: ") and "--random-init" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert invoke("convert", str(model_dir), "--dry-run").exit_code == 0  # dry runs need no weights
+    assert invoke("convert", str(model_dir), "--output", str(out), "--random-init").exit_code == 0
+    assert (out / "model.safetensors").is_file()
+
+
+def test_output_to_a_mount_point_is_refused_before_loading(tmp_path, monkeypatch):
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == mount)
+    result = invoke("convert", str(tmp_path / "nothing-here"), "--output", str(mount))
+    assert result.exit_code == 2 and "mount point" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_failing_save_leaves_no_directory(tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 
@@ -254,7 +370,7 @@ def test_failing_save_leaves_no_directory(tmp_path, monkeypatch):
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", failing_save)
     model_dir = _config_dir(tmp_path, TINY_LLAMA)
-    result = invoke("convert", str(model_dir), "--output", str(tmp_path / "new" / "out"))
+    result = invoke("convert", str(model_dir), "--output", str(tmp_path / "new" / "out"), "--random-init")
     assert result.exit_code == 1 and "No space left on device" in result.stderr
     assert not (tmp_path / "new").exists()
     assert not [p for p in tmp_path.rglob("*") if "actpatch-partial" in p.name]
@@ -272,9 +388,18 @@ def test_verify_failure_exits_1_and_saves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(verify_mod, "verify", pessimist)
     model_dir = _config_dir(tmp_path, TINY_LLAMA)
-    result = invoke("convert", str(model_dir), "--verify", "--output", str(tmp_path / "out"))
+    result = invoke("convert", str(model_dir), "--verify", "--output", str(tmp_path / "out"), "--random-init")
     assert result.exit_code == 1 and "beyond tolerance" in result.stderr and "FAILED" in result.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_default_t5_config_converts_and_verifies(tmp_path):
+    """A T5 config.json without decoder_start_token_id (T5Config's default has none): the probe's and
+    --verify's batches carry their own decoder ids."""
+    config = {"model_type": "t5", "num_layers": 1, "num_heads": 2, "d_model": 16, "d_kv": 8, "d_ff": 32}
+    result = invoke("convert", str(_config_dir(tmp_path, config)), "--verify", "--seq-len", "16", "--json")
+    report = _json(result)
+    assert report["verify"]["ok"] and any(s["patched"] for s in report["sites"])
 
 
 def test_models_table():

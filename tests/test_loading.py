@@ -150,6 +150,25 @@ def test_config_file_path_is_accepted(tmp_path):
     assert loading.load_config(str(d / "config.json")).hidden_size == 32
 
 
+def test_config_file_path_stands_for_its_directory(tmp_path):
+    d = _config_dir(tmp_path, TINY_LLAMA)
+    loading.load_model(str(d)).model.save_pretrained(d)
+    (d / "config.json").rename(d / "tiny.json")  # from_pretrained(d) alone would find no config
+    source = loading.resolve(str(d / "tiny.json"))
+    assert (source.kind, source.location, source.has_weights) == ("local", str(d), True)
+    loaded = loading.load_model(str(d / "tiny.json"), random_init=False)
+    assert loaded.weights == "pretrained" and not loaded.notes
+
+
+def test_no_weights_without_random_init_raises(tmp_path):
+    d = _config_dir(tmp_path, TINY_LLAMA)
+    with pytest.raises(loading.MissingWeightsError, match="no weights found"):
+        loading.load_model(str(d), random_init=False)
+    with pytest.raises(loading.MissingWeightsError, match="no weights found"):
+        loading.load_model("gpt2", random_init=False)  # a built-in, offline
+    assert loading.load_model(str(d), dry_run=True, random_init=False).weights == "meta"
+
+
 @pytest.mark.parametrize("name", ["./missing", "/no/such/dir", "a/b/c", "missing.json"])
 def test_missing_path_is_not_found(name):
     with pytest.raises(ModelNotFoundError, match="no such file or directory"):
@@ -184,3 +203,46 @@ def test_bad_configs_raise_one_line_errors(tmp_path, config, message):
         loading.load_model(str(d), dry_run=True)
     assert not isinstance(info.value, ModelNotFoundError)
     assert "\n" not in str(info.value)
+
+
+def _small_mixtral(tmp_path: Path) -> Path:
+    return _config_dir(tmp_path, {**configs.load("mistralai/Mixtral-8x7B-v0.1"), "num_hidden_layers": 2})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_moe_dry_run_probes_in_every_dtype(tmp_path, dtype):
+    """grouped_mm's meta kernel takes only bfloat16: a dry run's experts run its fallback op instead."""
+    import actpatch
+
+    model = loading.load_model(str(_small_mixtral(tmp_path)), dry_run=True, dtype=dtype).model
+    report = actpatch.analyze(model, seq_len=64, dtype=dtype)
+    assert {s.path for s in report.patched_sites} >= {
+        "model.layers.0.mlp.experts",
+        "model.layers.1.mlp.experts",
+    }
+    assert report.projection.saved_bytes > 0
+
+
+def test_moe_dry_run_projects_what_grouped_mm_saves(tmp_path):
+    """In bfloat16, where grouped_mm's meta kernel runs, the fallback op saves the same activations."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    import actpatch
+
+    model_dir = str(_small_mixtral(tmp_path))
+    with init_empty_weights():
+        grouped = transformers.AutoModelForCausalLM.from_config(
+            loading.load_config(model_dir), dtype=torch.bfloat16
+        ).train()
+    dry = loading.load_model(model_dir, dry_run=True, dtype=torch.bfloat16).model
+    assert dry.get_experts_implementation() == {"": loading.META_GROUPED_MM}
+    assert grouped.get_experts_implementation() == {"": "grouped_mm"}
+    expected, got = (actpatch.analyze(m, seq_len=64).projection for m in (grouped, dry))
+    assert got.saved_bytes == expected.saved_bytes
+    # grouped_mm also saves its group offsets (tens of bytes per layer); the fallback keeps them on ctx
+    assert (
+        0
+        <= expected.activation_bytes_before - got.activation_bytes_before
+        <= 64 * dry.config.num_hidden_layers
+    )

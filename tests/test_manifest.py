@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,31 @@ def test_failing_save_leaves_nothing_behind(tiny, tmp_path, monkeypatch, error):
     with pytest.raises(OutputError if isinstance(error, OSError) else RuntimeError):
         manifest.save_patched(tiny, out, actpatch.patch_model(tiny, seq_len=16))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no output, partial dir, nor a/b
+
+
+def test_symlink_to_an_empty_directory_is_written_through(tiny, tmp_path):
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "real", target_is_directory=True)
+    manifest.save_patched(tiny, link, actpatch.patch_model(tiny, seq_len=16))
+    assert link.is_symlink() and (tmp_path / "real" / MANIFEST_NAME).is_file()
+    assert (link / "model.safetensors").is_file() and not _leftovers(tmp_path)
+
+
+def test_symlink_to_a_non_empty_directory_is_refused(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "keep.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    with pytest.raises(OutputExistsError, match="not an empty directory"):
+        manifest.check_output_dir(tmp_path / "link")
+
+
+def test_mount_point_is_refused_up_front(tmp_path, monkeypatch):
+    """An empty mount point passes the emptiness check, but the final rename cannot replace it."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == mount or real_ismount(p))
+    with pytest.raises(OutputExistsError, match="mount point"):
+        manifest.check_output_dir(mount)
+    manifest.check_output_dir(mount / "inside")  # a new directory in it is fine

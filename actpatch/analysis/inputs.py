@@ -2,9 +2,10 @@
 
 :func:`input_spec` returns an :class:`InputSpec` whose ``make(batch, seq)`` gives the keyword arguments
 of one training forward (with labels where the model has a head that takes them): token ids for causal
-and masked LMs and encoder-decoders, ``pixel_values`` for vision models, ``input_features`` for
-Whisper-like audio models, both for CLIP-like models.  ``example_inputs`` (a dict of keyword arguments,
-a tuple of positional ones, or one tensor) replaces the synthesis; the probe then runs at that one shape.
+and masked LMs and encoder-decoders (decoder ids too, so no config token id is needed),
+``pixel_values`` for vision models, ``input_features`` for Whisper-like audio models, both for CLIP-like
+models.  ``example_inputs`` (a dict of keyword arguments, a tuple of positional ones, or one tensor)
+replaces the synthesis; the probe then runs at that one shape.
 """
 
 from __future__ import annotations
@@ -138,7 +139,9 @@ def _config_spec(base: nn.Module, config: Any, params: set[str], device, dtype) 
             g = torch.Generator().manual_seed(batch)
             feats = torch.randn(batch, config.num_mel_bins, frames, generator=g)
             kw["input_features"] = feats.to(device, dtype)
-        if encoder_decoder and not token_labels and "decoder_input_ids" in params:
+        if encoder_decoder and "decoder_input_ids" in params:
+            # given even with labels: shifting labels right needs decoder_start_token_id, which some
+            # default configs lack (T5Config())
             kw["decoder_input_ids"] = _ids(batch, seq, config.vocab_size, device, seed=seq + 1)
         if token_labels and (wants_text or encoder_decoder):
             kw["labels"] = _ids(batch, seq, text_cfg.vocab_size, device, seed=seq + 2)

@@ -7,7 +7,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from enum import Enum
@@ -41,6 +43,36 @@ class UsageProblem(Exception):
     """A combination of arguments that cannot work (exit code 2)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised as SIGINT raises KeyboardInterrupt (exit code 128 + the signal)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_TERMINATING = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM and SIGHUP unwind the stack like Ctrl-C, so clean-ups run (the
+    partial --output directory is removed); the previous handlers are restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set them
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    previous = {s: signal.signal(s, raise_terminated) for s in _TERMINATING}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _stderr() -> Console:
     return Console(stderr=True)
 
@@ -64,9 +96,13 @@ def exit_code_for(exc: BaseException) -> int:
 def _errors(debug: bool) -> Iterator[None]:
     """Turn any exception into one line on stderr and an exit code; ``debug`` adds the traceback."""
     try:
-        yield
+        with _terminate_as_interrupt():
+            yield
     except (typer.Exit, typer.Abort):
         raise
+    except Terminated as e:
+        print(error_line(f"terminated ({signal.Signals(e.signum).name})"), file=sys.stderr)
+        raise typer.Exit(128 + e.signum) from None
     except KeyboardInterrupt:
         print(error_line("interrupted"), file=sys.stderr)
         raise typer.Exit(130) from None
@@ -83,6 +119,34 @@ def _errors(debug: bool) -> Iterator[None]:
             message += " (run with --debug for the traceback)"
         print(error_line(message), file=sys.stderr)
         raise typer.Exit(exit_code_for(e)) from None
+
+
+@contextlib.contextmanager
+def _quiet_libraries(debug: bool) -> Iterator[None]:
+    """transformers' and huggingface_hub's warnings (the Hub's retries ...) and progress bars off while a
+    command runs, so that stderr holds actpatch's own lines and an error stays one line; restored
+    afterwards.  ``debug`` leaves them on."""
+    if debug:
+        yield
+        return
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    levels = hf_logging.get_verbosity(), hub_utils.logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    hf_logging.set_verbosity_error()
+    hub_utils.logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(levels[0])
+        hub_utils.logging.set_verbosity(levels[1])
+        if bars[0]:
+            hf_logging.enable_progress_bar()
+        if bars[1]:
+            hub_utils.enable_progress_bars()
 
 
 def _patterns(values: list[str] | None) -> list[str] | None:
@@ -146,6 +210,13 @@ def convert(
             show_default=False,
         ),
     ] = None,
+    random_init: Annotated[
+        bool,
+        typer.Option(
+            "--random-init",
+            help="With --output and a MODEL without weights: save randomly initialised ones (else refused).",
+        ),
+    ] = False,
     verify: Annotated[
         bool,
         typer.Option("--verify", help="Compare one forward/backward on a random batch, patched vs original."),
@@ -173,7 +244,7 @@ def convert(
     debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
 ) -> None:
     """Find the activations of MODEL that can be inverted, patch them, and project the memory saved."""
-    with _errors(debug):
+    with _errors(debug), _quiet_libraries(debug):
         _convert(
             model,
             dry_run=dry_run,
@@ -184,6 +255,7 @@ def convert(
             exclude=_patterns(exclude),
             json_output=json_output,
             output=output,
+            random_init=random_init,
             verify=verify,
             gated=gated,
             norms=norms,
@@ -206,17 +278,17 @@ def _convert(
     output: Path | None,
     verify: bool,
     trust_remote_code: bool,
+    random_init: bool = False,
     gated: bool = True,
     norms: bool = True,
     dropouts: bool = False,
     debug: bool = False,
 ) -> None:
     import torch
-    from transformers.utils import logging as hf_logging
 
     import actpatch
 
-    from .. import loading, manifest
+    from .. import manifest
 
     if dry_run and output is not None:
         raise UsageProblem("--output needs weights; it cannot be used with --dry-run")
@@ -225,8 +297,6 @@ def _convert(
     if output is not None:
         manifest.check_output_dir(output)
     torch_dtype = getattr(torch, dtype)
-    if not debug:
-        hf_logging.set_verbosity_error()  # transformers' warnings are noise here; errors still surface
     err = _stderr()
     shape = {
         "batch_size": batch_size,
@@ -241,9 +311,7 @@ def _convert(
 
     what = "config (meta device, no weights)" if dry_run else "model"
     with err.status(f"Loading {what} of {name} ..."):
-        loaded = loading.load_model(
-            name, dry_run=dry_run, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
+        loaded = _load(name, dry_run, torch_dtype, trust_remote_code, random_init or output is None)
     for note in loaded.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
     model = loaded.model
@@ -297,6 +365,18 @@ def _convert(
         message = "--verify: the patched model differs from the original beyond tolerance"
         print(error_line(message + ("; nothing saved" if output is not None else "")), file=sys.stderr)
         raise typer.Exit(EXIT_FAILURE)
+
+
+def _load(name: str, dry_run: bool, dtype: Any, trust_remote_code: bool, random_init: bool) -> Any:
+    """loading.load_model; random weights only where allowed (--output saves them: --random-init)."""
+    from .. import loading
+
+    try:
+        return loading.load_model(
+            name, dry_run=dry_run, dtype=dtype, trust_remote_code=trust_remote_code, random_init=random_init
+        )
+    except loading.MissingWeightsError as e:
+        raise UsageProblem(f"{e}; --output would save random weights: pass --random-init for that") from e
 
 
 @app.command("models")

@@ -62,15 +62,8 @@ def random_inputs(model: torch.nn.Module, batch_size: int, seq_len: int) -> tupl
     except (TypeError, ValueError) as e:
         raise VerifyError(f"cannot make a random batch for {type(model).__name__}: {e}") from e
     kwargs = dict(kwargs)
-    labels = kwargs.pop("labels", None)
+    kwargs.pop("labels", None)  # encoder-decoders get decoder_input_ids from input_spec
     kwargs.pop("return_loss", None)
-    config = getattr(model, "config", None)
-    if (
-        labels is not None
-        and getattr(config, "is_encoder_decoder", False)
-        and "decoder_input_ids" not in kwargs
-    ):
-        kwargs["decoder_input_ids"] = labels
     return args, kwargs
 
 
