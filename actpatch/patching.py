@@ -49,7 +49,7 @@ from . import in_place
 from .analysis.sites import runs_torch_op
 from .analysis.walker import walk
 from .nn import InvertedGELU, InvertedQuickGELU, InvertedSiLU, PackedDropout
-from .report import PatchReport
+from .report import PatchReport, Site
 
 _ORIGINAL = "_actpatch_original"
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -209,7 +209,7 @@ class InvertedNorm:
         return F.rms_norm(x, module.weight, getattr(module, self.eps_attr), self.variant)
 
 
-def _patch(model: nn.Module, site, parts: object) -> None:
+def _patch(model: nn.Module, site: Site, parts: object) -> None:
     if site.kind == "gated":
         in_place.install(model.get_submodule(site.path), FusedGated(site.activation, **asdict(parts)))
     elif site.kind == "norm":
