@@ -36,10 +36,10 @@ def _horner(coef: torch.Tensor, m: int, t: torch.Tensor) -> torch.Tensor:
     t = torch.nan_to_num(t, nan=0.0, posinf=float(m)).clamp(0.0, float(m))
     idx = t.floor().clamp(max=m - 1)
     s = t - idx
-    idx = idx.long()
-    acc = coef[0].take(idx)
+    idx = idx.long().reshape(-1)  # index_select, not take: as fast, and vmap has a batching rule for it
+    acc = coef[0].index_select(0, idx).view_as(t)
     for row in coef[1:]:
-        acc = acc.mul_(s).add_(row.take(idx))
+        acc = acc.mul_(s).add_(row.index_select(0, idx).view_as(t))
     return acc
 
 
