@@ -126,3 +126,25 @@ def test_vmap_over_the_compile_custom_ops_raises_actpatch_error():
         vmap(lambda r: torch.ops.actpatch.gelu(r)[0])(x)
     with pytest.raises(RuntimeError, match="actpatch::silu_mul"):
         vmap(lambda r: torch.ops.actpatch.silu_mul(r, r)[0])(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(OPS))
+def test_gpu_vmap_of_grad_and_jvp_never_reach_a_triton_kernel(name):
+    """On CUDA, batched tensors run the pure-PyTorch path (a Triton kernel cannot take them): torch's
+    per-sample gradients and tangents."""
+    ours, plain, n = OPS[name]
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 5, 16, generator=g).cuda() for _ in range(n)]
+    w = W.cuda()
+    if name == "rms_norm":
+        ours, plain = (
+            (lambda x: AF.rms_norm(x, w, 1e-6)),
+            (lambda x: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))),
+        )
+    loss = lambda f: lambda *x: (f(*x) * torch.arange(16.0, device="cuda")).sum()  # noqa: E731
+    got = vmap(grad(loss(ours), argnums=tuple(range(n))))(*xs)
+    want = vmap(grad(loss(plain), argnums=tuple(range(n))))(*xs)
+    for a, b in zip(got, want, strict=True):
+        close_at_scale(a, b, 2e-3 if n == 1 and name != "rms_norm" else 1e-5)
