@@ -30,107 +30,232 @@ import torch
 import torch.nn.functional as F
 
 from .activations import ACTIVATIONS
-from .activations.sigmoid_gated import quick_gelu_forward
+from .activations.sigmoid_gated import QUICK_GELU_SCALE, quick_gelu_forward
 from .kernels import gated, lookup, ops
 from .kernels import rms_norm as _rms_norm
 from .kernels.bits import pack_bits
-from .kernels.ops import GATED_OPS, OPS, dropout_backward_op, dropout_op, rms_norm_backward_op, rms_norm_op
+from .kernels.ops import DOUBLE_BACKWARD_ERROR, GATED_OPS, OPS, dropout_op, rms_norm_op
 
 INVERTIBLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _act_jvp(name: str, x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Forward-mode AD of the plain activation, f'(x)·ẋ, by torch's own formulas (derivative kernels)."""
+    if name == "quick_gelu":  # x σ(c x): ẋ σ + x σ'(c x) c ẋ
+        sig = torch.sigmoid(QUICK_GELU_SCALE * x)
+        return dx * sig + torch.ops.aten.sigmoid_backward(QUICK_GELU_SCALE * dx, sig) * x
+    return gated.act_backward(name, dx, x)
+
+
+class ActpatchBackward(torch.autograd.Function):
+    """A patched op's backward ``fn(*args)`` where a graph of it is built (create_graph; torch.func.grad
+    always builds one): differentiating it again, in either mode, raises ``DOUBLE_BACKWARD_ERROR``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(fn: Callable, *args):
+        return fn(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+    jvp = backward
+
+
+class ActpatchDropoutGrad(torch.autograd.Function):
+    """Dropout's gradient dx = D(dy) = m · dy / (1 - p) from the kept bits: linear, so its derivative (either
+    mode, any order) is D again, as torch's dropout's."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dy: torch.Tensor, bits: torch.Tensor, p: float) -> torch.Tensor:
+        return ops.dropout_backward(dy, bits, p)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, bits, ctx.p = inputs
+        ctx.save_for_backward(bits)
+        ctx.save_for_forward(bits)
+
+    @staticmethod
+    def backward(ctx, ddx: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return ActpatchDropoutGrad.apply(ddx, ctx.saved_tensors[0], ctx.p), None, None
+
+    @staticmethod
+    def jvp(ctx, ddy: torch.Tensor, _bits, _p) -> torch.Tensor:
+        return ActpatchDropoutGrad.apply(ddy, ctx.saved_tensors[0], ctx.p)
+
+
 class ActpatchInverted(torch.autograd.Function):
     """actpatch::<name> without the dispatcher (eager mode): the same implementations, the same saves;
-    with a 16-bit forward ``table`` (a formula's), y is read from it."""
+    with 16-bit ``tables`` (a formula's forward and backward tables), y and g are read from them.
+
+    torch.func: forward and backward are batched by vmap (``generate_vmap_rule``; batched tensors run the
+    pure-PyTorch reference); jvp is torch's f'(x)·ẋ, from x kept for forward AD only."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, name: str, tables: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        y, bits = ops.activation_forward(name, x, tables and tables[0])
-        ctx.save_for_backward(y, bits)
-        ctx.name, ctx.g_table = name, tables and tables[1]
-        return y
+        x: torch.Tensor, name: str, tables: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.activation_forward(name, x, tables and tables[0])
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def setup_context(ctx, inputs, output) -> None:
+        x, ctx.name, tables = inputs
+        ctx.g_table = tables and tables[1]
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(*output)
+        ctx.save_for_forward(x)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, _dbits) -> tuple[torch.Tensor, None, None]:
         y, bits = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: the custom op, whose own backward says why it cannot
-            return OPS[ctx.name][1](dy, y, bits), None, None
+        if torch.is_grad_enabled():  # create_graph: a backward whose own backward says why it cannot
+            return (
+                ActpatchBackward.apply(ops.activation_backward, ctx.name, dy, y, bits, ctx.g_table),
+                None,
+                None,
+            )
         return ops.activation_backward(ctx.name, dy, y, bits, ctx.g_table), None, None
+
+    @staticmethod
+    def jvp(ctx, dx: torch.Tensor, _name, _tables) -> tuple[torch.Tensor, None]:
+        return _act_jvp(ctx.name, *ctx.saved_tensors, dx), None
 
 
 class ActpatchGiven(torch.autograd.Function):
     """An inverted activation whose y the caller computed (a formula's, without grad): keeps y and the bits
-    [x >= x*]; the backward is actpatch::<name>'s."""
+    [x >= x*]; backward, vmap and jvp as ``ActpatchInverted``'s."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
-        bits = pack_bits(x.float() >= ACTIVATIONS[name].x_star)
-        ctx.save_for_backward(y, bits)
-        ctx.name = name
-        return y
+    def forward(x: torch.Tensor, y: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return y, pack_bits(x.float() >= ACTIVATIONS[name].x_star)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def setup_context(ctx, inputs, output) -> None:
+        x, _, ctx.name = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(*output)
+        ctx.save_for_forward(x)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, _dbits) -> tuple[torch.Tensor, None, None]:
         y, bits = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return OPS[ctx.name][1](dy, y, bits), None, None
+            return ActpatchBackward.apply(ops.activation_backward, ctx.name, dy, y, bits), None, None
         return ops.activation_backward(ctx.name, dy, y, bits), None, None
+
+    @staticmethod
+    def jvp(ctx, dx: torch.Tensor, _dy, _name) -> tuple[torch.Tensor, None]:
+        return _act_jvp(ctx.name, *ctx.saved_tensors, dx), None
 
 
 class ActpatchGated(torch.autograd.Function):
-    """actpatch::<name>_mul without the dispatcher (eager mode)."""
+    """actpatch::<name>_mul without the dispatcher (eager mode); torch.func as ``ActpatchInverted``
+    (jvp: torch's act'(a)·ȧ·b + act(a)·ḃ)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, name: str) -> torch.Tensor:
-        m, k, bits = ops.gated_forward(name, a, b)
-        ctx.save_for_backward(m, k, bits)
-        ctx.name = name
-        return m
+    def forward(
+        a: torch.Tensor, b: torch.Tensor, name: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return ops.gated_forward(name, a, b)
 
     @staticmethod
-    def backward(ctx, dm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def setup_context(ctx, inputs, output) -> None:
+        a, b, ctx.name = inputs
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*output)
+        ctx.save_for_forward(a, b)
+
+    @staticmethod
+    def backward(ctx, dm: torch.Tensor, _dk, _dbits) -> tuple[torch.Tensor, torch.Tensor, None]:
         saved = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return (*GATED_OPS[ctx.name][1](dm, *saved), None)
+            return (*ActpatchBackward.apply(ops.gated_backward, ctx.name, dm, *saved), None)
         return (*ops.gated_backward(ctx.name, dm, *saved), None)
+
+    @staticmethod
+    def jvp(ctx, da: torch.Tensor | None, db: torch.Tensor | None, _) -> tuple[torch.Tensor, None, None]:
+        """ṁ = act'(a)·ȧ·b + act(a)·ḃ, torch's formulas (a tangent of None is zero)."""
+        a, b = ctx.saved_tensors
+        dm = torch.zeros_like(b) if da is None else _act_jvp(ctx.name, a, da) * b
+        return dm if db is None else dm + gated.act_forward(ctx.name, a) * db, None, None
 
 
 class ActpatchRMSNorm(torch.autograd.Function):
-    """actpatch::rms_norm without the dispatcher (eager mode): keeps x, the weight and r = 1/rms."""
+    """actpatch::rms_norm without the dispatcher (eager mode): keeps x, the weight and r = 1/rms;
+    torch.func as ``ActpatchInverted`` (jvp: torch's, of the module's ops)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float, variant: str) -> torch.Tensor:
-        y, r = _rms_norm.forward(x, w, eps, variant)
-        ctx.save_for_backward(x, w, r)
-        ctx.variant = variant
-        return y
+    def forward(
+        x: torch.Tensor, w: torch.Tensor, eps: float, variant: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _rms_norm.forward(x, w, eps, variant)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    def setup_context(ctx, inputs, output) -> None:
+        x, w, ctx.eps, ctx.variant = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, w, output[1])
+        ctx.save_for_forward(x, w, output[1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, _dr) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         x, w, r = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return (*rms_norm_backward_op(dy, x, w, r, ctx.variant), None, None)
+            return (*ActpatchBackward.apply(ops.rms_norm_backward, dy, x, w, r, ctx.variant), None, None)
         return (*ops.rms_norm_backward(dy, x, w, r, ctx.variant), None, None)
+
+    @staticmethod
+    def jvp(
+        ctx, dx: torch.Tensor | None, dw: torch.Tensor | None, _eps, _variant
+    ) -> tuple[torch.Tensor, None]:
+        return _rms_norm.jvp(*ctx.saved_tensors, dx, dw, ctx.variant), None
 
 
 class ActpatchDropout(torch.autograd.Function):
-    """actpatch::dropout without the dispatcher (eager mode): keeps the mask's bits."""
+    """actpatch::dropout without the dispatcher (eager mode): keeps the mask's bits.  Under vmap, the mask
+    is drawn as torch's dropout draws it there: vmap's ``randomness`` decides ("error" raises, "different"
+    one mask per sample, "same" one mask for all); jvp is the same linear map as the backward, m·ẋ/(1-p)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        y, bits = ops.dropout_forward(x, p)
-        ctx.save_for_backward(bits)
-        ctx.p = p
-        return y
+    def forward(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.dropout_forward(x, p)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.p = inputs[1]
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+        ctx.save_for_forward(output[1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, _dbits) -> tuple[torch.Tensor, None]:
         (bits,) = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return dropout_backward_op(dy, bits, ctx.p), None
+            return ActpatchDropoutGrad.apply(dy, bits, ctx.p), None
         return ops.dropout_backward(dy, bits, ctx.p), None
+
+    @staticmethod
+    def jvp(ctx, dx: torch.Tensor, _p) -> tuple[torch.Tensor, None]:
+        return ActpatchDropoutGrad.apply(dx, ctx.saved_tensors[0], ctx.p), None
 
 
 Formula = Callable[[torch.Tensor], torch.Tensor]
@@ -142,17 +267,17 @@ def _inverted(name: str, x: torch.Tensor, plain: Formula, formula: Formula | Non
     if formula is None:
         if torch.compiler.is_compiling():  # one opaque op in the graph
             return OPS[name][0](x)[0]
-        return ActpatchInverted.apply(x, name)
+        return ActpatchInverted.apply(x, name, None)[0]
     if x.dtype in lookup.DTYPES and not torch.compiler.is_compiling():
         key = formula_key(formula)
         tables = (
             lookup.table_of(formula, key, x.dtype, x.device),
             lookup.backward_table_of(formula, key, ACTIVATIONS[name], x.dtype, x.device),
         )
-        return ActpatchInverted.apply(x, name, tables)
+        return ActpatchInverted.apply(x, name, tables)[0]
     with torch.no_grad():
         y = formula(x)
-    return ActpatchGiven.apply(x, y, name)
+    return ActpatchGiven.apply(x, y, name)[0]
 
 
 def formula_key(formula: Formula) -> Hashable:
@@ -196,7 +321,7 @@ def _gated(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     ):
         if torch.compiler.is_compiling():
             return GATED_OPS[name][0](gate, up)[0]
-        return ActpatchGated.apply(gate, up, name)
+        return ActpatchGated.apply(gate, up, name)[0]
     return gated.act_forward(name, gate) * up
 
 
@@ -220,7 +345,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and x.is_floating_point():
         if torch.compiler.is_compiling():
             return rms_norm_op(x, weight, float(eps), variant)[0]
-        return ActpatchRMSNorm.apply(x, weight, float(eps), variant)
+        return ActpatchRMSNorm.apply(x, weight, float(eps), variant)[0]
     return _rms_norm.forward(x, weight, eps, variant)[0]
 
 
@@ -231,5 +356,5 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Ten
     if training and 0.0 < p < 1.0 and x.numel() and x.requires_grad and torch.is_grad_enabled():
         if torch.compiler.is_compiling():
             return dropout_op(x, float(p))[0]
-        return ActpatchDropout.apply(x, float(p))
+        return ActpatchDropout.apply(x, float(p))[0]
     return F.dropout(x, p, training)

@@ -46,6 +46,18 @@ def check(name: str, dtype: torch.dtype, device: str, kernels) -> None:
     assert close_at_scale(db, dbr, rel) and close_at_scale(da, dar, rel), (name, dtype)
 
 
+def check_overflow(name: str, dtype: torch.dtype, device: str, kernels) -> None:
+    """A product past the dtype's range (docs/accuracy.md): the kernels give the reference's gradients
+    (da = dm · sign(up) · max · act'(gate) there), to act's rounding as in ``check``."""
+    from test_gated import overflow_case
+
+    a, b, dm = (t.to(device) for t in overflow_case(dtype))
+    da, db = kernels.backward(dm, *kernels.forward(a, b, name), name)
+    dar, dbr = gated.backward(dm, *gated.forward(a, b, name), name)
+    rel = 1e-5 if dtype == torch.float32 else float(torch.finfo(dtype).eps)
+    assert close_at_scale(db, dbr, rel) and close_at_scale(da, dar, rel), (name, dtype)
+
+
 def test_under_triton_interpret_env():
     """TRITON_INTERPRET=1 before Triton's import: the kernels run on CPU tensors (bf16 rounds by
     truncation in the interpreter, so bf16 is left to the GPU test)."""
@@ -56,6 +68,7 @@ def test_under_triton_interpret_env():
         "for name in t.NAMES:\n"
         "    for dt in (torch.float32, torch.float16):\n"
         "        t.check(name, dt, 'cpu', k)\n"
+        "        t.check_overflow(name, dt, 'cpu', k)\n"
         "print('ok')\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parent))
@@ -71,6 +84,7 @@ def test_gpu_kernels_match_the_reference(name, dtype):
     from actpatch.kernels import triton_gated
 
     check(name, dtype, "cuda", triton_gated)
+    check_overflow(name, dtype, "cuda", triton_gated)
 
 
 @pytest.mark.gpu

@@ -18,6 +18,10 @@ RMSNorm's forward is torch's ops everywhere, bitwise the module's).
 that skip the dispatcher (``actpatch.functional`` in eager mode): the dispatcher's Python round trip
 costs about as much CPU time again as the eager path (``benchmarks/call_overhead.py``; docs/benchmarks.md),
 time a CPU-bound training step pays in wall time.
+
+torch.func over these custom ops (only torch.compile calls them): vmap raises ``TORCH_FUNC_ERROR``;
+grad raises torch's error (``register_autograd`` is not a torch.func transform rule).  Eager callers
+(``actpatch.functional``) support grad, vmap, jvp and their compositions.
 """
 
 from __future__ import annotations
@@ -33,8 +37,14 @@ from .bits import packed_size
 
 DOUBLE_BACKWARD_ERROR = (
     "actpatch: patched ops (inverted activations, gated products, RMSNorm) do not support double backward "
-    "(create_graph=True): their backward is computed from what they keep, not differentiated again. "
+    "(create_graph=True) nor second derivatives in torch.func (hessian, jacrev or jacfwd of grad): their "
+    "backward is computed from what they keep, not differentiated again. "
     "Unpatch the model (actpatch.unpatch_model) for higher-order gradients."
+)
+TORCH_FUNC_ERROR = (
+    "actpatch: {transform} over the custom op {op} (the form a patched op takes under torch.compile) is not "
+    "supported. Outside torch.compile, actpatch.functional's ops support torch.func.grad, vmap, jvp and "
+    "their compositions."
 )
 
 
@@ -59,12 +69,18 @@ _SEEDED = (
 )
 
 
+def _on_gpu(t: torch.Tensor) -> bool:
+    """Whether a Triton kernel can take t: a CUDA tensor, not one of torch.func's wrappers (vmap's batched
+    tensors, grad's tracking ones), which have no storage of their own: those run the pure-PyTorch path."""
+    return t.is_cuda and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def activation_forward(
     name: str, x: torch.Tensor, table: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, bits) as ``actpatch::<name>`` computes them on x's device; with a 16-bit forward ``table`` (a
     module's own formula's, ``lookup.table_of``), y is its entry of x."""
-    if x.is_cuda and _KERNELS is not None:
+    if _KERNELS is not None and _on_gpu(x):
         return _KERNELS.forward(x, ACTIVATIONS[name], table)
     return reference.forward(x, ACTIVATIONS[name], table)
 
@@ -74,7 +90,7 @@ def activation_backward(
 ) -> torch.Tensor:
     """dx as ``actpatch::<name>_backward`` computes it on y's device; with a 16-bit backward ``table`` (a
     formula's, ``lookup.backward_table_of``), g is read from it."""
-    if y.is_cuda and _KERNELS is not None:
+    if _KERNELS is not None and _on_gpu(y):
         return _KERNELS.backward(dy, y, bits, ACTIVATIONS[name], g_table=table)
     return reference.backward(dy, y, bits, ACTIVATIONS[name], table)
 
@@ -83,7 +99,7 @@ def gated_forward(
     name: str, a: torch.Tensor, b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(m, k, bits) as ``actpatch::<name>_mul`` computes them on a's device."""
-    if a.is_cuda and _GATED_KERNELS is not None:
+    if _GATED_KERNELS is not None and _on_gpu(a):
         return _GATED_KERNELS.forward(a, b, name)
     return gated.forward(a, b, name)
 
@@ -92,7 +108,7 @@ def gated_backward(
     name: str, dm: torch.Tensor, m: torch.Tensor, k: torch.Tensor, bits: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(da, db) as ``actpatch::<name>_mul_backward`` computes them on m's device."""
-    if m.is_cuda and _GATED_KERNELS is not None:
+    if _GATED_KERNELS is not None and _on_gpu(m):
         return _GATED_KERNELS.backward(dm, m, k, bits, name)
     return gated.backward(dm, m, k, bits, name)
 
@@ -101,7 +117,7 @@ def rms_norm_backward(
     dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, variant: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dw) as ``actpatch::rms_norm_backward`` computes them on x's device."""
-    if x.is_cuda and _NORM_KERNELS is not None:
+    if _NORM_KERNELS is not None and _on_gpu(x):
         return _NORM_KERNELS.backward(dy, x, w, r, variant)
     return rms_norm.backward(dy, x, w, r, variant)
 
@@ -109,16 +125,25 @@ def rms_norm_backward(
 def dropout_forward(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, bits) as ``actpatch::dropout`` computes them on x's device: torch's own dropout, its mask packed
     by Triton on CUDA."""
-    if x.is_cuda and _DROPOUT_KERNELS is not None:
+    if _DROPOUT_KERNELS is not None and _on_gpu(x):
         return dropout.forward(x, p, _DROPOUT_KERNELS.pack)
     return dropout.forward(x, p)
 
 
 def dropout_backward(dy: torch.Tensor, bits: torch.Tensor, p: float) -> torch.Tensor:
     """dx as ``actpatch::dropout_backward`` computes it on dy's device."""
-    if dy.is_cuda and _DROPOUT_KERNELS is not None and dy.dtype in _DROPOUT_DTYPES:
+    if _DROPOUT_KERNELS is not None and _on_gpu(dy) and dy.dtype in _DROPOUT_DTYPES:
         return _DROPOUT_KERNELS.backward(dy, bits, p)
     return dropout.backward(dy, bits, p)
+
+
+def _no_vmap(op) -> None:
+    """op's vmap rule: ``TORCH_FUNC_ERROR`` (what torch would do instead is run it per sample, silently)."""
+
+    def rule(info, in_dims, *args):
+        raise RuntimeError(TORCH_FUNC_ERROR.format(op=op._qualname, transform="torch.func.vmap"))
+
+    op.register_vmap(rule)
 
 
 def _register(name: str) -> tuple[object, object]:
@@ -151,6 +176,8 @@ def _register(name: str) -> tuple[object, object]:
 
     fwd.register_autograd(backward, setup_context=setup_context)
     bwd.register_autograd(second_order, setup_context=lambda ctx, inputs, output: None)
+    _no_vmap(fwd)
+    _no_vmap(bwd)
     return fwd, bwd
 
 
@@ -188,6 +215,8 @@ def _register_gated(name: str) -> tuple[object, object]:
 
     fwd.register_autograd(backward, setup_context=setup_context)
     bwd.register_autograd(second_order, setup_context=lambda ctx, inputs, output: None)
+    _no_vmap(fwd)
+    _no_vmap(bwd)
     return fwd, bwd
 
 
@@ -235,6 +264,8 @@ def _rms_norm_second_order(ctx, _ddx, _ddw):
 
 rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
 rms_norm_backward_op.register_autograd(_rms_norm_second_order, setup_context=lambda ctx, inputs, output: None)
+_no_vmap(rms_norm_op)
+_no_vmap(rms_norm_backward_op)
 
 
 @torch.library.custom_op("actpatch::dropout", mutates_args=(), **_SEEDED)
@@ -278,3 +309,5 @@ def _dropout_second_order(ctx, ddx):
 
 dropout_op.register_autograd(_dropout_backward, setup_context=_dropout_setup)
 dropout_backward_op.register_autograd(_dropout_second_order, setup_context=_dropout_backward_setup)
+_no_vmap(dropout_op)
+_no_vmap(dropout_backward_op)

@@ -37,10 +37,10 @@ def _horner(coef: torch.Tensor, m: int, t: torch.Tensor) -> torch.Tensor:
     t = torch.nan_to_num(t, nan=0.0, posinf=float(m)).clamp(0.0, float(m))
     idx = t.floor().clamp(max=m - 1)
     s = t - idx
-    idx = idx.long()
-    acc = coef[0].take(idx)
+    idx = idx.long().reshape(-1)  # index_select, not take: as fast, and vmap has a batching rule for it
+    acc = coef[0].index_select(0, idx).view_as(t)
     for row in coef[1:]:
-        acc = acc.mul_(s).add_(row.take(idx))
+        acc = acc.mul_(s).add_(row.index_select(0, idx).view_as(t))
     return acc
 
 
@@ -75,11 +75,20 @@ def inverse_derivative(y: torch.Tensor, right: torch.Tensor, act: Activation) ->
     return torch.where(y.isnan(), y, torch.where(tail, y * p, p))
 
 
+def _entries(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """table[idx] in idx's shape (index_select: vmap has a batching rule for it, take has none)."""
+    return table.index_select(0, idx.reshape(-1)).view(idx.shape)
+
+
 def forward(
     x: torch.Tensor, act: Activation, table: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, bits); y = ``table``'s entry of x's bit pattern (int16 [65536], for 16-bit x) when one is given."""
-    y = act.forward(x) if table is None else table.take(x.view(torch.int16).long() & 0xFFFF).view(x.dtype)
+    y = (
+        act.forward(x)
+        if table is None
+        else _entries(table, x.view(torch.int16).long() & 0xFFFF).view(x.dtype)
+    )
     bits = pack_bits(x.float() >= act.x_star)
     return y, bits
 
@@ -90,7 +99,7 @@ def backward(
     """dx = dy · g; g = ``table``'s entry of (branch, y's bits) (float32 [2 · 65536], 16-bit y) if given."""
     right = unpack_bits(bits, y.numel()).view(y.shape)
     if table is not None:
-        g = table.take((right.long() << 16) | (y.view(torch.int16).long() & 0xFFFF))
+        g = _entries(table, (right.long() << 16) | (y.view(torch.int16).long() & 0xFFFF))
     else:
         g = inverse_derivative(y, right, act)
     return (dy.float() * g).to(dy.dtype)

@@ -24,6 +24,11 @@ dw is reduced exactly as autograd reduces a broadcast product (``sum_to_size``),
 bitwise; dx differs from eager's only by float32 rounding inside (eager applies the chain rule term by
 term), far below the rounding of the result to x's dtype.  On CUDA the same arithmetic runs fused in
 ``triton_norm.py`` (dw summed in another order: within float32 rounding of eager's before its cast).
+
+Forward-mode AD (jvp) along tangents ẋ, ẇ (None: zero), from the same x, w, r, with ḣ = ẋ in float32:
+
+    ṅ = r · (ḣ - n · mean(n · ḣ, -1))
+    "llama", "t5"  ẏ = w · ṅ (rounded to s's dtype) + ẇ · s      "gemma"  ẏ = (ṅ (1 + w) + n ẇ).to(x.dtype)
 """
 
 from __future__ import annotations
@@ -66,3 +71,24 @@ def backward(
         dw = (dy * s).sum_to_size(w.shape).to(w.dtype)
     dx = r * (g - n * (g * n).mean(-1, keepdim=True))
     return dx.to(x.dtype), dw
+
+
+def jvp(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    r: torch.Tensor,
+    dx: torch.Tensor | None,
+    dw: torch.Tensor | None,
+    variant: str,
+) -> torch.Tensor:
+    """ẏ, the forward-mode derivative of ``forward`` along (ẋ, ẇ), from the kept x, w and r."""
+    n = x.to(torch.float32) * r
+    dn = torch.zeros_like(n) if dx is None else dx.float() * r
+    if dx is not None:
+        dn = dn - r * n * (n * dx.float()).mean(-1, keepdim=True)
+    if variant == "gemma":
+        dy = dn * (1.0 + w.float())
+        return (dy if dw is None else dy + n * dw.float()).to(x.dtype)
+    s = n.to(_scaled_dtype(x, w, variant))
+    dy = w * dn.to(s.dtype)
+    return dy if dw is None else dy + dw * s
