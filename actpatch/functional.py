@@ -140,7 +140,7 @@ class ActpatchGiven(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, y: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return y, pack_bits(x.float() >= ACTIVATIONS[name].x_star)
+        return y.view_as(y), pack_bits(x.float() >= ACTIVATIONS[name].x_star)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

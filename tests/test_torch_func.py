@@ -43,14 +43,19 @@ def per_sample_grads(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return vmap(grad(loss), in_dims=(None, 0))(params, ids)
 
 
-def test_per_sample_gradients_of_a_patched_llama():
-    """vmap(grad(loss)) through patched gated MLPs and RMSNorms: the unpatched model's, per sample."""
+@pytest.mark.parametrize(("family", "kinds"), [("llama", {"gated", "norm"}), ("gpt2", {"activation"})])
+def test_per_sample_gradients_of_a_patched_model(family, kinds):
+    """vmap(grad(loss)) through patched gated MLPs and RMSNorms (Llama) and GPT-2's gelu_new kept as its
+    own formula: the unpatched model's, per sample."""
     from tiny_models import tiny_model
 
-    model = tiny_model("llama")
+    model = tiny_model(family)
+    if family == "gpt2":
+        model.config.attn_pdrop = model.config.resid_pdrop = model.config.embd_pdrop = 0.0
+        model = type(model)(model.config)
     ref = copy.deepcopy(model)
     report = actpatch.patch_model(model, batch_size=2, seq_len=8)
-    assert {s.kind for s in report.patched_sites} == {"gated", "norm"}
+    assert {s.kind for s in report.patched_sites} == kinds
     ids = torch.randint(0, 90, (3, 8), generator=torch.Generator().manual_seed(0))
     got, want = per_sample_grads(model, ids), per_sample_grads(ref, ids)
     for name, g in got.items():
