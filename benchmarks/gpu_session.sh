@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh launch     # GPU tests, CPU cost per call, the three training steps
 #   bash benchmarks/gpu_session.sh compiled   # training steps and saved bytes under torch.compile
 #   bash benchmarks/gpu_session.sh dropouts   # GPU tests, GPT-2 / BERT steps with and without PackedDropout
+#   bash benchmarks/gpu_session.sh reliability  # GPU tests, CPU cost per call, GPT-2 / Llama-layer steps
 # Logs and JSON go to $OUT (default gpu-results/).  Each step has a time limit; its exit status is logged.
 set -u
 OUT=${OUT:-gpu-results}
@@ -51,8 +52,14 @@ dropouts)
     step train_step 330 python3 benchmarks/train_step.py --models gpt2-medium gpt2-medium-dropouts bert-base \
         bert-base-dropouts --rounds 4 --json "$OUT/train_step.json"
     ;;
+reliability)
+    step pytest_gpu 230 python3 -m pytest tests -m gpu -q -rs -p no:cacheprovider
+    step call_overhead 60 python3 benchmarks/call_overhead.py
+    step train_step 240 python3 benchmarks/train_step.py --models gpt2-medium llama3-8b-layer --rounds 3 \
+        --json "$OUT/train_step.json"
+    ;;
 *)
-    echo "usage: gpu_session.sh kernels|models|launch|compiled|dropouts" >&2
+    echo "usage: gpu_session.sh kernels|models|launch|compiled|dropouts|reliability" >&2
     exit 2
     ;;
 esac
