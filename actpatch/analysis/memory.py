@@ -3,8 +3,16 @@
 The probe runs at a few small shapes; each quantity (the total, and what each site frees) is fitted to
 ``c0 + c1·S + c2·B + c3·B·S + c4·S² + c5·B·S²`` — exact for transformer forwards, where saved tensors are
 per token (B·S), per sequence position (rotary tables, S), per attention score (B·S², S²) or constant.
-When every probe has batch 1 (a projection for batch 1) the B terms drop out.  Models whose input
-length the config fixes (vision, audio encoders) fit ``c0 + c2·B``; user-given example
+When every probe has batch 1 (a projection for batch 1) the B terms drop out.
+
+Batch 1 is not the B → 1 end of that surface, so it is fitted from batch-1 probes alone (seq 8, 16, 24
+for ``c0 + c1·S + c2·S²``).  A size-1 dim has no stride to honour: GPT-2's ``value`` [B, H, S, D], a slice
+of its fused ``c_attn`` output [B, S, 3E], reshapes to [B·H, S, D] as a view at B = 1, so CPU attention
+keeps the whole 3·S·E storage where at B ≥ 2 it saves a B·S·E copy; a fit from batches 2 and 3 misses
+those 2·S·E a layer at batch 1 (-5.3% on tests' tiny GPT-2).  Within batch 1 every saved tensor is a
+polynomial of that form in S (GPT-2, GPT-NeoX, Llama, BERT on CPU; GPT-2, GPT-NeoX on CUDA).
+
+Models whose input length the config fixes (vision, audio encoders) fit ``c0 + c2·B``; user-given example
 inputs fit ``c·B·S``.  Bytes are split into floating-point tensors of the model's dtype, which scale to
 the projection dtype, and the rest (ids, masks, branch bits, tensors kept in float32), which don't.
 """
