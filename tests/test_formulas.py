@@ -120,7 +120,7 @@ def test_patched_gpt2_logits_and_loss_are_bitwise_unpatched(dtype):
 def test_gpu_patched_gpt2_is_bitwise_unpatched_and_its_formula_kernels_match_the_reference(dtype):
     model = tiny_model("gpt2").to("cuda", dtype)
     _, kwargs = input_spec(model).make(2, 12)
-    kwargs = {k: v.cuda() for k, v in kwargs.items()}
+    kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     reference_model = copy.deepcopy(model)
     actpatch.patch_model(model, batch_size=2, seq_len=12)
     torch.manual_seed(0)

@@ -147,7 +147,7 @@ def test_gpu_data_parallel_replicas_compute_with_their_own_devices_weights():
     GPU), so the loss and gradients equal the single-GPU patched model's."""
     model = tiny_model("llama").cuda()
     _, kwargs = input_spec(model).make(4, SEQ)
-    kwargs = {k: v.cuda() for k, v in kwargs.items()}
+    kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     actpatch.patch_model(model, batch_size=4, seq_len=SEQ)
     single = copy.deepcopy(model)
     logits = single(input_ids=kwargs["input_ids"]).logits
