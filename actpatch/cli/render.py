@@ -147,7 +147,7 @@ def summary(report: Any) -> Text:
     text.append(f"  (saved {format_bytes(p.saved_bytes)}, {100 * p.saved_fraction:.1f}%)", style="bold")
     text.append(
         f"\n                   {p.activation_bytes_before:,} B -> {p.activation_bytes_after:,} B"
-        f"  (saved {p.saved_bytes:,} B)",
+        f" (saved {p.saved_bytes:,} B)",
         style="dim",
     )
     return text
