@@ -77,12 +77,14 @@ class ModelSource:
 
 @dataclass
 class LoadedModel:
-    """A built model and how it was obtained (``weights``: "pretrained", "random" or "meta")."""
+    """A built model and how it was obtained (``weights``: "pretrained", "random" or "meta"; ``dtype``:
+    the one it was built in)."""
 
     model: torch.nn.Module
     source: ModelSource
     weights: Literal["pretrained", "random", "meta"]
     notes: list[str] = field(default_factory=list)
+    dtype: torch.dtype = torch.float32
 
 
 def hub_offline() -> bool:
@@ -222,6 +224,15 @@ def _auto_config(location: str, *, trust_remote_code: bool) -> Any:
         raise ModelLoadError(f"{location}: cannot read the config ({_one_line(e)})") from e
 
 
+def config_dtype(config: Any) -> torch.dtype:
+    """The dtype the checkpoint's config names (``dtype``; ``torch_dtype`` before transformers 5), as
+    transformers 5 loads it by default; float32 where it names no floating dtype."""
+    value = getattr(config, "dtype", None) or vars(config).get("torch_dtype")
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
 def auto_class_for(config: Any) -> Any:
     """The transformers Auto class that builds the model ``config`` describes.
 
@@ -294,14 +305,13 @@ def load_model(
     weights cannot be had, is randomly initialised (``LoadedModel.weights == "random"``), or raises
     MissingWeightsError when ``random_init`` is False (for callers that would save the weights).  The
     model is built from the config that was read, so a config file under another name than config.json
-    still loads the weights beside it.
+    still loads the weights beside it.  ``dtype`` defaults to :func:`config_dtype`.
     """
     source = resolve(name)
     config = load_config(source, trust_remote_code=trust_remote_code)
     auto = auto_class_for(config)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    dtype = dtype or config_dtype(config)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dtype}
     notes: list[str] = []
     try:
         if dry_run:
@@ -337,7 +347,7 @@ def load_model(
     except Exception as e:
         raise ModelLoadError(f"{name}: cannot build the model ({_one_line(e)})") from e
     model.train()
-    return LoadedModel(model, source, weights, notes)
+    return LoadedModel(model, source, weights, notes, dtype)
 
 
 # The experts implementation a dry run gives the models whose experts run grouped_mm.
@@ -397,6 +407,7 @@ __all__ = [
     "ModelNotFoundError",
     "ModelSource",
     "auto_class_for",
+    "config_dtype",
     "config_from_dict",
     "hub_offline",
     "load_config",

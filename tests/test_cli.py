@@ -11,8 +11,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from tiny_models import TINY_LLAMA
 from typer.testing import CliRunner
 
@@ -117,8 +119,8 @@ def test_human_output_has_table_and_summary():
     proc = actpatch_cli("convert", "gpt2", "--dry-run", "--seq-len", "1024")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "transformer.h.11.mlp.act" in out and "module path" in out and "saved B/token" in out
-    assert "12 of 12 sites patched" in out
+    assert "transformer.h.{0..11}.mlp.act" in out and "module path" in out and "B/token" in out
+    assert "12 of 12 sites patched" in out and "freed by kind:  activations  12 sites" in out
     assert "activation memory:" in out and "->" in out and "%" in out and "batch 1 × seq 1024, float32" in out
 
 
@@ -450,6 +452,90 @@ def test_render_of_a_hand_built_report():
     console = Console(record=True, width=200)
     render.render_report(console, report)
     text = console.export_text()
-    assert "26,880" in text and "no: dropout" in text and "1 of 2 sites patched" in text
+    assert "1 × 26,880" in text and "b.act: dropout" in text and "1 of 2 sites patched" in text
     assert "2.00 KiB -> 1.00 KiB" in text and "50.0%" in text
     assert render.format_bytes(3 * 1024**3) == "3.00 GiB" and render.format_bytes(12) == "12 B"
+
+
+def test_all_sites_prints_every_site():
+    grouped = invoke("convert", "gpt2", "--dry-run", "--seq-len", "16")
+    every = invoke("convert", "gpt2", "--dry-run", "--seq-len", "16", "--all-sites")
+    assert grouped.exit_code == every.exit_code == 0
+    assert (
+        "transformer.h.{0..11}.mlp.act" in grouped.stdout and "transformer.h.3.mlp.act" not in grouped.stdout
+    )
+    assert all(f"transformer.h.{i}.mlp.act " in every.stdout for i in range(12))
+
+
+@pytest.mark.parametrize(
+    ("model", "dtype"),
+    [("Qwen/Qwen2.5-7B", "bfloat16"), ("meta-llama/Llama-3.1-8B", "bfloat16"), ("gpt2", "float32")],
+)
+def test_dtype_defaults_to_the_configs(model, dtype):
+    """Without --dtype, the dry run projects the dtype transformers 5 loads the checkpoint in."""
+    report = _json(invoke("convert", model, "--dry-run", "--seq-len", "16", "--json"))
+    assert report["projection"]["dtype"] == dtype
+    shown = invoke("convert", model, "--dry-run", "--seq-len", "16")
+    assert f"batch 1 × seq 16, {dtype}" in shown.stdout
+    forced = _json(invoke("convert", model, "--dry-run", "--seq-len", "16", "--json", "--dtype", "float16"))
+    assert forced["projection"]["dtype"] == "float16"
+
+
+def test_config_dtype():
+    from actpatch import loading
+
+    assert loading.config_dtype(loading.load_config("Qwen/Qwen2.5-7B")) == torch.bfloat16
+    assert loading.config_dtype(loading.load_config("gpt2")) == torch.float32
+    assert loading.config_dtype(SimpleNamespace(torch_dtype="float16")) == torch.float16  # transformers 4
+    assert loading.config_dtype(SimpleNamespace(dtype="auto")) == torch.float32
+
+
+class _Stream:
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize(
+    ("json_output", "tty", "shown"), [(False, True, True), (True, True, False), (False, False, False)]
+)
+def test_spinner_only_on_a_terminal_without_json(json_output, tty, shown):
+    from actpatch.cli.app import show_progress
+
+    assert show_progress(json_output, _Stream(tty)) is shown
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_spinner_on_a_real_terminal(json_output):
+    """stderr a pty: the spinner's "Loading ..." is drawn there, unless --json."""
+    import pty
+
+    leader, follower = pty.openpty()
+    args = [SCRIPT, "convert", "gpt2", "--dry-run", "--seq-len", "16", *(["--json"] if json_output else [])]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=follower, env=script_env())
+    os.close(follower)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    proc.communicate(timeout=120)
+    os.close(leader)
+    assert proc.returncode == 0
+    assert (b"Loading config" in drawn) is not json_output
+
+
+def test_models_ids_are_whole_at_80_columns():
+    from actpatch import configs
+
+    result = runner.invoke(app, ["models"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0 and "…" not in result.stdout
+    assert all(len(line) <= 80 for line in result.stdout.splitlines())
+    ids = [line.split()[0] for line in result.stdout.splitlines() if line.split()]
+    assert {configs.describe(n)["id"] for n in configs.available()} <= set(ids)

@@ -1,5 +1,5 @@
 """The offline dry runs that README.md and docs/cli.md show are run, and the lines they show must be what
-the CLI prints now: a doc example cannot go stale.
+the CLI prints now, on an 80-column terminal: a doc example cannot go stale.
 
 In a ```console block, ``$ actpatch ...`` is a command and the lines after it (up to the next ``$``)
 are lines of its output, in order (``...`` stands for lines left out); after a ``--json`` command they
@@ -96,7 +96,7 @@ def _check_lines(shown: list[str], output: str) -> None:
 def test_documented_output_is_what_the_cli_prints(example, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache
-    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("COLUMNS", "80")  # what a default terminal shows
     key = shlex.join([*(f"{k}={v}" for k, v in example.env.items()), *example.args])
     if key not in _RUNS:
         _RUNS[key] = CliRunner().invoke(app, example.args, env=example.env)

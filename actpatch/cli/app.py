@@ -77,6 +77,16 @@ def _stderr() -> Console:
     return Console(stderr=True)
 
 
+def show_progress(json_output: bool, stderr: Any = None) -> bool:
+    """Spinners on stderr only for a person watching it: stderr a terminal, and no --json."""
+    return not json_output and (stderr or sys.stderr).isatty()
+
+
+def _status(err: Console, message: str, show: bool) -> contextlib.AbstractContextManager[Any]:
+    """A spinner with ``message`` on ``err`` while the block runs, when ``show``."""
+    return err.status(message) if show else contextlib.nullcontext()
+
+
 def error_line(message: str) -> str:
     """The one line printed on stderr for an error."""
     return "actpatch: error: " + " ".join(str(message).split())
@@ -180,8 +190,13 @@ def convert(
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size the projection is for.")] = 1,
     seq_len: Annotated[int, typer.Option(min=1, help="Sequence length the projection is for.")] = 512,
     dtype: Annotated[
-        DType, typer.Option(case_sensitive=False, help="Training dtype (the projection's and the model's).")
-    ] = DType.float32,
+        DType | None,
+        typer.Option(
+            case_sensitive=False,
+            help="Training dtype (the projection's and the model's); default: the config's, else float32.",
+            show_default=False,
+        ),
+    ] = None,
     include: Annotated[
         list[str] | None,
         typer.Option(
@@ -200,6 +215,9 @@ def convert(
     ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print only the report as JSON on stdout (PatchReport.to_dict()).")
+    ] = False,
+    all_sites: Annotated[
+        bool, typer.Option("--all-sites", help="One table row per site, not per pattern of layers.")
     ] = False,
     output: Annotated[
         Path | None,
@@ -250,10 +268,11 @@ def convert(
             dry_run=dry_run,
             batch_size=batch_size,
             seq_len=seq_len,
-            dtype=dtype.value,
+            dtype=dtype.value if dtype else None,
             include=_patterns(include),
             exclude=_patterns(exclude),
             json_output=json_output,
+            all_sites=all_sites,
             output=output,
             random_init=random_init,
             verify=verify,
@@ -271,7 +290,7 @@ def _convert(
     dry_run: bool,
     batch_size: int,
     seq_len: int,
-    dtype: str,
+    dtype: str | None,
     include: list[str] | None,
     exclude: list[str] | None,
     json_output: bool,
@@ -283,6 +302,7 @@ def _convert(
     norms: bool = True,
     dropouts: bool = False,
     debug: bool = False,
+    all_sites: bool = False,
 ) -> None:
     import torch
 
@@ -296,8 +316,15 @@ def _convert(
         raise UsageProblem("--verify runs the model; it cannot be used with --dry-run")
     if output is not None:
         manifest.check_output_dir(output)
-    torch_dtype = getattr(torch, dtype)
     err = _stderr()
+    progress = show_progress(json_output)
+    what = "config (meta device, no weights)" if dry_run else "model"
+    with _status(err, f"Loading {what} of {name} ...", progress):
+        torch_dtype = getattr(torch, dtype) if dtype else None
+        loaded = _load(name, dry_run, torch_dtype, trust_remote_code, random_init or output is None)
+    for note in loaded.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    model, torch_dtype = loaded.model, loaded.dtype
     shape = {
         "batch_size": batch_size,
         "seq_len": seq_len,
@@ -309,15 +336,10 @@ def _convert(
         "dropouts": dropouts,
     }
 
-    what = "config (meta device, no weights)" if dry_run else "model"
-    with err.status(f"Loading {what} of {name} ..."):
-        loaded = _load(name, dry_run, torch_dtype, trust_remote_code, random_init or output is None)
-    for note in loaded.notes:
-        err.print(f"[yellow]note:[/] {note}", highlight=False)
-    model = loaded.model
-
     check = None
-    with err.status(f"Probing {type(model).__name__} (batch {batch_size} × seq {seq_len}, {dtype}) ..."):
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    probing = f"Probing {type(model).__name__} (batch {batch_size} × seq {seq_len}, {dtype_name}) ..."
+    with _status(err, probing, progress):
         if dry_run:
             report = actpatch.analyze(model, **shape)
         elif verify:
@@ -330,7 +352,7 @@ def _convert(
 
     failed = check is not None and not check.ok
     if output is not None and not failed:
-        with err.status(f"Saving the patched model to {output} ..."):
+        with _status(err, f"Saving the patched model to {output} ...", progress):
             manifest.save_patched(model, output, report, include=include, exclude=exclude)
 
     if json_output:
@@ -352,7 +374,8 @@ def _convert(
             "random": "random weights",
             "pretrained": "weights loaded",
         }[loaded.weights]
-        render.render_report(out, report, header=f"{name}: {type(model).__name__} ({source}, {weights})")
+        header = f"{name}: {type(model).__name__} ({source}, {weights})"
+        render.render_report(out, report, header=header, all_sites=all_sites)
         if check is not None:
             out.print(render.verify_text(check))
         if output is not None and not failed:

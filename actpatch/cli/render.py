@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console, Group
+from rich import box
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -19,22 +22,112 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def sites_table(report: Any) -> Table:
-    """One row per site: path, what it computes, consumer, patched or why not, bytes saved per token."""
-    table = Table(title=f"Sites of {report.model}", title_justify="left", expand=False)
-    table.add_column("module path", overflow="fold")
-    table.add_column("activation")
-    table.add_column("consumer", overflow="fold")
-    table.add_column("patched", overflow="fold")
-    table.add_column("saved B/token", justify="right")
-    for s in report.sites:
-        status = (
-            Text("yes", style="green")
-            if s.patched
-            else Text(f"no: {s.reason or 'not patched'}", style="yellow")
+def middle_truncate(word: str, width: int) -> str:
+    """``word`` cut to ``width`` cells by an ellipsis in its middle, keeping more of its end (the most
+    specific part of a module path)."""
+    if cell_len(word) <= width:
+        return word
+    keep = max(width - 1, 0)
+    head = keep // 3
+    return word[:head] + "…" + word[len(word) - (keep - head) :]
+
+
+class Squeezed:
+    """Text that a table column wraps only between words; a word wider than the column (a module path)
+    is cut in its middle with '…', never folded mid-name."""
+
+    def __init__(self, text: str, style: str = "") -> None:
+        self.text, self.style = text, style
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement(min(cell_len(self.text), 8), cell_len(self.text))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        words = (middle_truncate(w, options.max_width) for w in self.text.split(" "))
+        yield Text(" ".join(words), style=self.style, overflow="fold")
+
+
+def kind_text(group: Any) -> str:
+    """The activation of a site (group), preceded by its kind unless the name says it ("rms_norm" for a
+    norm, "dropout" for a dropout, "silu" for an activation): "gated silu"."""
+    if group.kind == "activation" or group.kind in group.activation:
+        return group.activation
+    return f"{group.kind} {group.activation}"
+
+
+_MIN_CONSUMER_WIDTH = 24
+
+
+def sites_table(report: Any, *, all_sites: bool = False, width: int | None = None) -> Table:
+    """One row per pattern of sites (:func:`actpatch.report.group_sites`; per site with ``all_sites``):
+    path, kind, patched, sites x bytes freed per token by each, in total, and the consumer where ``width``
+    leaves room for it.  Only paths shrink, cut in the middle."""
+    groups = _groups(report, all_sites)
+    if width is None:
+        return _table(report.model, groups, consumer=True)
+    narrow = _table(report.model, groups, consumer=False)
+    room = width - Console(width=10**4).measure(narrow).maximum - 2
+    return (
+        _table(report.model, groups, consumer=True, consumer_width=room)
+        if room >= _MIN_CONSUMER_WIDTH
+        else narrow
+    )
+
+
+def _table(model: str, groups: list[Any], *, consumer: bool, consumer_width: int | None = None) -> Table:
+    table = Table(
+        title=f"Sites of {model}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, 1, 0, 0),
+    )
+    table.add_column("module path")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("patched", no_wrap=True)
+    table.add_column("saved\nB/token", justify="right", no_wrap=True)
+    table.add_column("total", justify="right", no_wrap=True)
+    if consumer:
+        table.add_column("consumer", max_width=consumer_width)
+    for g in groups:
+        table.add_row(
+            Squeezed(g.path),
+            kind_text(g),
+            Text("yes", style="green") if g.patched else Text("no", style="yellow"),
+            f"{g.count} × {g.saved_bytes_per_token:,}",
+            f"{g.total_bytes_per_token:,}",
+            *([Squeezed(g.consumer or "-")] if consumer else []),
         )
-        what = f"{s.activation}(gate) * up" if s.kind == "gated" else s.activation
-        table.add_row(s.path, what, str(s.consumer or "-"), status, f"{s.saved_bytes_per_token:,}")
+    return table
+
+
+def _groups(report: Any, all_sites: bool) -> list[Any]:
+    from ..report import SiteGroup, group_sites
+
+    return [SiteGroup.of(s) for s in report.sites] if all_sites else group_sites(report.sites)
+
+
+def reasons(report: Any, *, all_sites: bool = False) -> Text:
+    """Why each pattern of sites left alone is not patched, one line each."""
+    text = Text("not patched:", style="yellow")
+    for g in _groups(report, all_sites):
+        if not g.patched:
+            text.append(f"\n  {g.path}: {g.reason or 'not patched'}", style="")
+    return text
+
+
+def kind_breakdown(report: Any) -> Table:
+    """Bytes freed by each kind of patched site, and their share of the activation memory before."""
+    from ..report import savings_by_kind
+
+    table = Table.grid(padding=(0, 2))
+    for justify in ("left", "left", "right", "right", "right"):
+        table.add_column(justify=justify)  # type: ignore[arg-type]
+    for i, k in enumerate(savings_by_kind(report)):
+        label = "freed by kind:" if i == 0 else ""
+        table.add_row(
+            label, k.label, f"{k.sites} sites", format_bytes(k.saved_bytes), f"{100 * k.share:.1f}%"
+        )
     return table
 
 
@@ -54,7 +147,7 @@ def summary(report: Any) -> Text:
     text.append(f"  (saved {format_bytes(p.saved_bytes)}, {100 * p.saved_fraction:.1f}%)", style="bold")
     text.append(
         f"\n                   {p.activation_bytes_before:,} B -> {p.activation_bytes_after:,} B"
-        f"  (saved {p.saved_bytes:,} B)",
+        f" (saved {p.saved_bytes:,} B)",
         style="dim",
     )
     return text
@@ -72,28 +165,40 @@ def verify_text(result: Any) -> Text:
     )
 
 
-def render_report(console: Console, report: Any, *, header: str | None = None) -> None:
-    """Print the table and the summary of ``report``."""
+def render_report(
+    console: Console, report: Any, *, header: str | None = None, all_sites: bool = False
+) -> None:
+    """Print the table of ``report``'s sites (grouped by pattern unless ``all_sites``), why some are not
+    patched, the bytes freed by each kind and the summary."""
     parts: list[Any] = []
     if header:
         parts.append(Text(header, style="bold"))
-    parts.append(sites_table(report) if report.sites else Text("no sites found", style="yellow"))
+    if report.sites:
+        parts.append(sites_table(report, all_sites=all_sites, width=console.width))
+        if any(not s.patched for s in report.sites):
+            parts.append(reasons(report, all_sites=all_sites))
+        parts.append(kind_breakdown(report))
+    else:
+        parts.append(Text("no sites found", style="yellow"))
     parts.append(summary(report))
     console.print(Group(*parts))
 
 
 def models_table(rows: list[dict[str, Any]]) -> Table:
-    """The built-in configs: id, type, layers, hidden, intermediate, activation."""
-    table = Table(title="Built-in offline configs (actpatch convert ID --dry-run works with no network)")
-    for col, justify in (
-        ("id", "left"),
-        ("model type", "left"),
-        ("layers", "right"),
-        ("hidden", "right"),
-        ("intermediate", "right"),
-        ("activation", "left"),
-    ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    """The built-in configs: id (never cut: it is what a user copies), type, layers, hidden, MLP width,
+    activation."""
+    table = Table(
+        title="Built-in offline configs (actpatch convert ID --dry-run works with no network)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, 1, 0, 0),
+    )
+    table.add_column("id", no_wrap=True)
+    table.add_column("type")
+    for col in ("layers", "hidden", "MLP\nwidth"):
+        table.add_column(col, justify="right")
+    table.add_column("activation")
     for r in rows:
         table.add_row(
             r["id"],
@@ -106,4 +211,14 @@ def models_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-__all__ = ["format_bytes", "models_table", "render_report", "sites_table", "summary", "verify_text"]
+__all__ = [
+    "Squeezed",
+    "format_bytes",
+    "kind_breakdown",
+    "middle_truncate",
+    "models_table",
+    "render_report",
+    "sites_table",
+    "summary",
+    "verify_text",
+]
