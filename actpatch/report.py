@@ -77,6 +77,8 @@ class PatchReport:
     # for patch_model, not part of to_dict(): gated or norm site path -> its named parts
     # (``analysis.gated.GatedParts``, ``analysis.norms.NormParts``)
     parts: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # not part of to_dict() either: the bytes at any (batch, seq) (``analysis.memory.Projector``)
+    projector: Any = field(default=None, repr=False, compare=False)
 
     @property
     def patched_sites(self) -> list[Site]:
@@ -91,7 +93,7 @@ class PatchReport:
     def to_dict(self) -> dict[str, Any]:
         """All fields of the contract as JSON-ready nested dicts and lists."""
         d = asdict(self)
-        del d["parts"]
+        del d["parts"], d["projector"]
         return d
 
     def __str__(self) -> str:

@@ -79,5 +79,41 @@ class Fit:
         return scalable * ratio + fixed
 
 
+@dataclass(frozen=True)
+class Projector:
+    """Bytes saved for backward at any (batch, seq): the fits of one analysis.  ``(batch, seq)`` gives
+    (before, freed): the total, and the sum over patched sites of what each frees (never below 0);
+    ``kinds`` names each patched site's kind.  A projector from batch-1 probes (``batched`` False) is
+    right at batch 1 only."""
+
+    total: Fit
+    freed: tuple[Fit, ...]
+    kinds: tuple[str, ...]
+    ratio: float
+    max_seq: int | None = None
+
+    @property
+    def batched(self) -> bool:
+        return self.total.batched
+
+    @property
+    def kind(self) -> str:
+        return self.total.kind
+
+    def site(self, i: int, batch: int, seq: int) -> float:
+        return max(self.freed[i].at(batch, seq, self.ratio), 0.0)
+
+    def freed_by_kind(self, batch: int, seq: int) -> dict[str, float]:
+        """What patching frees at (batch, seq), per site kind."""
+        out: dict[str, float] = {}
+        for i, kind in enumerate(self.kinds):
+            out[kind] = out.get(kind, 0.0) + self.site(i, batch, seq)
+        return out
+
+    def __call__(self, batch: int, seq: int) -> tuple[float, float]:
+        before = self.total.at(batch, seq, self.ratio)
+        return before, sum(self.site(i, batch, seq) for i in range(len(self.freed)))
+
+
 def fit_kind(seq_dependent: bool, fixed: tuple[int, int] | None) -> str:
     return "fixed" if fixed is not None else ("seq" if seq_dependent else "batch")

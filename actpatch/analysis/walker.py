@@ -46,7 +46,7 @@ from . import dropouts as _dropouts
 from . import gated
 from . import norms as _norms
 from .inputs import input_spec, model_dtype, unwrap
-from .memory import Bytes, Fit, fit_kind, probe_shapes
+from .memory import Bytes, Fit, Projector, fit_kind, probe_shapes
 from .probe import Call, ProbeResult, run_probe
 from .sites import INVERTIBLE, classify_module, is_candidate
 
@@ -128,14 +128,13 @@ def walk(
 
     kind = fit_kind(spec.seq_dependent, spec.fixed_shape)
     ratio = target.itemsize / probe_dtype.itemsize
-    total = Fit(shapes, [_total_bytes(p) for p in probes], kind).at(batch_size, seq_len, ratio)
-    saved = 0.0
-    for site, gains in decided:
-        if not site.patched:
-            continue
-        site_saved = max(Fit(shapes, gains, kind).at(batch_size, seq_len, ratio), 0.0)
-        site.saved_bytes_per_token = round(site_saved / (batch_size * seq_len))
-        saved += site_saved
+    patched = [site for site, _ in decided if site.patched]
+    freed = tuple(Fit(shapes, gains, kind) for site, gains in decided if site.patched)
+    totals = Fit(shapes, [_total_bytes(p) for p in probes], kind)
+    projector = Projector(totals, freed, tuple(s.kind for s in patched), ratio, spec.max_seq)
+    for i, site in enumerate(patched):
+        site.saved_bytes_per_token = round(projector.site(i, batch_size, seq_len) / (batch_size * seq_len))
+    total, saved = projector(batch_size, seq_len)
     before = round(total)
     projection = Projection(
         batch_size, seq_len, str(target).removeprefix("torch."), before, before - round(saved)
@@ -144,6 +143,7 @@ def walk(
     decided.sort(key=lambda d: order.get(d[0].path.partition(":")[0], len(order)))
     report = PatchReport(_model_name(model), _is_meta(model), [s for s, _ in decided], projection)
     report.parts = parts
+    report.projector = projector
     return report
 
 

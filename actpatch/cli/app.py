@@ -39,6 +39,13 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class Optimizer(str, Enum):
+    adamw = "adamw"
+    adamw_8bit = "adamw-8bit"
+    sgd = "sgd"
+    none = "none"
+
+
 class UsageProblem(Exception):
     """A combination of arguments that cannot work (exit code 2)."""
 
@@ -187,8 +194,14 @@ def convert(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Config only: build on the meta device, read no weights.")
     ] = False,
-    batch_size: Annotated[int, typer.Option(min=1, help="Batch size the projection is for.")] = 1,
-    seq_len: Annotated[int, typer.Option(min=1, help="Sequence length the projection is for.")] = 512,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="Batch size of the projection [default: 1].", show_default=False),
+    ] = None,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(min=1, help="Sequence length of the projection [default: 512].", show_default=False),
+    ] = None,
     dtype: Annotated[
         DType | None,
         typer.Option(
@@ -259,6 +272,36 @@ def convert(
     trust_remote_code: Annotated[
         bool, typer.Option("--trust-remote-code", help="Allow code from the model's repository to run.")
     ] = False,
+    gpu_memory: Annotated[
+        float | None,
+        typer.Option(
+            "--gpu-memory",
+            help="With --dry-run: the GPU's memory in GiB; adds the training memory and the largest batch at "
+            "--seq-len (or, with --batch-size and no --seq-len, the longest sequence) that fits.",
+            show_default=False,
+        ),
+    ] = None,
+    optimizer: Annotated[
+        Optimizer,
+        typer.Option(case_sensitive=False, help="With --gpu-memory: the optimizer."),
+    ] = Optimizer.adamw,
+    lora_rank: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="With --gpu-memory: LoRA of this rank on the attention and MLP projections, base frozen.",
+            show_default=False,
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="With --gpu-memory: draw the memory before and after into FILE.png or FILE.svg "
+            "(pip install 'actpatch[plot]').",
+            show_default=False,
+        ),
+    ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
 ) -> None:
     """Find the activations of MODEL that can be inverted, patch them, and project the memory saved."""
@@ -281,7 +324,17 @@ def convert(
             dropouts=dropouts,
             trust_remote_code=trust_remote_code,
             debug=debug,
+            training=_training(gpu_memory, optimizer, lora_rank, plot, dry_run),
         )
+
+
+def _training(
+    gpu_memory: float | None, optimizer: Optimizer, lora_rank: int | None, plot: Path | None, dry_run: bool
+) -> Any:
+    """The --gpu-memory request, checked before any work (None without --gpu-memory)."""
+    from .fit_command import TrainingRequest
+
+    return TrainingRequest.checked(gpu_memory, optimizer.value, lora_rank, plot, dry_run, UsageProblem)
 
 
 def _convert(
@@ -303,6 +356,7 @@ def _convert(
     dropouts: bool = False,
     debug: bool = False,
     all_sites: bool = False,
+    training: Any = None,
 ) -> None:
     import torch
 
@@ -324,10 +378,11 @@ def _convert(
         loaded = _load(name, dry_run, torch_dtype, trust_remote_code, random_init or output is None)
     for note in loaded.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
-    model, torch_dtype = loaded.model, loaded.dtype
+    torch_dtype = loaded.dtype
+    model = loaded.model if training is None else training.prepare(loaded.model)
     shape = {
-        "batch_size": batch_size,
-        "seq_len": seq_len,
+        "batch_size": batch_size or 1,
+        "seq_len": seq_len or 512,
         "dtype": torch_dtype,
         "include": include,
         "exclude": exclude,
@@ -338,7 +393,8 @@ def _convert(
 
     check = None
     dtype_name = str(torch_dtype).removeprefix("torch.")
-    probing = f"Probing {type(model).__name__} (batch {batch_size} × seq {seq_len}, {dtype_name}) ..."
+    at = f"batch {shape['batch_size']} × seq {shape['seq_len']}, {dtype_name}"
+    probing = f"Probing {type(model).__name__} ({at}) ..."
     with _status(err, probing, progress):
         if dry_run:
             report = actpatch.analyze(model, **shape)
@@ -349,6 +405,11 @@ def _convert(
         else:
             report = actpatch.patch_model(model, **shape)
     report = _with(report, model=name, dry_run=dry_run)
+    fit = None
+    if training is not None:
+        with _status(err, "Fitting a training step ...", progress):
+            fit = training.fit(model, report, shape, seq_len=seq_len, batch_size=batch_size)
+            training.draw(fit, f"{name}, {dtype_name}")
 
     failed = check is not None and not check.ok
     if output is not None and not failed:
@@ -361,6 +422,8 @@ def _convert(
             data["verify"] = check.to_dict()
         if output is not None and not failed:
             data["output"] = str(output)
+        if fit is not None:
+            data["fit"] = fit.to_dict()
         print(json.dumps(data, indent=2))
     else:
         out = Console()
@@ -376,6 +439,10 @@ def _convert(
         }[loaded.weights]
         header = f"{name}: {type(model).__name__} ({source}, {weights})"
         render.render_report(out, report, header=header, all_sites=all_sites)
+        if fit is not None:
+            from .fit_view import render_fit
+
+            render_fit(out, fit, dtype_name)
         if check is not None:
             out.print(render.verify_text(check))
         if output is not None and not failed:

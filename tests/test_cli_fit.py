@@ -1,0 +1,121 @@
+"""``actpatch convert --dry-run --gpu-memory``: the fit table, the JSON ``fit`` object, the plot and the bad
+inputs (exit 2, one line, no traceback, nothing written)."""
+
+from __future__ import annotations
+
+import builtins
+import json
+from pathlib import Path
+
+import pytest
+from tiny_models import TINY_LLAMA
+
+from actpatch.cli import main
+from actpatch.fit import ASSUMPTIONS
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(TINY_LLAMA))
+    return str(d)
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(["convert", *args])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def test_json_fit_object_keeps_its_contract(capsys, model_dir) -> None:
+    code, out, _ = run(capsys, model_dir, "--dry-run", "--gpu-memory", "1.2", "--seq-len", "32", "--json")
+    assert code == 0
+    f = json.loads(out)["fit"]
+    assert f["gpu_memory_bytes"] == round(1.2 * (1 << 30)) and f["optimizer"] == "adamw"
+    for side in ("before", "after"):
+        best, per = f[f"max_batch_size_{side}"], f[f"activation_bytes_per_sample_{side}"]
+        assert best > 0 and f["static_bytes"] + best * per <= f["gpu_memory_bytes"]
+        assert f["static_bytes"] + (best + 1) * per > f["gpu_memory_bytes"]
+    assert f["max_batch_size_after"] >= f["max_batch_size_before"] and f["assumptions"] == ASSUMPTIONS
+
+
+def test_table_verdict_and_assumptions_line(capsys, model_dir) -> None:
+    code, out, _ = run(capsys, model_dir, "--dry-run", "--gpu-memory", "1.2", "--optimizer", "sgd")
+    assert code == 0
+    assert "Training memory on a 1.20 GiB GPU (SGD (momentum), float32, seq 512)" in out
+    assert "largest batch at seq 512" in out and "fits: largest batch" in out
+    assert "assumes: weights, gradients and optimizer states" in out
+
+
+def test_longest_sequence_with_a_batch_and_no_seq_len(capsys, model_dir) -> None:
+    code, out, _ = run(capsys, model_dir, "--dry-run", "--gpu-memory", "1.2", "--batch-size", "2", "--json")
+    f = json.loads(out)["fit"]
+    assert code == 0 and f["mode"] == "seq" and f["batch_size"] == 2 and f["max_seq_len_after"] > 0
+
+
+def test_lora_counts_adapters_as_the_trainable_part(capsys, model_dir) -> None:
+    code, out, _ = run(capsys, model_dir, "--dry-run", "--gpu-memory", "2", "--lora-rank", "4", "--json")
+    data = json.loads(out)
+    f = data["fit"]
+    assert code == 0 and f["lora_rank"] == 4 and 0 < f["trainable_parameters"] < f["parameters"]
+    assert f["gradient_bytes"] == 4 * f["trainable_parameters"]
+    assert any("base_model" in s["path"] for s in data["sites"])  # the probe saw the LoRA model
+
+
+def test_does_not_fit_even_at_batch_1_says_by_how_much(capsys, model_dir) -> None:
+    code, out, err = run(capsys, model_dir, "--dry-run", "--gpu-memory", "0.5")
+    assert code == 0 and not err.strip()
+    line = next(line for line in out.splitlines() if line.startswith("does not fit"))
+    assert "does not fit even at batch 1, patched: needs 1." in line
+    assert "more than the 512.00 MiB GPU" in line
+
+
+@pytest.mark.parametrize("suffix", [".png", ".svg"])
+def test_plot_is_written(capsys, model_dir, tmp_path: Path, suffix: str) -> None:
+    target = tmp_path / f"fit{suffix}"
+    code, _, _ = run(capsys, model_dir, "--dry-run", "--gpu-memory", "1.2", "--plot", str(target))
+    assert code == 0 and target.stat().st_size > 1000 and list(tmp_path.iterdir()) == [target]
+
+
+def test_missing_matplotlib_names_the_extra(capsys, model_dir, tmp_path: Path, monkeypatch) -> None:
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    target = tmp_path / "fit.png"
+    code, out, err = run(capsys, model_dir, "--dry-run", "--gpu-memory", "8", "--plot", str(target))
+    assert code == 2 and not out and err.count("\n") == 1 and "pip install 'actpatch[plot]'" in err
+    assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gpu-memory", "0"], "--gpu-memory must be a positive number of GiB"),
+        (["--gpu-memory", "-3"], "--gpu-memory must be a positive number of GiB"),
+        (["--gpu-memory", "nan"], "--gpu-memory must be a positive number of GiB"),
+        (["--gpu-memory", "lots"], "Invalid value for '--gpu-memory'"),
+        (["--gpu-memory", "8", "--lora-rank", "0"], "--lora-rank"),
+        (["--gpu-memory", "8", "--optimizer", "adam"], "Invalid value for '--optimizer'"),
+        (["--gpu-memory", "8", "--plot", "{tmp}/fit.jpg"], "unknown extension '.jpg'; use .png or .svg"),
+        (["--gpu-memory", "8", "--plot", "{tmp}/no/such/dir/fit.png"], "cannot write there"),
+        (["--lora-rank", "4"], "need --gpu-memory"),
+    ],
+)
+def test_bad_input_exits_2_in_one_line(capsys, model_dir, tmp_path: Path, args: list, message: str) -> None:
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code, out, err = run(capsys, model_dir, "--dry-run", *args)
+    assert code == 2 and not out and err.count("\n") == 1 and "Traceback" not in err
+    assert message in err and err.startswith("actpatch: error: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gpu_memory_needs_dry_run(capsys, model_dir) -> None:
+    code, _, err = run(capsys, model_dir, "--gpu-memory", "8")
+    assert code == 2 and "use it with --dry-run" in err and err.count("\n") == 1
