@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,7 +146,10 @@ def run_case(name: str, lora: bool, patched: bool, batch: int, args: argparse.Na
     cmd = [sys.executable, __file__, "--child", name, "--batch", str(batch), "--steps", str(args.steps)]
     cmd += ["--device", args.device] + (["--lora"] if lora else []) + (["--patched"] if patched else [])
     cmd += ["--tiny"] if args.tiny else []
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ)
+    if args.allocator == "expandable":  # what the assumptions line recommends: no fragmentation to guess
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if done.returncode:
         return {"batch": batch, "trained": False, "error": done.stderr.strip().splitlines()[-1:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -172,6 +176,14 @@ def check(name: str, lora: bool, patched: bool, args: argparse.Namespace, capaci
     batch = max(best, 1) if not args.tiny else 2
     measured = run_case(name, lora, patched, batch, args)
     row.update(measured=measured, trained=measured.get("trained", False))
+    below = measured
+    while not args.tiny and not below.get("trained") and below["batch"] > 1 and batch - below["batch"] < 3:
+        below = run_case(name, lora, patched, below["batch"] - 1, args)  # the largest batch that trains
+    if below is not measured:
+        row["largest_trained"] = below
+        if below.get("trained"):
+            predicted = memory.peak(below["batch"], case[3], patched)
+            row["error_at_largest_trained"] = (predicted - below["peak"]) / below["peak"]
     if args.tiny:
         row["predicted_peak"] = round(memory.peak(batch, case[3], patched))
         row["predicted"] = {
@@ -198,6 +210,11 @@ def table(rows: list[dict]) -> str:
         peak = r["measured"].get("peak")
         err = r.get("error")
         err = f"{100 * err:+.1f}%" if isinstance(err, float) else "-"
+        if "largest_trained" in r:
+            below = r["largest_trained"]
+            err2 = r.get("error_at_largest_trained")
+            err += f"; trained at {below['batch']}" if below.get("trained") else "; nothing below trained"
+            err += f" ({gib(below['peak'])}, {100 * err2:+.1f}%)" if err2 is not None else ""
         lines.append(
             f"| {r['model']}, seq {r['seq_len']} | {r['mode']} | {'yes' if r['patched'] else 'no'} "
             f"| {r['predicted_max_batch']} | {gib(r['predicted_peak'])} "
@@ -214,6 +231,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="patched runs only, 2 steps")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    parser.add_argument(
+        "--allocator", choices=("expandable", "default"), default="expandable", help="CUDA caching allocator"
+    )
+    parser.add_argument("--cases", nargs="+", default=None, help="only these model names")
+    parser.add_argument("--modes", nargs="+", choices=("full", "lora"), default=("full", "lora"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
@@ -226,8 +248,8 @@ def main() -> None:
         return
     capacity = gpu_bytes(args.device)
     rows = []
-    for name in TINY if args.tiny else CASES:
-        for lora in (False, True):
+    for name in args.cases or (TINY if args.tiny else CASES):
+        for lora in [m == "lora" for m in args.modes]:
             for patched in (True,) if args.quick else (True, False):
                 rows.append(check(name, lora, patched, args, capacity))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)

@@ -61,12 +61,13 @@ def backward_table_of(
     dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor:
-    """float32 [2 · 65536]: the minimax g of ``fn``'s (branch, y) classes, built on the CPU in float64."""
+    """float32 [2 · 65536]: the minimax g of ``fn``'s (branch, y) classes, y as ``fn`` gives it on ``device``
+    (a GPU's tanh may round otherwise than the CPU's), built on the CPU in float64."""
     key = ("backward", key, dtype, device)
     if key not in _BACKWARD:
         x = every_value(dtype)
         with torch.no_grad():
-            y = fn(x)
+            y = fn(x.to(device)).cpu()
         slot = ((x.float() >= act.x_star).long() << 16) | (y.view(torch.int16).long() & 0xFFFF)
         known = torch.isfinite(x) & torch.isfinite(y)
         slot, df = slot[known], act.df_safe(x[known].double())
