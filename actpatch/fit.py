@@ -19,7 +19,9 @@ T the trainable ones (``requires_grad``), i a parameter's bytes per element, b t
 The two phases of a step: the start of the backward holds every activation and no gradient yet (they are
 set to None by ``zero_grad``); the optimizer step holds every gradient and no activation.  Fitting on a GPU
 also sets aside ``reserve = 1 GiB`` (CUDA context, cuBLAS workspaces) ``+ 5%`` of its memory
-(fragmentation of the caching allocator).
+(fragmentation), for the caching allocator with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``: with
+its default segments, the tens of GiB of float32 logit gradients did not find room at the predicted largest
+batch in 3 of 4 full-AdamW runs on an H200 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ ASSUMPTIONS = (
     "weights, gradients and optimizer states in the model's dtype (no float32 master copy; adamw-8bit: "
     "uint8 states); static = weights + optimizer states + the activations that do not grow with the batch; "
     "peak = static + the larger of (activations + two float32 logit gradients) and (gradients + AdamW's "
-    "step buffer); reserved: 1 GiB CUDA context + 5% of the GPU for fragmentation"
+    "step buffer); reserved: 1 GiB CUDA context + 5% of the GPU for fragmentation, with "
+    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
 )
 
 
