@@ -131,7 +131,7 @@ def test_gpu_benchmark_cpu_mode_matches_the_tensors(name: str, lora: bool) -> No
     """benchmarks/fit_gpu.py --device cpu --tiny: a subprocess trains; weights, gradients, optimizer
     states and saved activations are what the memory model says."""
     bench = _benchmark()
-    args = argparse.Namespace(device="cpu", tiny=True, quick=True, steps=1)
+    args = argparse.Namespace(device="cpu", tiny=True, quick=True, steps=1, allocator="default")
     row = bench.check(name, lora, True, args, bench.TINY_GPU_BYTES)
     assert row["trained"] and row["next_predicted_not_to_fit"]
     assert row["error"] == {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0, "activations": 0.0}
