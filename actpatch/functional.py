@@ -119,24 +119,19 @@ class ActpatchInverted(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor, _dbits) -> tuple[torch.Tensor, None, None]:
         y, bits = ctx.saved_tensors
+        args = (ctx.name, dy, y, bits, ctx.g_table)
         if torch.is_grad_enabled():  # create_graph: a backward whose own backward says why it cannot
-            return (
-                ActpatchBackward.apply(ops.activation_backward, ctx.name, dy, y, bits, ctx.g_table),
-                None,
-                None,
-            )
-        return ops.activation_backward(ctx.name, dy, y, bits, ctx.g_table), None, None
+            return ActpatchBackward.apply(ops.activation_backward, *args), None, None
+        return ops.activation_backward(*args), None, None
 
     @staticmethod
-    def jvp(ctx, dx: torch.Tensor, _name, _tables) -> tuple[torch.Tensor, None]:
+    def jvp(ctx, dx: torch.Tensor, *_) -> tuple[torch.Tensor, None]:
         return _act_jvp(ctx.name, *ctx.saved_tensors, dx), None
 
 
-class ActpatchGiven(torch.autograd.Function):
+class ActpatchGiven(ActpatchInverted):
     """An inverted activation whose y the caller computed (a formula's, without grad): keeps y and the bits
-    [x >= x*]; backward, vmap and jvp as ``ActpatchInverted``'s."""
-
-    generate_vmap_rule = True
+    [x >= x*]; backward, vmap and jvp are ``ActpatchInverted``'s."""
 
     @staticmethod
     def forward(x: torch.Tensor, y: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,20 +140,10 @@ class ActpatchGiven(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, _, ctx.name = inputs
+        ctx.g_table = None
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(*output)
         ctx.save_for_forward(x)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor, _dbits) -> tuple[torch.Tensor, None, None]:
-        y, bits = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            return ActpatchBackward.apply(ops.activation_backward, ctx.name, dy, y, bits), None, None
-        return ops.activation_backward(ctx.name, dy, y, bits), None, None
-
-    @staticmethod
-    def jvp(ctx, dx: torch.Tensor, _dy, _name) -> tuple[torch.Tensor, None]:
-        return _act_jvp(ctx.name, *ctx.saved_tensors, dx), None
 
 
 class ActpatchGated(torch.autograd.Function):
