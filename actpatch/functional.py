@@ -146,6 +146,26 @@ class ActpatchGiven(ActpatchInverted):
         ctx.save_for_forward(x)
 
 
+class CompiledGiven(torch.autograd.Function):
+    """``ActpatchGiven`` for torch.compile: Dynamo traces an autograd.Function with no custom jvp, so its
+    forward (the bits) fuses with the formula, and its backward is the custom op ``actpatch::<name>_backward``
+    (a fake implementation for the compiler, the Triton kernel at run time)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, y: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return y.view_as(y), pack_bits(x.float() >= ACTIVATIONS[name].x_star)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.name = inputs[2]
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(*output)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, _dbits) -> tuple[torch.Tensor, None, None]:
+        return OPS[ctx.name][1](dy, *ctx.saved_tensors), None, None
+
+
 class ActpatchGated(torch.autograd.Function):
     """actpatch::<name>_mul without the dispatcher (eager mode); torch.func as ``ActpatchInverted``
     (jvp: torch's act'(a)·ȧ·b + act(a)·ḃ)."""
@@ -262,6 +282,8 @@ def _inverted(name: str, x: torch.Tensor, plain: Formula, formula: Formula | Non
         return ActpatchInverted.apply(x, name, tables)[0]
     with torch.no_grad():
         y = formula(x)
+    if torch.compiler.is_compiling():  # the compiler fuses the formula and the bits
+        return CompiledGiven.apply(x, y, name)[0]
     return ActpatchGiven.apply(x, y, name)[0]
 
 

@@ -144,3 +144,25 @@ def test_gpu_patched_gpt2_is_bitwise_unpatched_and_its_formula_kernels_match_the
     with torch.no_grad():
         assert _same(y, NewGELUActivation()(x))
     _assert_at_the_formulas_limit(x, y, g)
+
+
+def test_compiled_gpt2_keeps_its_graphs_and_loss():
+    """Under torch.compile the formula's y and bits are traced (the compiler fuses them): no graph break
+    beyond the unpatched model's, the same loss, close gradients."""
+    model = tiny_model("gpt2")
+    _, kwargs = input_spec(model).make(2, 12)
+    reference_model = copy.deepcopy(model)
+    actpatch.patch_model(model, batch_size=2, seq_len=12)
+    breaks, losses, grads = [], [], []
+    for m in (reference_model, model):
+        torch._dynamo.reset()
+        breaks.append(torch._dynamo.explain(m)(**kwargs).graph_break_count)
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        loss = torch.compile(m, backend="aot_eager")(**kwargs).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert breaks[1] == breaks[0] and torch.equal(losses[1], losses[0])
+    for name, g in grads[0].items():
+        assert (grads[1][name] - g).norm() <= 2e-3 * g.norm() + 1e-6, name
