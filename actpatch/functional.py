@@ -17,6 +17,11 @@ keep the product plus, per element, the gate (or up where act(gate) is ~0) and t
 ``rms_norm(x, weight, eps, variant)`` returns a Hugging Face RMSNorm's output bitwise and keeps x and
 1/rms instead of float32 copies (``actpatch.kernels.rms_norm``).
 
+``rms_norm_from_output(x, weight, eps, variant)`` (variant also "torch": ``F.rms_norm``) and
+``layer_norm(x, normalized_shape, weight, bias, eps)`` (``F.layer_norm``) return the norm's output bitwise and
+keep that output (shared with the Linear after it) and 1/σ, where the weight allows dividing by it
+(``actpatch.kernels.norm_output.keeps_output``); otherwise they keep the input as ``rms_norm`` / torch does.
+
 ``dropout(x, p, training)`` returns ``F.dropout(x, p, training)`` bitwise (the same random draws) and keeps
 its mask as ceil(n/8) bytes of bits instead of a byte (CUDA) or a noise value (CPU) per element; its
 gradient is torch's, bitwise (``actpatch.kernels.dropout``).
@@ -31,10 +36,18 @@ import torch.nn.functional as F
 
 from .activations import ACTIVATIONS
 from .activations.sigmoid_gated import QUICK_GELU_SCALE, quick_gelu_forward
-from .kernels import gated, lookup, ops
+from .kernels import gated, lookup, norm_output, ops
 from .kernels import rms_norm as _rms_norm
 from .kernels.bits import pack_bits
-from .kernels.ops import DOUBLE_BACKWARD_ERROR, GATED_OPS, OPS, dropout_op, rms_norm_op
+from .kernels.ops import (
+    DOUBLE_BACKWARD_ERROR,
+    GATED_OPS,
+    OPS,
+    dropout_op,
+    layer_norm_keep_output_op,
+    rms_norm_keep_output_op,
+    rms_norm_op,
+)
 
 INVERTIBLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -233,6 +246,71 @@ class ActpatchRMSNorm(torch.autograd.Function):
         return _rms_norm.jvp(*ctx.saved_tensors, dx, dw, ctx.variant), None
 
 
+class ActpatchRMSNormFromOutput(torch.autograd.Function):
+    """actpatch::rms_norm_keep_output without the dispatcher (eager mode): keeps the output y, the weight and
+    r = 1/rms; torch.func as ``ActpatchInverted`` (jvp: torch's, from x kept for forward AD only)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: torch.Tensor, w: torch.Tensor, eps: float | None, variant: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return norm_output.rms_norm_forward(x, w, eps, variant)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, w, _, ctx.variant = inputs
+        ctx.x_dtype = x.dtype
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[0], w, output[1])
+        ctx.save_for_forward(x, w, output[1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, _dr) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        args = (dy, *ctx.saved_tensors, ctx.variant, ctx.x_dtype)
+        if torch.is_grad_enabled():
+            return (*ActpatchBackward.apply(ops.rms_norm_output_backward, *args), None, None)
+        return (*ops.rms_norm_output_backward(*args), None, None)
+
+    @staticmethod
+    def jvp(
+        ctx, dx: torch.Tensor | None, dw: torch.Tensor | None, _eps, _variant
+    ) -> tuple[torch.Tensor, None]:
+        return norm_output.rms_norm_jvp(*ctx.saved_tensors, dx, dw, ctx.variant), None
+
+
+class ActpatchLayerNorm(torch.autograd.Function):
+    """actpatch::layer_norm_keep_output without the dispatcher (eager mode): keeps the output y, w, b and
+    rstd = 1/σ; torch.func as ``ActpatchInverted`` (jvp from x kept for forward AD only)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return norm_output.layer_norm_forward(x, w, b, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, w, b, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[0], w, b, output[1])
+        ctx.save_for_forward(x, w, output[1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, _drstd) -> tuple:
+        args = (dy, *ctx.saved_tensors)
+        if torch.is_grad_enabled():
+            return (*ActpatchBackward.apply(ops.layer_norm_output_backward, *args), None)
+        return (*ops.layer_norm_output_backward(*args), None)
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db, _eps) -> tuple[torch.Tensor, None]:
+        return norm_output.layer_norm_jvp(*ctx.saved_tensors, dx, dw, db), None
+
+
 class ActpatchDropout(torch.autograd.Function):
     """actpatch::dropout without the dispatcher (eager mode): keeps the mask's bits.  Under vmap, the mask
     is drawn as torch's dropout draws it there: vmap's ``randomness`` decides ("error" raises, "different"
@@ -354,6 +432,66 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "
             return rms_norm_op(x, weight, float(eps), variant)[0]
         return ActpatchRMSNorm.apply(x, weight, float(eps), variant)[0]
     return _rms_norm.forward(x, weight, eps, variant)[0]
+
+
+def _keeps_output(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, variant: str) -> bool:
+    """Whether a norm keeps its output: gradient wanted, and ``norm_output.keeps_output`` (cached per weight;
+    under torch.compile outside the graph: pass ``keep_output`` to keep the graph whole)."""
+    params = [t for t in (w, b) if t is not None]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))):
+        return False
+    if any(t.dtype != x.dtype or t.device != x.device for t in params) and variant not in ("llama", "t5"):
+        return False
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(norm_output.keeps_output)(w, b, x.dtype, variant)
+    return norm_output.keeps_output(w, b, x.dtype, variant)
+
+
+def rms_norm_from_output(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float | None,
+    variant: str = "llama",
+    *,
+    keep_output: bool | None = None,
+) -> torch.Tensor:
+    """``rms_norm``'s RMSNorm (and ``variant="torch"``: ``F.rms_norm(x, x.shape[-1:], weight, eps)``, eps may
+    be None), bitwise, keeping its output and 1/rms where ``keep_output`` (None: decided from the weight, see
+    ``_keeps_output``); otherwise keeping x as ``rms_norm`` does (torch: ``F.rms_norm`` itself)."""
+    if variant not in norm_output.VARIANTS:
+        raise ValueError(f"rms_norm: variant is one of {', '.join(norm_output.VARIANTS)}, got {variant!r}")
+    if keep_output is None:
+        keep_output = x.is_floating_point() and _keeps_output(x, weight, None, variant)
+    if keep_output:
+        if torch.compiler.is_compiling():
+            return rms_norm_keep_output_op(x, weight, eps, variant)[0]
+        return ActpatchRMSNormFromOutput.apply(x, weight, eps, variant)[0]
+    if variant == "torch":
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+    return rms_norm(x, weight, eps, variant)
+
+
+def layer_norm(
+    x: torch.Tensor,
+    normalized_shape: list[int] | tuple[int, ...],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    keep_output: bool | None = None,
+) -> torch.Tensor:
+    """``F.layer_norm``, bitwise: (x − mean) / √(var + eps) · w + b over the last dim, keeping its output and
+    1/σ where ``keep_output`` (None: decided from w and b, see ``_keeps_output``); otherwise ``F.layer_norm``
+    itself (also for a ``normalized_shape`` of more than the last dim)."""
+    if tuple(normalized_shape) != tuple(x.shape[-1:]):
+        keep_output = False
+    elif keep_output is None:
+        keep_output = _keeps_output(x, weight, bias, "layer")
+    if not keep_output:
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    if torch.compiler.is_compiling():
+        return layer_norm_keep_output_op(x, weight, bias, float(eps))[0]
+    return ActpatchLayerNorm.apply(x, weight, bias, float(eps))[0]
 
 
 def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Tensor:

@@ -15,6 +15,7 @@ from actpatch.kernels import triton as tk
 from actpatch.kernels import triton_dropout as td
 from actpatch.kernels import triton_gated as tg
 from actpatch.kernels import triton_norm as tn
+from actpatch.kernels import triton_norm_output as tno
 
 compiler = pytest.importorskip("triton.compiler")
 GPUTarget = pytest.importorskip("triton.backends.compiler").GPUTarget
@@ -49,6 +50,15 @@ NORM_BACKWARD = {
     "dy_ptr": "*{t}", "x_ptr": "*{t}", "w_ptr": "*{t}", "r_ptr": "*fp32", "dx_ptr": "*{t}", "dw_ptr": "*fp32",
     "n_rows": "i64", "width": "i64", "rows_per_program": "i32",
 }  # fmt: skip
+NORM_OUTPUT_ROWS = {"n_rows": "i64", "width": "i64", "rows_per_program": "i32"}
+RMS_FROM_OUTPUT = {
+    "dy_ptr": "*{t}", "y_ptr": "*{t}", "w_ptr": "*{t}", "r_ptr": "*fp32", "dx_ptr": "*{t}", "dw_ptr": "*fp32",
+    **NORM_OUTPUT_ROWS,
+}  # fmt: skip
+LAYER_FROM_OUTPUT = {
+    "dy_ptr": "*{t}", "y_ptr": "*{t}", "w_ptr": "*{t}", "b_ptr": "*{t}", "rstd_ptr": "*fp32",
+    "dx_ptr": "*{t}", "dw_ptr": "*fp32", "db_ptr": "*fp32", **NORM_OUTPUT_ROWS,
+}  # fmt: skip
 DROPOUT_PACK = {"mask_ptr": "*u8", "bits_ptr": "*u8", **ROW}
 DROPOUT_BACKWARD = {"dy_ptr": "*{t}", "bits_ptr": "*u8", "dx_ptr": "*{t}", **ROW, "s": "fp32"}
 BASE = {
@@ -77,6 +87,23 @@ CASES = {
             "DS_DTYPE": tl.bfloat16,
             "BLOCK": 4096,
         },
+    ),
+    "rms_norm from output backward": (
+        tno._rms_backward_kernel,
+        RMS_FROM_OUTPUT,
+        {
+            "GEMMA": False,
+            "ROUNDED": True,
+            "S_DTYPE": tl.bfloat16,
+            "GW_DTYPE": tl.bfloat16,
+            "DS_DTYPE": tl.bfloat16,
+            "BLOCK": 4096,
+        },
+    ),
+    "layer_norm from output backward": (
+        tno._layer_backward_kernel,
+        LAYER_FROM_OUTPUT,
+        {"HAS_W": True, "HAS_B": True, "BLOCK": 4096},
     ),
 }
 

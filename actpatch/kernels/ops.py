@@ -10,6 +10,11 @@ its mask as bits (``dropout.py``); ``dropout_backward(dy, bits, p)`` -> dx, torc
 in dy, so differentiable again: its derivative is itself).
 ``actpatch::rms_norm(Tensor x, Tensor w, float eps, str variant) -> (Tensor y, Tensor r)``  RMSNorm keeping
 x and r = 1/rms (``rms_norm.py``); ``rms_norm_backward(dy, x, w, r, variant)`` -> (dx, dw).
+``actpatch::rms_norm_keep_output(Tensor x, Tensor w, float? eps, str variant) -> (Tensor y, Tensor r)`` and
+``actpatch::layer_norm_keep_output(Tensor x, Tensor? w, Tensor? b, float eps) -> (Tensor y, Tensor rstd)``
+norms keeping their output y and 1/σ (``norm_output.py``); ``rms_norm_keep_output_backward(dy, y, w, r,
+variant, x_dtype)`` -> (dx, dw), ``layer_norm_keep_output_backward(dy, y, w, b, rstd)`` -> (dx, dw, db)
+(dw, db empty where w, b are None).
 
 Every device runs the pure-PyTorch reference; CUDA runs the fused Triton kernels when Triton imports
 (one place decides: ``activation_forward`` ... ``rms_norm_backward`` below, which the ops call; the
@@ -32,11 +37,11 @@ import inspect
 import torch
 
 from ..activations import ACTIVATIONS
-from . import dropout, gated, reference, rms_norm
+from . import dropout, gated, norm_output, reference, rms_norm
 from .bits import packed_size
 
 DOUBLE_BACKWARD_ERROR = (
-    "actpatch: patched ops (inverted activations, gated products, RMSNorm) do not support double backward "
+    "actpatch: patched ops (inverted activations, gated products, norms) do not support double backward "
     "(create_graph=True) nor second derivatives in torch.func (hessian, jacrev or jacfwd of grad): their "
     "backward is computed from what they keep, not differentiated again. "
     "Unpatch the model (actpatch.unpatch_model) for higher-order gradients."
@@ -59,6 +64,7 @@ def _triton(module: str):
 _KERNELS = _triton("triton")
 _GATED_KERNELS = _triton("triton_gated")
 _NORM_KERNELS = _triton("triton_norm")
+_NORM_OUTPUT_KERNELS = _triton("triton_norm_output")
 _DROPOUT_KERNELS = _triton("triton_dropout")
 _DROPOUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # a random op: never recomputed, reordered or merged by the compiler (where custom_op takes ``tags``)
@@ -120,6 +126,24 @@ def rms_norm_backward(
     if _NORM_KERNELS is not None and _on_gpu(x):
         return _NORM_KERNELS.backward(dy, x, w, r, variant)
     return rms_norm.backward(dy, x, w, r, variant)
+
+
+def rms_norm_output_backward(
+    dy: torch.Tensor, y: torch.Tensor, w: torch.Tensor, r: torch.Tensor, variant: str, x_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dw) as ``actpatch::rms_norm_keep_output_backward`` computes them on y's device."""
+    if _NORM_OUTPUT_KERNELS is not None and _on_gpu(y):
+        return _NORM_OUTPUT_KERNELS.rms_backward(dy, y, w, r, variant, x_dtype)
+    return norm_output.rms_norm_backward_from_output(dy, y, w, r, variant, x_dtype)
+
+
+def layer_norm_output_backward(
+    dy: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dw, db) as ``actpatch::layer_norm_keep_output_backward`` computes them on y's device."""
+    if _NORM_OUTPUT_KERNELS is not None and _on_gpu(y):
+        return _NORM_OUTPUT_KERNELS.layer_backward(dy, y, w, b, rstd)
+    return norm_output.layer_norm_backward_from_output(dy, y, w, b, rstd)
 
 
 def dropout_forward(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,6 +290,97 @@ rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
 rms_norm_backward_op.register_autograd(_rms_norm_second_order, setup_context=lambda ctx, inputs, output: None)
 _no_vmap(rms_norm_op)
 _no_vmap(rms_norm_backward_op)
+
+
+@torch.library.custom_op("actpatch::rms_norm_keep_output", mutates_args=())
+def rms_norm_keep_output_op(
+    x: torch.Tensor, w: torch.Tensor, eps: float | None, variant: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return norm_output.rms_norm_forward(x, w, eps, variant)
+
+
+@rms_norm_keep_output_op.register_fake
+def _(x, w, eps, variant):
+    return norm_output.rms_norm_forward(x, w, eps, variant)
+
+
+@torch.library.custom_op("actpatch::rms_norm_keep_output_backward", mutates_args=())
+def rms_norm_keep_output_backward_op(
+    dy: torch.Tensor, y: torch.Tensor, w: torch.Tensor, r: torch.Tensor, variant: str, x_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_output_backward(dy, y, w, r, variant, x_dtype)
+
+
+@rms_norm_keep_output_backward_op.register_fake
+def _(dy, y, w, r, variant, x_dtype):
+    return y.new_empty(y.shape, dtype=x_dtype), torch.empty_like(w)
+
+
+def _rms_norm_keep_output_setup(ctx, inputs, output):
+    x, w, _, ctx.variant = inputs
+    ctx.x_dtype = x.dtype
+    ctx.save_for_backward(output[0], w, output[1])
+
+
+def _rms_norm_keep_output_backward(ctx, dy, _dr):
+    dx, dw = rms_norm_keep_output_backward_op(dy, *ctx.saved_tensors, ctx.variant, ctx.x_dtype)
+    return dx, dw, None, None
+
+
+@torch.library.custom_op("actpatch::layer_norm_keep_output", mutates_args=())
+def layer_norm_keep_output_op(
+    x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return norm_output.layer_norm_forward(x, w, b, eps)
+
+
+@layer_norm_keep_output_op.register_fake
+def _(x, w, b, eps):
+    return norm_output.layer_norm_forward(x, w, b, eps)
+
+
+def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op("actpatch::layer_norm_keep_output_backward", mutates_args=())
+def layer_norm_keep_output_backward_op(
+    dy: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = layer_norm_output_backward(dy, y, w, b, rstd)
+    return dx, _or_empty(dw, y), _or_empty(db, y)
+
+
+@layer_norm_keep_output_backward_op.register_fake
+def _(dy, y, w, b, rstd):
+    return torch.empty_like(y), torch.empty_like(_or_empty(w, y)), torch.empty_like(_or_empty(b, y))
+
+
+def _layer_norm_keep_output_setup(ctx, inputs, output):
+    _, w, b, _ = inputs
+    ctx.save_for_backward(output[0], w, b, output[1])
+
+
+def _layer_norm_keep_output_backward(ctx, dy, _drstd):
+    y, w, b, rstd = ctx.saved_tensors
+    dx, dw, db = layer_norm_keep_output_backward_op(dy, y, w, b, rstd)
+    return dx, None if w is None else dw, None if b is None else db, None
+
+
+def _norm_second_order(ctx, *_):
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+for _fwd, _bwd, _backward, _setup in (
+    (rms_norm_keep_output_op, rms_norm_keep_output_backward_op, _rms_norm_keep_output_backward,
+     _rms_norm_keep_output_setup),
+    (layer_norm_keep_output_op, layer_norm_keep_output_backward_op, _layer_norm_keep_output_backward,
+     _layer_norm_keep_output_setup),
+):  # fmt: skip
+    _fwd.register_autograd(_backward, setup_context=_setup)
+    _bwd.register_autograd(_norm_second_order, setup_context=lambda ctx, inputs, output: None)
+    _no_vmap(_fwd)
+    _no_vmap(_bwd)
 
 
 @torch.library.custom_op("actpatch::dropout", mutates_args=(), **_SEEDED)
