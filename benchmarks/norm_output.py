@@ -81,7 +81,8 @@ def main() -> None:
             nbytes, _ = saved_bytes(net, {"x": x})
             sizes.append(nbytes / args.rows)
         ratio = ours_ms / eager_ms
-        print(f"| {name} | {eager_ms:.3f} | {ours_ms:.3f} | {ratio:.3f} | {sizes[0]:,.0f} | {sizes[1]:,.0f} |")
+        row = f"| {name} | {eager_ms:.3f} | {ours_ms:.3f} | {ratio:.3f} | {sizes[0]:,.0f} | {sizes[1]:,.0f} |"
+        print(row)
 
 
 class _Lambda(torch.nn.Module):
