@@ -204,7 +204,7 @@ def test_grouped_table_at_80_columns():
     text = _render(llama_like_report(), 80)
     lines = [line.rstrip() for line in text.splitlines()]
     assert "model.layers.{0..31}.mlp            gated silu  yes      32 × 53,760  1,720,320" in lines
-    assert "model.layer…st_attention_layernorm  rms_norm    yes      32 × 16,384    524,288" in lines
+    assert "…{0..31}.post_attention_layernorm   rms_norm    yes      32 × 16,384    524,288" in lines
     assert "freed by kind:  gated MLPs  32 sites  6.56 GiB  23.4%" in lines
     assert len(lines) < 20
 
@@ -220,3 +220,8 @@ def test_middle_truncate_keeps_both_ends():
         render.middle_truncate("model.layers.{0..31}.post_attention_layernorm", 20) == "model.…ion_layernorm"
     )
     assert render.middle_truncate("short", 20) == "short"
+    path = "model.layers.{0..31}.input_layernorm"
+    assert render.middle_truncate(path, 35) == "model.layer…{0..31}.input_layernorm"
+    assert render.middle_truncate("model.layers.{0..31}.post_attention_layernorm", 34) == (
+        "…{0..31}.post_attention_layernorm"
+    )

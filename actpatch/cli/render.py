@@ -24,10 +24,14 @@ def format_bytes(n: float) -> str:
 
 def middle_truncate(word: str, width: int) -> str:
     """``word`` cut to ``width`` cells by an ellipsis in its middle, keeping more of its end (the most
-    specific part of a module path)."""
+    specific part of a module path), and a layer pattern ``{0..31}`` whole where it and its end fit."""
     if cell_len(word) <= width:
         return word
     keep = max(width - 1, 0)
+    pattern = word.rfind(".", 0, word.find("{")) + 1 if "{" in word else -1
+    if pattern > 0 and len(word) - pattern <= keep:
+        head = keep - (len(word) - pattern)
+        return (word[:head] if head >= 4 else "") + "…" + word[pattern:]
     head = keep // 3
     return word[:head] + "…" + word[len(word) - (keep - head) :]
 
