@@ -33,6 +33,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from .activations import ACTIVATIONS
 from .activations.sigmoid_gated import QUICK_GELU_SCALE, quick_gelu_forward
@@ -344,20 +345,91 @@ class ActpatchDropout(torch.autograd.Function):
 Formula = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _transformed(t: torch.Tensor) -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp: wrapped tensors) or forward-mode AD is active for
+    ``t``: then the Functions above run; otherwise their lean twins below (one output, a forward that saves
+    what it needs itself: half the CPU time per call, ``benchmarks/call_overhead.py``)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or forward_ad._current_level >= 0
+
+
+class ActpatchEagerInverted(torch.autograd.Function):
+    """``ActpatchInverted`` outside torch.func: the same saves and backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, name: str, tables: tuple[torch.Tensor, torch.Tensor] | None):
+        y, bits = ops.activation_forward(name, x, tables and tables[0])
+        ctx.save_for_backward(y, bits)
+        ctx.name, ctx.g_table = name, tables and tables[1]
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        return ActpatchInverted.backward(ctx, dy, None)
+
+
+class ActpatchEagerGated(torch.autograd.Function):
+    """``ActpatchGated`` outside torch.func."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, name: str) -> torch.Tensor:
+        m, k, bits = ops.gated_forward(name, a, b)
+        ctx.save_for_backward(m, k, bits)
+        ctx.name = name
+        return m
+
+    @staticmethod
+    def backward(ctx, dm: torch.Tensor):
+        return ActpatchGated.backward(ctx, dm, None, None)
+
+
+class ActpatchEagerRMSNorm(torch.autograd.Function):
+    """``ActpatchRMSNorm`` outside torch.func."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float, variant: str) -> torch.Tensor:
+        y, r = _rms_norm.forward(x, w, eps, variant)
+        ctx.save_for_backward(x, w, r)
+        ctx.variant = variant
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        return ActpatchRMSNorm.backward(ctx, dy, None)
+
+
+class ActpatchEagerDropout(torch.autograd.Function):
+    """``ActpatchDropout`` outside torch.func."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        y, bits = ops.dropout_forward(x, p)
+        ctx.save_for_backward(bits)
+        ctx.p = p
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        return ActpatchDropout.backward(ctx, dy, None)
+
+
 def _inverted(name: str, x: torch.Tensor, plain: Formula, formula: Formula | None = None) -> torch.Tensor:
     if not (x.requires_grad and torch.is_grad_enabled() and x.dtype in INVERTIBLE_DTYPES):
         return plain(x) if formula is None else formula(x)
     if formula is None:
         if torch.compiler.is_compiling():  # one opaque op in the graph
             return OPS[name][0](x)[0]
-        return ActpatchInverted.apply(x, name, None)[0]
+        if _transformed(x):
+            return ActpatchInverted.apply(x, name, None)[0]
+        return ActpatchEagerInverted.apply(x, name, None)
     if x.dtype in lookup.DTYPES and not torch.compiler.is_compiling():
         key = formula_key(formula)
         tables = (
             lookup.table_of(formula, key, x.dtype, x.device),
             lookup.backward_table_of(formula, key, ACTIVATIONS[name], x.dtype, x.device),
         )
-        return ActpatchInverted.apply(x, name, tables)[0]
+        if _transformed(x):
+            return ActpatchInverted.apply(x, name, tables)[0]
+        return ActpatchEagerInverted.apply(x, name, tables)
     with torch.no_grad():
         y = formula(x)
     if torch.compiler.is_compiling():  # the compiler fuses the formula and the bits
@@ -406,7 +478,9 @@ def _gated(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     ):
         if torch.compiler.is_compiling():
             return GATED_OPS[name][0](gate, up)[0]
-        return ActpatchGated.apply(gate, up, name)[0]
+        if _transformed(gate) or _transformed(up):
+            return ActpatchGated.apply(gate, up, name)[0]
+        return ActpatchEagerGated.apply(gate, up, name)
     return gated.act_forward(name, gate) * up
 
 
@@ -430,7 +504,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and x.is_floating_point():
         if torch.compiler.is_compiling():
             return rms_norm_op(x, weight, float(eps), variant)[0]
-        return ActpatchRMSNorm.apply(x, weight, float(eps), variant)[0]
+        if _transformed(x) or _transformed(weight):
+            return ActpatchRMSNorm.apply(x, weight, float(eps), variant)[0]
+        return ActpatchEagerRMSNorm.apply(x, weight, float(eps), variant)
     return _rms_norm.forward(x, weight, eps, variant)[0]
 
 
@@ -501,5 +577,7 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Ten
     if training and 0.0 < p < 1.0 and x.numel() and x.requires_grad and torch.is_grad_enabled():
         if torch.compiler.is_compiling():
             return dropout_op(x, float(p))[0]
-        return ActpatchDropout.apply(x, float(p))[0]
+        if _transformed(x):
+            return ActpatchDropout.apply(x, float(p))[0]
+        return ActpatchEagerDropout.apply(x, float(p))
     return F.dropout(x, p, training)

@@ -137,7 +137,7 @@ def test_a_class_made_after_patching_keeps_working_and_unpatches():
     actpatch.unpatch_model(model)
     assert type(norm).__name__ == "FSDPLlamaRMSNorm" and not in_place.is_patched(norm)
     y = norm(x)
-    assert torch.equal(y, patched_y) and y.grad_fn.name() != "ActpatchRMSNormBackward"
+    assert torch.equal(y, patched_y) and "Actpatch" not in y.grad_fn.name()
 
 
 @pytest.mark.gpu
