@@ -13,6 +13,7 @@ from torch import nn
 
 import actpatch.functional as AF
 from actpatch.kernels import norm_output as no
+from actpatch.kernels import rms_norm
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)  # numpy overflow notes from the interpreter
 HALF = [torch.bfloat16, torch.float16]
@@ -325,3 +326,14 @@ def test_gpu_compile_one_op_per_norm_no_graph_breaks():
     compiled = torch.compile(f, fullgraph=True)
     compiled(x).backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_t5_with_a_float32_weight_rebuilds_the_unrounded_normalised_row():
+    """T5LayerNorm with a float32 weight and half x does not round x̂ before the weight multiplies it
+    (``rms_norm.scaled_dtype``): rebuilt from the float32 output, dw is eager's within float32 rounding."""
+    x, w = _x(torch.bfloat16), _w(torch.float32, mean=1.0)
+    y, r = no.rms_norm_forward(x, w, 1e-6, "t5")
+    dy = torch.randn(y.shape, generator=_gen(2))
+    dx_eager, dw_eager = rms_norm.backward(dy, x, w, r, "t5")
+    dx, dw = no.rms_norm_backward_from_output(dy, y, w, r, "t5", x_dtype=x.dtype)
+    assert y.dtype == torch.float32 and _dist(dw, dw_eager) < 1e-5 and _dist(dx, dx_eager) < 1e-2

@@ -51,7 +51,6 @@ from . import rms_norm
 VARIANTS = (*rms_norm.VARIANTS, "torch")
 AMPLIFICATION = {torch.float32: 2.0**10, torch.bfloat16: 1.0, torch.float16: 1.0}
 _ROUNDED = ("llama", "t5")  # the normalised tensor is rounded before the weight multiplies it
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def rms_norm_forward(
@@ -80,7 +79,7 @@ def rms_norm_backward_from_output(
     x_dtype = x_dtype or y.dtype
     n = y.float() / divisor(w, variant)
     if variant in _ROUNDED:
-        sdt = x_dtype if variant == "llama" or w.dtype not in _HALF else w.dtype  # s's dtype
+        sdt = rms_norm.scaled_dtype(x_dtype, w.dtype, variant)  # s's dtype
         s = n.to(sdt)
         g = (dy * w).to(sdt).float()
         dw = (dy * s).sum_to_size(w.shape).to(w.dtype)

@@ -39,11 +39,11 @@ VARIANTS = ("llama", "t5", "gemma")
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _scaled_dtype(x: torch.Tensor, w: torch.Tensor, variant: str) -> torch.dtype:
-    """dtype of the tensor w multiplies (llama, t5)."""
+def scaled_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype, variant: str) -> torch.dtype:
+    """dtype of the tensor w multiplies (llama, t5): x's (llama), w's when half, else float32 (t5)."""
     if variant == "llama":
-        return x.dtype
-    return w.dtype if w.dtype in _HALF else torch.float32
+        return x_dtype
+    return w_dtype if w_dtype in _HALF else torch.float32
 
 
 def forward(x: torch.Tensor, w: torch.Tensor, eps: float, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +53,7 @@ def forward(x: torch.Tensor, w: torch.Tensor, eps: float, variant: str) -> tuple
     n = h * r
     if variant == "gemma":
         return (n * (1.0 + w.float())).to(x.dtype), r
-    return w * n.to(_scaled_dtype(x, w, variant)), r
+    return w * n.to(scaled_dtype(x.dtype, w.dtype, variant)), r
 
 
 def backward(
@@ -66,7 +66,7 @@ def backward(
         g = dyf * (1.0 + w.float())
         dw = (dyf * n).sum_to_size(w.shape).to(w.dtype)
     else:
-        s = n.to(_scaled_dtype(x, w, variant))
+        s = n.to(scaled_dtype(x.dtype, w.dtype, variant))
         g = (dy * w).to(s.dtype).float()
         dw = (dy * s).sum_to_size(w.shape).to(w.dtype)
     dx = r * (g - n * (g * n).mean(-1, keepdim=True))
@@ -89,6 +89,6 @@ def jvp(
     if variant == "gemma":
         dy = dn * (1.0 + w.float())
         return (dy if dw is None else dy + n * dw.float()).to(x.dtype)
-    s = n.to(_scaled_dtype(x, w, variant))
+    s = n.to(scaled_dtype(x.dtype, w.dtype, variant))
     dy = w * dn.to(s.dtype)
     return dy if dw is None else dy + dw * s

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .launch import launch
-from .rms_norm import _scaled_dtype
+from .rms_norm import scaled_dtype
 from .triton import _kernel, _sum_combine
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -93,7 +93,7 @@ def backward(
     dx = torch.empty_like(xc)
     if n_rows == 0:
         return dx, torch.zeros_like(w)
-    sdt = _scaled_dtype(x, w, variant)
+    sdt = scaled_dtype(x.dtype, w.dtype, variant)
     summed = torch.float32 if variant == "gemma" else torch.promote_types(dyc.dtype, sdt)  # dw's sum's dtype
     kernel, compiled = _kernel(_backward_kernel, x.device)
     programs = min(_programs(x.device) if compiled else 4, n_rows)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .launch import launch
+from .rms_norm import scaled_dtype
 from .triton import _kernel, _sum_combine
 from .triton_norm import _TL, _programs, _warps
 
@@ -153,7 +154,7 @@ def rms_backward(
     if n_rows == 0:
         return dx, torch.zeros_like(w)
     rounded = variant in ("llama", "t5")
-    sdt = x_dtype if variant == "llama" or w.dtype not in (torch.float16, torch.bfloat16) else w.dtype
+    sdt = scaled_dtype(x_dtype, w.dtype, variant)
     summed = torch.promote_types(dyc.dtype, sdt) if rounded else torch.float32
     consts = {
         "GEMMA": variant == "gemma",
