@@ -47,7 +47,7 @@ from torch import nn
 from . import functional as F
 from . import in_place
 from .analysis.sites import runs_torch_op
-from .analysis.walker import walk
+from .analysis.walker import OPTIONS, walk
 from .nn import InvertedGELU, InvertedQuickGELU, InvertedSiLU, PackedDropout
 from .report import PatchReport, Site
 
@@ -66,9 +66,6 @@ _REPLACEMENTS = {  # activation -> replacement of the original module, given the
     "quick_gelu": lambda _, formula: InvertedQuickGELU(formula),
     "dropout": lambda original, _: PackedDropout(original.p),
 }
-
-
-_OPTIONS = {"gated": "gated", "norm": "norms", "dropout": "dropouts"}  # site kind -> its option
 
 
 def analyze(
@@ -93,7 +90,7 @@ def analyze(
     target = _as_dtype(dtype)
     chosen = {"gated": gated, "norms": norms, "dropouts": dropouts}
     with _originals_restored(model) as patched_now:
-        present = {_OPTIONS[k] for k in patched_now.values() if k in _OPTIONS}  # kept, whatever the options
+        present = {OPTIONS[k] for k in patched_now.values() if k in OPTIONS}  # kept, whatever the options
         return walk(
             model,
             batch_size=batch_size,

@@ -51,6 +51,7 @@ from .probe import Call, ProbeResult, run_probe
 from .sites import INVERTIBLE, classify_module, is_candidate
 
 INVERTIBLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OPTIONS = {"gated": "gated", "norm": "norms", "dropout": "dropouts"}  # site kind -> the option choosing it
 
 
 @dataclass
@@ -190,7 +191,7 @@ def _gated_site(
         return None
     if gains[0].scalable + gains[0].fixed <= 0:
         return None
-    reason = selection.reason(None, (mlp.parent, site.path), "gated")
+    reason = selection.reason(None, (mlp.parent, site.path), OPTIONS["gated"])
     consumer = next((s.where for s in probes[0].saved if s.storage == mlp.storages[3]), None)
     fused = Site(mlp.parent, site.activation, consumer, reason is None, reason, kind="gated")
     return fused, gains, mlp.parts
@@ -253,7 +254,7 @@ def _watched_site(
             break
     if reason is None and _total(gains[0]) <= 0:
         reason = "nothing to gain"
-    reason = selection.reason(reason, (path,), {"norm": "norms", "dropout": "dropouts"}[kind])
+    reason = selection.reason(reason, (path,), OPTIONS[kind])
     consumer = next((s.where for s in probes[0].saved if s.storage == calls[0].output_storage), None)
     activation = "rms_norm" if kind == "norm" else kind
     return Site(path, activation, consumer, reason is None, reason, kind=kind), gains
