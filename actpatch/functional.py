@@ -29,6 +29,7 @@ gradient is torch's, bitwise (``actpatch.kernels.dropout``).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Hashable
 
 import torch
@@ -439,13 +440,21 @@ def _inverted(name: str, x: torch.Tensor, plain: Formula, formula: Formula | Non
 
 def formula_key(formula: Formula) -> Hashable:
     """What identifies an elementwise formula's output: a module's class and its plain settings (``eps``,
-    ``min``...), or the function itself."""
+    ``min``...), read at its first call (kept per object, off the per-call path), or the function itself."""
     if not isinstance(formula, torch.nn.Module):
         return formula
-    settings = (
-        (k, v) for k, v in vars(formula).items() if isinstance(v, int | float | str) and not k.startswith("_")
-    )
-    return type(formula), tuple(sorted(settings))
+    key = _FORMULA_KEYS.get(formula)
+    if key is None:
+        settings = (
+            (k, v)
+            for k, v in vars(formula).items()
+            if isinstance(v, int | float | str) and not k.startswith("_")
+        )
+        key = _FORMULA_KEYS[formula] = type(formula), tuple(sorted(settings))
+    return key
+
+
+_FORMULA_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def gelu(x: torch.Tensor, approximate: str = "none", *, formula: Formula | None = None) -> torch.Tensor:
