@@ -165,18 +165,19 @@ def reapply(
     """Patch ``model`` at the sites recorded in ``manifest`` (a Manifest, its file or its directory).
 
     Runs :func:`actpatch.patch_model` with ``include`` set to exactly the recorded paths and
-    ``gated`` / ``norms`` / ``dropouts`` set when a recorded site is of that kind (other keyword
+    each kind's option (``gated``, ``norms``, ...) set when a recorded site is of that kind (other keyword
     arguments are passed on; the probe defaults to a short sequence) and returns its PatchReport.
     With ``strict`` (the default), a patched set that differs from the recorded one raises
     ManifestError and the model is unpatched again.
     """
     from . import patch_model, unpatch_model
+    from .kinds import KINDS
 
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
-    patch_kwargs.setdefault("gated", any(s.kind == "gated" for s in manifest.sites))
-    patch_kwargs.setdefault("norms", any(s.kind == "norm" for s in manifest.sites))
-    patch_kwargs.setdefault("dropouts", any(s.kind == "dropout" for s in manifest.sites))
+    for kind in KINDS:
+        if kind.option:
+            patch_kwargs.setdefault(kind.option, any(s.kind == kind.name for s in manifest.sites))
     if not manifest.sites:
         return patch_model(model, include=[], **{"seq_len": 16, **patch_kwargs})
     report = patch_model(

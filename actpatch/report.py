@@ -271,7 +271,7 @@ def _group(key: tuple[Any, ...], slots: tuple[tuple[int, ...], ...], members: li
     )
 
 
-KIND_LABELS = {"activation": "activations", "gated": "gated MLPs", "norm": "norms", "dropout": "dropouts"}
+KIND_LABELS: dict[str, str] = {}  # site kind -> its name in the report, filled by ``actpatch.kinds``
 
 
 @dataclass

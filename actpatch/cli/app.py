@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from . import render
+from .kind_options import kind_options
 
 app = typer.Typer(
     name="actpatch",
@@ -182,6 +183,7 @@ def _with(report: Any, **changes: Any) -> Any:
 
 
 @app.command()
+@kind_options
 def convert(
     model: Annotated[
         str,
@@ -252,23 +254,7 @@ def convert(
         bool,
         typer.Option("--verify", help="Compare one forward/backward on a random batch, patched vs original."),
     ] = False,
-    gated: Annotated[
-        bool,
-        typer.Option(
-            "--gated/--no-gated", help="Fuse gated MLPs (SwiGLU, GeGLU): keep the product and the gate."
-        ),
-    ] = True,
-    norms: Annotated[
-        bool,
-        typer.Option("--norms/--no-norms", help="RMSNorms keep their input and 1/rms, not float32 copies."),
-    ] = True,
-    dropouts: Annotated[
-        bool,
-        typer.Option(
-            "--dropouts/--no-dropouts",
-            help="Dropouts keep their masks as bits (same outputs and gradients; eager training).",
-        ),
-    ] = False,
+    options: dict[str, bool] | None = None,  # one --option/--no-option per site kind (@kind_options)
     trust_remote_code: Annotated[
         bool, typer.Option("--trust-remote-code", help="Allow code from the model's repository to run.")
     ] = False,
@@ -319,9 +305,7 @@ def convert(
             output=output,
             random_init=random_init,
             verify=verify,
-            gated=gated,
-            norms=norms,
-            dropouts=dropouts,
+            options=options or {},
             trust_remote_code=trust_remote_code,
             debug=debug,
             training=_training(gpu_memory, optimizer, lora_rank, plot, dry_run),
@@ -351,9 +335,7 @@ def _convert(
     verify: bool,
     trust_remote_code: bool,
     random_init: bool = False,
-    gated: bool = True,
-    norms: bool = True,
-    dropouts: bool = False,
+    options: dict[str, bool] | None = None,
     debug: bool = False,
     all_sites: bool = False,
     training: Any = None,
@@ -386,9 +368,7 @@ def _convert(
         "dtype": torch_dtype,
         "include": include,
         "exclude": exclude,
-        "gated": gated,
-        "norms": norms,
-        "dropouts": dropouts,
+        **(options or {}),
     }
 
     check = None
