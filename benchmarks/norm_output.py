@@ -1,11 +1,14 @@
 """Norms that keep their output: fwd+bwd time and saved bytes against the eager modules (CUDA).
 
-For nn.LayerNorm (affine) and Hugging Face's LlamaRMSNorm at rows x hidden in bf16, each followed by the
-Linear that saves the norm's output anyway: the eager module against ``actpatch.functional.layer_norm`` /
-``rms_norm_from_output`` (keep_output=True), fwd+bwd through ``torch.autograd.grad`` timed with
-``triton.testing.do_bench``, and the bytes autograd keeps for norm + Linear (``actpatch.measure``).
+For nn.LayerNorm (affine) and Hugging Face's LlamaRMSNorm at rows x hidden (each width given), each followed
+by the Linear that saves the norm's output anyway: the eager module against ``actpatch.functional.layer_norm``
+/ ``rms_norm_from_output`` (keep_output=True), fwd+bwd through ``torch.autograd.grad`` timed with
+``triton.testing.do_bench`` (wall: the GPU's time, or the CPU's where launching is the slower) and, for
+LayerNorm, ``do_bench_cudagraph`` (the kernels alone: one CUDA graph of the steps; LlamaRMSNorm's steps
+failed to capture on torch 2.11, cudaErrorStreamCaptureImplicit), and the bytes autograd keeps for norm +
+Linear (``actpatch.measure``).
 
-    python3 benchmarks/norm_output.py [--rows 16384] [--hidden 4096]
+    python3 benchmarks/norm_output.py [--rows 16384] [--hidden 768 1024 2048 4096] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -50,39 +53,51 @@ def _variants(hidden: int) -> dict:
     return {"LayerNorm": (ln, actpatch_ln), "LlamaRMSNorm": (rms, actpatch_rms)}
 
 
-def _time(fn, x: torch.Tensor, params: list) -> float:
+HEADER = (
+    "| norm | hidden | wall: eager ms | actpatch ms | ratio | graph: eager ms | actpatch ms | ratio "
+    "| saved B/row norm+Linear eager | actpatch |"
+)
+
+
+def _time(fn, x: torch.Tensor, params: list, graph: bool) -> tuple[float, float]:
+    """(wall ms, CUDA-graph ms where ``graph``, else nan) of one fwd+bwd."""
     dy = torch.randn_like(x)
 
     def step():
         y = fn(x)
         torch.autograd.grad(y, [x, *params], dy)
 
-    return triton.testing.do_bench(step, warmup=25, rep=200)
+    wall = triton.testing.do_bench(step, warmup=25, rep=200)
+    return wall, triton.testing.do_bench_cudagraph(step, rep=50) if graph else float("nan")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=16384)
-    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--hidden", type=int, nargs="+", default=[4096])
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     args = p.parse_args()
-    dt = torch.bfloat16
-    x = torch.randn(args.rows, args.hidden, device="cuda", dtype=dt, requires_grad=True)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.rows} x {args.hidden} bf16")
-    print("| norm | eager ms | actpatch ms | ratio | saved B/row norm+Linear eager | actpatch |")
-    print("|---|---|---|---|---|---|")
-    for name, (module, ours) in _variants(args.hidden).items():
-        module = module.to("cuda", dt)
-        params = list(module.parameters())
-        eager_ms, ours_ms = _time(module, x, params), _time(ours, x, params)
-        sizes = []
-        for fn in (module, ours):
-            net = _Then(module, args.hidden).to("cuda", dt)
-            net.norm = fn if isinstance(fn, torch.nn.Module) else _Lambda(fn, module)
-            nbytes, _ = saved_bytes(net, {"x": x})
-            sizes.append(nbytes / args.rows)
-        ratio = ours_ms / eager_ms
-        row = f"| {name} | {eager_ms:.3f} | {ours_ms:.3f} | {ratio:.3f} | {sizes[0]:,.0f} | {sizes[1]:,.0f} |"
-        print(row)
+    dt = getattr(torch, args.dtype)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.rows} rows, {args.dtype}")
+    print(HEADER + "\n" + "|---" * 10 + "|")
+    for hidden in args.hidden:
+        x = torch.randn(args.rows, hidden, device="cuda", dtype=dt, requires_grad=True)
+        for name, (module, ours) in _variants(hidden).items():
+            module = module.to("cuda", dt)
+            params = list(module.parameters())
+            graph = name == "LayerNorm"
+            (eager_ms, eager_g), (ours_ms, ours_g) = (_time(f, x, params, graph) for f in (module, ours))
+            sizes = []
+            for fn in (module, ours):
+                net = _Then(module, hidden).to("cuda", dt)
+                net.norm = fn if isinstance(fn, torch.nn.Module) else _Lambda(fn, module)
+                nbytes, _ = saved_bytes(net, {"x": x})
+                sizes.append(nbytes / args.rows)
+            print(
+                f"| {name} | {hidden} | {eager_ms:.3f} | {ours_ms:.3f} | {ours_ms / eager_ms:.3f} "
+                f"| {eager_g:.3f} | {ours_g:.3f} | {ours_g / eager_g:.3f} "
+                f"| {sizes[0]:,.0f} | {sizes[1]:,.0f} |"
+            )
 
 
 class _Lambda(torch.nn.Module):

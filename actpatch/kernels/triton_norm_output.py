@@ -1,21 +1,25 @@
 """Fused Triton backwards of the norms that keep their output (``norm_output.py``; CUDA, or CPU tensors under
 Triton's interpreter).
 
-One launch per norm: each program takes every P-th row, reads its y, dy and 1/σ once, writes dx once and
-sums the weight's (and bias's) gradient over its rows in float32; torch adds the P partial sums, as
-``triton_norm.py`` does.  Per row, in float32, with c the divisor (w, or 1 + w for gemma):
+One launch per norm: each of P programs takes every P-th tile of rows (``_shape``: rows a tile, warps, P,
+tiles prefetched), reads its y, dy and 1/σ once, writes dx once and sums the weight's (and bias's)
+gradient over its rows in float32; torch adds the P partial sums, as ``triton_norm.py`` does.  Per row, in
+float32, with c the divisor (w, or 1 + w for gemma):
 
     RMSNorm    n̂ = y / c;  "llama", "t5": ŝ = n̂ rounded to s's dtype, g = dy · w rounded as autograd rounds
                it, dw += dy · ŝ rounded to the product's dtype, n̂ = ŝ;  gemma, torch: g = dy · c, dw += dy · n̂
                dx = r · (g − n̂ · mean(g · n̂))
-    LayerNorm  x̂ = (y − b) / w,  g = dy · w,  dx = rstd · (g − mean(g) − x̂ · mean(g · x̂)),
+    LayerNorm  x̂ = (y − b) · (1 / w),  g = dy · w,  dx = rstd · (g − mean(g) − x̂ · mean(g · x̂)),
                dw += dy · x̂,  db += dy
 
-dx and the sums differ from the reference only by float32 rounding (division, summation order).  The
-forwards stay torch's own ops (``norm_output.rms_norm_forward``, ``layer_norm_forward``): bitwise.
+dx and the sums differ from the reference only by float32 rounding (division, reciprocal, summation
+order).  The forwards stay torch's own ops (``norm_output.rms_norm_forward``, ``layer_norm_forward``):
+bitwise.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 import triton
@@ -24,7 +28,7 @@ import triton.language as tl
 from .launch import launch
 from .rms_norm import scaled_dtype
 from .triton import _kernel, _sum_combine
-from .triton_norm import _TL, _programs, _warps
+from .triton_norm import _TL
 
 
 @triton.jit
@@ -34,42 +38,44 @@ def _rms_backward_kernel(
     w_ptr,
     r_ptr,
     dx_ptr,
-    dw_ptr,
+    sum_ptr,
     n_rows,
     width,
-    rows_per_program,
+    tiles_per_program,
     GEMMA: tl.constexpr,
     ROUNDED: tl.constexpr,
     S_DTYPE: tl.constexpr,
     GW_DTYPE: tl.constexpr,
     DS_DTYPE: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """Rows pid, pid + P, ... of [n_rows, width]; dw_ptr: this program's float32 partial sum [BLOCK]."""
+    """Tiles pid, pid + P, ... of ROWS rows of [n_rows, width]; dw_ptr: this program's float32 partial sum."""
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     in_row = cols < width
     w = tl.load(w_ptr + cols, mask=in_row, other=1).to(tl.float32)
     c = 1.0 + w if GEMMA else w
     acc = tl.full([BLOCK], 0.0, tl.float32)
-    for i in range(0, rows_per_program):
-        row = pid + i * tl.num_programs(0) + 0 * cols  # the row, once per column (for the masks)
-        mask = in_row & (row < n_rows)
-        at = row * width + cols
+    for i in tl.range(0, tiles_per_program, num_stages=STAGES):
+        rows = (pid + i * tl.num_programs(0)) * ROWS + tl.arange(0, ROWS)
+        mask = (rows < n_rows)[:, None] & in_row[None, :]
+        at = rows[:, None] * width + cols[None, :]
         y = tl.load(y_ptr + at, mask=mask, other=0).to(tl.float32)
         dy = tl.load(dy_ptr + at, mask=mask, other=0).to(tl.float32)
-        r = tl.load(r_ptr + row, mask=mask, other=0)
+        r = tl.load(r_ptr + rows, mask=rows < n_rows, other=0)[:, None]
         n = y / c
         if ROUNDED:
             n = n.to(S_DTYPE).to(tl.float32)
             g = (dy * w).to(GW_DTYPE).to(S_DTYPE).to(tl.float32)
-            acc += (dy * n).to(DS_DTYPE).to(tl.float32)
+            acc += tl.reduce((dy * n).to(DS_DTYPE).to(tl.float32), 0, _sum_combine)
         else:
             g = dy * c
-            acc += dy * n
-        dx = r * (g - n * (tl.reduce(g * n, 0, _sum_combine) / width))
+            acc += tl.reduce(dy * n, 0, _sum_combine)
+        dx = r * (g - n * (tl.reduce(g * n, 1, _sum_combine) / width)[:, None])
         tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dw_ptr + pid * BLOCK + cols, acc, mask=in_row)
+    tl.store(sum_ptr + pid * BLOCK + cols, acc, mask=in_row)
 
 
 @triton.jit
@@ -80,16 +86,18 @@ def _layer_backward_kernel(
     b_ptr,
     rstd_ptr,
     dx_ptr,
-    dw_ptr,
-    db_ptr,
+    sum_ptr,
     n_rows,
     width,
-    rows_per_program,
+    tiles_per_program,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """Rows pid, pid + P, ... of [n_rows, width]; dw_ptr, db_ptr: this program's float32 partial sums."""
+    """Tiles pid, pid + P, ... of ROWS rows of [n_rows, width]; dw_ptr, db_ptr: this program's float32
+    partial sums.  Masked elements read y = dy = 0 (and b = 0, 1/w = 1 off the row), so they add nothing."""
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     in_row = cols < width
@@ -99,25 +107,26 @@ def _layer_backward_kernel(
         w = tl.load(w_ptr + cols, mask=in_row, other=1).to(tl.float32)
     if HAS_B:
         b = tl.load(b_ptr + cols, mask=in_row, other=0).to(tl.float32)
+    inv_w = 1.0 / w
     acc_w = tl.full([BLOCK], 0.0, tl.float32)
     acc_b = tl.full([BLOCK], 0.0, tl.float32)
-    for i in range(0, rows_per_program):
-        row = pid + i * tl.num_programs(0) + 0 * cols
-        mask = in_row & (row < n_rows)
-        at = row * width + cols
+    for i in tl.range(0, tiles_per_program, num_stages=STAGES):
+        rows = (pid + i * tl.num_programs(0)) * ROWS + tl.arange(0, ROWS)
+        mask = (rows < n_rows)[:, None] & in_row[None, :]
+        at = rows[:, None] * width + cols[None, :]
         y = tl.load(y_ptr + at, mask=mask, other=0).to(tl.float32)
         dy = tl.load(dy_ptr + at, mask=mask, other=0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row, mask=mask, other=0)
-        xh = tl.where(mask, (y - b) / w, 0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0)[:, None]
+        xh = (y - b) * inv_w
         g = dy * w
-        mean_g = tl.reduce(g, 0, _sum_combine) / width
-        mean_gx = tl.reduce(g * xh, 0, _sum_combine) / width
+        mean_g = tl.reduce(g, 1, _sum_combine)[:, None] / width
+        mean_gx = tl.reduce(g * xh, 1, _sum_combine)[:, None] / width
         dx = rstd * (g - mean_g - xh * mean_gx)
         tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        acc_w += dy * xh
-        acc_b += dy
-    tl.store(dw_ptr + pid * BLOCK + cols, acc_w, mask=in_row)
-    tl.store(db_ptr + pid * BLOCK + cols, acc_b, mask=in_row)
+        acc_w += tl.reduce(dy * xh, 0, _sum_combine)
+        acc_b += tl.reduce(dy, 0, _sum_combine)
+    tl.store(sum_ptr + pid * BLOCK + cols, acc_w, mask=in_row)
+    tl.store(sum_ptr + (tl.num_programs(0) + pid) * BLOCK + cols, acc_b, mask=in_row)
 
 
 def _rows(y: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -126,17 +135,36 @@ def _rows(y: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return y.contiguous(), dy.contiguous(), (y.numel() // width if width else 0), width
 
 
-def _launch(jitted, n_rows: int, width: int, device: torch.device, args: tuple, consts: dict, sums: int):
-    """Launches one program per P rows; returns the ``sums`` partial-sum buffers, each [P, width]."""
-    kernel, compiled = _kernel(jitted, device)
-    programs = min(_programs(device) if compiled else 4, n_rows)
+@cache
+def _sms(device: torch.device) -> int:
+    """The CUDA device's multiprocessor count."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _shape(block: int, itemsize: int) -> tuple[int, int, int, int]:
+    """(rows a tile, warps, programs a multiprocessor, pipeline stages) for rows of ``block`` (a power of
+    2) elements of ``itemsize`` bytes: tiles of 8 KiB (16 at 4096 x 2 bytes) and 32 elements a thread,
+    2-byte tiles of up to 16 KiB prefetched 2 tiles ahead; the fastest measured on an H200 (16384 rows of
+    768-4096, bf16 and float32; docs/benchmarks.md)."""
+    if block == 4096 and itemsize == 2:
+        return 2, 8, 1, 3
+    rows = max(1, 8192 // (block * itemsize))
+    return rows, max(4, block // 1024), 2, 3 if itemsize == 2 and rows * block * itemsize <= 16384 else 1
+
+
+def _launch(jitted, n_rows: int, width: int, args: tuple, consts: dict, sums: int) -> torch.Tensor:
+    """Launches P programs over the tiles of ``_shape``'s rows of y (args[1]), each taking every P-th tile;
+    returns the ``sums`` sums over the programs of their float32 partial sums, [sums, width]."""
+    y = args[1]
+    kernel, compiled = _kernel(jitted, y.device)
     block = triton.next_power_of_2(width)
-    partial = [torch.empty(programs, block, dtype=torch.float32, device=device) for _ in range(sums)]
-    steps = -(-n_rows // programs)
-    launch(
-        kernel, programs, (*args, *partial, n_rows, width, steps), consts | {"BLOCK": block}, _warps(block)
-    )
-    return [p[:, :width] for p in partial]
+    rows, warps, per_sm, stages = _shape(block, y.element_size())
+    tiles = -(-n_rows // rows)
+    programs = min(per_sm * _sms(y.device) if compiled else 4, tiles)
+    partial = torch.empty(sums, programs, block, dtype=torch.float32, device=y.device)
+    consts = consts | {"ROWS": rows, "BLOCK": block, "STAGES": stages}
+    launch(kernel, programs, (*args, partial, n_rows, width, -(-tiles // programs)), consts, warps)
+    return partial.sum(1)[:, :width]
 
 
 def rms_backward(
@@ -164,8 +192,7 @@ def rms_backward(
         "DS_DTYPE": _TL[summed],
     }
     args = (dyc, yc, w, r.contiguous(), dx)
-    (partial,) = _launch(_rms_backward_kernel, n_rows, width, y.device, args, consts, 1)
-    return dx, partial.sum(0).to(summed).to(w.dtype)
+    return dx, _launch(_rms_backward_kernel, n_rows, width, args, consts, 1)[0].to(summed).to(w.dtype)
 
 
 def layer_backward(
@@ -178,5 +205,5 @@ def layer_backward(
         return dx, None if w is None else torch.zeros_like(w), None if b is None else torch.zeros_like(b)
     args = (dyc, yc, yc if w is None else w, yc if b is None else b, rstd.contiguous(), dx)
     consts = {"HAS_W": w is not None, "HAS_B": b is not None}
-    pw, pb = _launch(_layer_backward_kernel, n_rows, width, y.device, args, consts, 2)
-    return dx, None if w is None else pw.sum(0).to(w.dtype), None if b is None else pb.sum(0).to(b.dtype)
+    dw, db = _launch(_layer_backward_kernel, n_rows, width, args, consts, 2)
+    return dx, None if w is None else dw.to(w.dtype), None if b is None else db.to(b.dtype)
