@@ -398,6 +398,37 @@ class ActpatchEagerRMSNorm(torch.autograd.Function):
         return ActpatchRMSNorm.backward(ctx, dy, None)
 
 
+class ActpatchEagerRMSNormFromOutput(torch.autograd.Function):
+    """``ActpatchRMSNormFromOutput`` outside torch.func."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float | None, variant: str) -> torch.Tensor:
+        y, r = norm_output.rms_norm_forward(x, w, eps, variant)
+        ctx.save_for_backward(y, w, r)
+        ctx.variant, ctx.x_dtype = variant, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        return ActpatchRMSNormFromOutput.backward(ctx, dy, None)
+
+
+class ActpatchEagerLayerNorm(torch.autograd.Function):
+    """``ActpatchLayerNorm`` outside torch.func."""
+
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float
+    ) -> torch.Tensor:
+        y, rstd = norm_output.layer_norm_forward(x, w, b, eps)
+        ctx.save_for_backward(y, w, b, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        return ActpatchLayerNorm.backward(ctx, dy, None)
+
+
 class ActpatchEagerDropout(torch.autograd.Function):
     """``ActpatchDropout`` outside torch.func."""
 
@@ -520,15 +551,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "
 
 
 def _keeps_output(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, variant: str) -> bool:
-    """Whether a norm keeps its output: gradient wanted, and ``norm_output.keeps_output`` (cached per weight;
-    under torch.compile outside the graph: pass ``keep_output`` to keep the graph whole)."""
+    """Whether a norm keeps its output: gradient wanted, and ``norm_output.keeps_output`` (cached per weight).
+    Under torch.compile, where the weight cannot be read without breaking the graph, it keeps its input
+    unless ``keep_output=True`` is passed: a weight that becomes unsafe in training is never missed."""
     params = [t for t in (w, b) if t is not None]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))):
         return False
     if any(t.dtype != x.dtype or t.device != x.device for t in params) and variant not in ("llama", "t5"):
         return False
     if torch.compiler.is_compiling():
-        return torch.compiler.disable(norm_output.keeps_output)(w, b, x.dtype, variant)
+        return False
     return norm_output.keeps_output(w, b, x.dtype, variant)
 
 
@@ -550,7 +582,9 @@ def rms_norm_from_output(
     if keep_output:
         if torch.compiler.is_compiling():
             return rms_norm_keep_output_op(x, weight, eps, variant)[0]
-        return ActpatchRMSNormFromOutput.apply(x, weight, eps, variant)[0]
+        if _transformed(x) or _transformed(weight):
+            return ActpatchRMSNormFromOutput.apply(x, weight, eps, variant)[0]
+        return ActpatchEagerRMSNormFromOutput.apply(x, weight, eps, variant)
     if variant == "torch":
         return F.rms_norm(x, x.shape[-1:], weight, eps)
     return rms_norm(x, weight, eps, variant)
@@ -576,7 +610,9 @@ def layer_norm(
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     if torch.compiler.is_compiling():
         return layer_norm_keep_output_op(x, weight, bias, float(eps))[0]
-    return ActpatchLayerNorm.apply(x, weight, bias, float(eps))[0]
+    if any(_transformed(t) for t in (x, weight, bias) if t is not None):
+        return ActpatchLayerNorm.apply(x, weight, bias, float(eps))[0]
+    return ActpatchEagerLayerNorm.apply(x, weight, bias, float(eps))
 
 
 def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Tensor:

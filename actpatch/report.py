@@ -18,9 +18,11 @@ Contract (the CLI and the manifest rely on it; ``to_dict()`` returns exactly the
                                        position) at the projection's dtype, 0 when not patched
                  kind: str             "activation" (the activation module is swapped), "gated" (path
                                        is a gated MLP whose act(gate) * up is fused), "norm" (path is an
-                                       RMSNorm that keeps x and 1/rms; activation "rms_norm") or
+                                       RMSNorm, activation "rms_norm", or a LayerNorm, "layer_norm") or
                                        "dropout" (a dropout swapped for one keeping its mask as bits;
                                        activation "dropout")
+                 keeps: str            a norm's: "output" (its output, shared with the op saving it, and
+                                       1/σ per row) or "input" (x and 1/rms); "" for other kinds
     Projection   batch_size: int, seq_len: int, dtype: str ("bfloat16")
                  activation_bytes_before: int   bytes saved for backward by one forward (parameters
                                                 excluded) at that shape and dtype, unpatched
@@ -46,6 +48,7 @@ class Site:
     reason: str | None = None
     saved_bytes_per_token: int = 0
     kind: str = "activation"
+    keeps: str = ""
 
 
 @dataclass
@@ -109,7 +112,8 @@ class PatchReport:
         ]
         groups = [SiteGroup.of(s) for s in self.sites] if all_sites else group_sites(self.sites)
         for g in groups:
-            lines.append(f"  {g.path}  [{g.kind}: {g.activation}] x{g.count}  {_status_text(g)}")
+            keeps = f" keeps {g.keeps}" if g.keeps else ""
+            lines.append(f"  {g.path}  [{g.kind}: {g.activation}{keeps}] x{g.count}  {_status_text(g)}")
         freed = [f"{k.label} {k.saved_bytes:,} B ({100 * k.share:.1f}%)" for k in savings_by_kind(self)]
         if freed:
             lines.append("freed by kind: " + ", ".join(freed))
@@ -145,15 +149,15 @@ class SiteGroup:
     reason: str | None
     saved_bytes_per_token: int
     kind: str
+    keeps: str
     sites: list[Site]
 
     @classmethod
     def of(cls, site: Site) -> SiteGroup:
         """The group of one site."""
         s = site
-        return cls(
-            s.path, s.activation, s.consumer, s.patched, s.reason, s.saved_bytes_per_token, s.kind, [s]
-        )
+        per_token = s.saved_bytes_per_token
+        return cls(s.path, s.activation, s.consumer, s.patched, s.reason, per_token, s.kind, s.keeps, [s])
 
     @property
     def count(self) -> int:
@@ -232,7 +236,7 @@ def group_sites(sites: list[Site]) -> list[SiteGroup]:
         path, numbers = _hollow(s.path)
         consumer, consumer_numbers = _hollow(s.consumer)
         reason, reason_numbers = _hollow(s.reason)
-        key = (path, s.kind, s.activation, s.patched, s.saved_bytes_per_token, consumer, reason,
+        key = (path, s.kind, s.activation, s.keeps, s.patched, s.saved_bytes_per_token, consumer, reason,
                _refs(consumer_numbers, numbers), _refs(reason_numbers, numbers))  # fmt: skip
         rows.append((key, tuple((n,) for n in numbers), [s]))
     for slot in reversed(range(max((len(r[1]) for r in rows), default=0))):
@@ -258,7 +262,7 @@ def _merge_slot(rows: list[Any], slot: int) -> list[Any]:
 
 
 def _group(key: tuple[Any, ...], slots: tuple[tuple[int, ...], ...], members: list[Site]) -> SiteGroup:
-    path, kind, activation, patched, per_token, consumer, reason, consumer_refs, reason_refs = key
+    path, kind, activation, keeps, patched, per_token, consumer, reason, consumer_refs, reason_refs = key
     return SiteGroup(
         path=_fill(path, tuple(range(len(slots))), slots) or "",
         activation=activation,
@@ -267,6 +271,7 @@ def _group(key: tuple[Any, ...], slots: tuple[tuple[int, ...], ...], members: li
         reason=_fill(reason, reason_refs, slots),
         saved_bytes_per_token=per_token,
         kind=kind,
+        keeps=keeps,
         sites=members,
     )
 

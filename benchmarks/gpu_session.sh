@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh compiled   # training steps and saved bytes under torch.compile
 #   bash benchmarks/gpu_session.sh dropouts   # GPU tests, GPT-2 / BERT steps with and without PackedDropout
 #   bash benchmarks/gpu_session.sh reliability  # GPU tests, CPU cost per call, GPT-2 / Llama-layer steps
+#   bash benchmarks/gpu_session.sh norms      # GPU tests, projection, norm kernels, steps of patch_model's defaults
+#   bash benchmarks/gpu_session.sh norm_steps # the same steps with dropouts as bits
 # Logs and JSON go to $OUT (default gpu-results/).  Each step has a time limit; its exit status is logged.
 set -u
 OUT=${OUT:-gpu-results}
@@ -58,8 +60,19 @@ reliability)
     step train_step 240 python3 benchmarks/train_step.py --models gpt2-medium llama3-8b-layer --rounds 3 \
         --json "$OUT/train_step.json"
     ;;
+norms)
+    step pytest_gpu 230 python3 -m pytest tests -m gpu -q -rs -p no:cacheprovider
+    step projection 90 python3 benchmarks/projection_gpu.py
+    step norm_output 60 python3 benchmarks/norm_output.py
+    step train_step 200 python3 benchmarks/train_step.py --models llama3-8b-layer-actpatch --rounds 3 \
+        --json "$OUT/train_step.json"
+    ;;
+norm_steps)
+    step train_step 560 python3 benchmarks/train_step.py --models gpt2-medium-actpatch-dropouts \
+        bert-base-actpatch-dropouts gpt2-medium-actpatch bert-base-actpatch --rounds 3 --json "$OUT/norm_steps.json"
+    ;;
 *)
-    echo "usage: gpu_session.sh kernels|models|launch|compiled|dropouts|reliability" >&2
+    echo "usage: gpu_session.sh kernels|models|launch|compiled|dropouts|reliability|norms|norm_steps" >&2
     exit 2
     ;;
 esac

@@ -10,7 +10,8 @@ Python tanh formula) -> InvertedGELU("tanh"); BERT's GELU -> InvertedGELU(); Lla
 llama3-8b-layer-gated: Llama's MLP computes down(silu_mul(gate(x), up(x))), as patch_model(gated=True) does.
 llama3-8b-layer-liger: Liger-Kernel's SwiGLU (LigerSiLUMulFunction, as LigerSwiGLUMLP) instead, CUDA only;
 llama3-8b-layer-liger-norm: Liger's SwiGLU and LigerRMSNorm (llama casting mode), CUDA only;
-llama3-8b-layer-actpatch: actpatch.patch_model with its defaults (gated MLPs fused, RMSNorms keep x, 1/rms).
+llama3-8b-layer-actpatch, gpt2-medium-actpatch, bert-base-actpatch: actpatch.patch_model with its defaults
+(gated MLPs fused, norms keep their output where the next op saves it); -actpatch-dropouts: and dropouts=True.
 gpt2-medium-dropouts, bert-base-dropouts: the activation swap, and every nn.Dropout -> PackedDropout (its mask
 kept as bits, as patch_model(dropouts=True) does; GPT-2 and BERT train with dropout 0.1).
 bert-base-no-attention-dropout: bert-base with its attention-probability dropout at 0 (hidden dropout 0.1).
@@ -157,6 +158,14 @@ def _patch_model(model, patched: dict) -> None:
     patched["actpatch"] = lambda: actpatch.unpatch_model(model)
 
 
+def _patch_model_dropouts(model, patched: dict) -> None:
+    """patch_model with its defaults and dropouts=True (masks as bits)."""
+    import actpatch
+
+    actpatch.patch_model(model, batch_size=1, seq_len=256, dropouts=True)
+    patched["actpatch"] = lambda: actpatch.unpatch_model(model)
+
+
 def _swap(parent, attr: str, new, patched: dict) -> None:
     old = getattr(parent, attr)
     patched[(id(parent), attr)] = lambda: setattr(parent, attr, old)
@@ -180,6 +189,10 @@ MODELS = {
     "llama3-8b-layer-liger": (_llama, 2, 4096, 4, _swap_llama_liger),
     "llama3-8b-layer-liger-norm": (_llama, 2, 4096, 4, _swap_llama_liger_norm),
     "llama3-8b-layer-actpatch": (_llama, 2, 4096, 4, _patch_model),
+    "gpt2-medium-actpatch": (_gpt2, 8, 1024, 12, _patch_model),
+    "gpt2-medium-actpatch-dropouts": (_gpt2, 8, 1024, 12, _patch_model_dropouts),
+    "bert-base-actpatch": (_bert, 32, 512, 12, _patch_model),
+    "bert-base-actpatch-dropouts": (_bert, 32, 512, 12, _patch_model_dropouts),
 }
 QUICK = {name: (2, 64, 2) for name in MODELS}
 

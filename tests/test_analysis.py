@@ -45,7 +45,7 @@ def test_functional_calls_are_reported_not_patched():
     functional = [s for s in report.sites if ":" in s.path]
     assert [s.path for s in functional] == ["model.encoder:gelu#0", "model.encoder:gelu#1"]
     assert all(s.reason == "functional call: cannot be swapped" for s in functional)
-    assert len(report.patched_sites) == 4
+    assert len([s for s in report.patched_sites if s.kind != "norm"]) == 4
 
 
 def test_dropout_between_activation_and_linear_blocks_the_patch():
@@ -146,6 +146,7 @@ def test_to_dict_has_the_contract_keys_and_is_json():
         "reason",
         "saved_bytes_per_token",
         "kind",
+        "keeps",
     }
     assert set(d["projection"]) == {
         "batch_size",
@@ -210,7 +211,7 @@ def test_llama_70b_dry_run_is_fast_and_small():
         2 * (28672 * 2 - 28672 // 8)
     ]  # gate, act(gate) freed; 2 bit masks added
     assert r["per_token"]["norm"] == [
-        8192 * 4 + 8192 * 2 - 8192 * 2
-    ]  # float32 copy, bf16 product freed; x kept
+        8192 * 4 + 8192 * 2
+    ]  # float32 copy, bf16 product freed; the output kept (saved by q/k/v, gate/up, lm_head anyway)
     assert r["seconds"] < 30
     assert r["rss"] < 2 * 2**30

@@ -84,8 +84,9 @@ def test_models_lists_the_builtins():
 @pytest.mark.parametrize("default", [True, False], ids=["default", "activations-only"])
 def test_llama_8b_dry_run_figure(default):
     """Offline, bf16, seq 4096.  By default each layer's gated MLP is fused (gate and act(gate) freed, two
-    bit masks added) and its two RMSNorms (and the final one) keep x and 1/rms (4 bytes per hidden element
-    freed); with --no-gated --no-norms, the SiLU alone: one [tokens x 14336] tensor less its bit mask."""
+    bit masks added) and its two RMSNorms (and the final one) keep their output, saved by the next Linear
+    anyway, and 1/rms (the float32 copy and the bf16 product freed; 1/rms kept as eager keeps it); with
+    --no-gated --no-norms, the SiLU alone: one [tokens x 14336] tensor less its bit mask."""
     args = ("convert", "meta-llama/Llama-3.1-8B", "--dry-run", "--batch-size", "1", "--seq-len", "4096")
     start = time.perf_counter()
     proc = actpatch_cli(
@@ -102,7 +103,7 @@ def test_llama_8b_dry_run_figure(default):
     if default:
         layer = ["mlp", "input_layernorm", "post_attention_layernorm"]
         expected = [f"model.layers.{i}.{p}" for i in range(32) for p in layer] + ["model.norm"]
-        saved = 32 * 2 * silu + 65 * tokens * hidden * 4
+        saved = 32 * 2 * silu + 65 * tokens * hidden * 6
     else:
         expected, saved = [f"model.layers.{i}.mlp.act_fn" for i in range(32)], 32 * silu
     assert [s["path"] for s in patched] == expected
@@ -120,7 +121,10 @@ def test_human_output_has_table_and_summary():
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "transformer.h.{0..11}.mlp.act" in out and "module path" in out and "B/token" in out
-    assert "12 of 12 sites patched" in out and "freed by kind:  activations  12 sites" in out
+    assert (
+        "37 of 37 sites patched" in out and "activations  12 sites" in out and "norms        25 sites" in out
+    )
+    assert "transformer.h.{0..11}.ln_1     layer_norm (keeps output)" in out
     assert "activation memory:" in out and "->" in out and "%" in out and "batch 1 × seq 1024, float32" in out
 
 
@@ -263,14 +267,15 @@ def _json(result) -> dict:
 
 def test_include_and_exclude_patterns():
     all_sites = _json(invoke("convert", "gpt2", "--dry-run", "--json"))
-    assert sum(s["patched"] for s in all_sites["sites"]) == 12
+    assert sum(s["patched"] for s in all_sites["sites"]) == 12 * 3 + 1  # GELU, ln_1, ln_2; ln_f
     only = _json(invoke("convert", "gpt2", "--dry-run", "--json", "--include", "transformer.h.1.*"))
-    assert {s["path"] for s in only["sites"] if s["patched"]} == {"transformer.h.1.mlp.act"}
+    block = {f"transformer.h.1.{name}" for name in ("mlp.act", "ln_1", "ln_2")}
+    assert {s["path"] for s in only["sites"] if s["patched"]} == block
     some = _json(
         invoke("convert", "gpt2", "--dry-run", "--json", "--exclude", "transformer.h.1*,transformer.h.2.*")
     )
     patched = {s["path"] for s in some["sites"] if s["patched"]}
-    assert len(patched) == 12 - 4 and "transformer.h.10.mlp.act" not in patched
+    assert len(patched) == 37 - 4 * 3 and "transformer.h.10.mlp.act" not in patched
     skipped = [s for s in some["sites"] if not s["patched"]]
     assert skipped and all(s["reason"] for s in skipped)
     assert some["projection"]["saved_bytes"] < all_sites["projection"]["saved_bytes"]
@@ -428,6 +433,7 @@ def test_render_of_a_hand_built_report():
                 reason="",
                 saved_bytes_per_token=26880,
                 kind="activation",
+                keeps="",
             ),
             NS(
                 path="b.act",
@@ -437,6 +443,7 @@ def test_render_of_a_hand_built_report():
                 reason="dropout",
                 saved_bytes_per_token=0,
                 kind="activation",
+                keeps="",
             ),
         ],
         projection=NS(

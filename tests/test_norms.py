@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers as tf
@@ -25,7 +27,7 @@ DTYPES = [  # (x, weight): same dtype, and bf16 activations with float32 weights
     (torch.float16, torch.float16),
     (torch.bfloat16, torch.float32),
 ]
-NORM_FAMILIES = {
+RMS_FAMILIES = {
     "t5",
     "phi3",
     "llama",
@@ -132,8 +134,8 @@ class _DivNorm(nn.Module):  # an RMSNorm written with a division: not bitwise an
         (T5LayerNorm(64), "t5"),
         (GemmaRMSNorm(64), "gemma"),
         (_DivNorm(64), None),
-        (nn.LayerNorm(64, bias=False), None),  # subtracts the mean
-        (nn.RMSNorm(64, eps=1e-6), None),  # torch's own op, its own arithmetic
+        (nn.LayerNorm(64, bias=False), "layer"),  # subtracts the mean
+        (nn.RMSNorm(64, eps=1e-6), "torch"),  # torch's own op, its own arithmetic
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v),
 )
@@ -145,53 +147,77 @@ def test_variants_are_recognised_by_value(module, expected):
 
 
 def test_modules_not_shaped_like_a_norm_are_not_candidates():
-    two = nn.Module()
-    two.weight, two.bias, two.eps = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(4)), 1e-6
-    no_eps = nn.Module()
-    no_eps.weight = nn.Parameter(torch.ones(4))
-    assert norms.candidates(two) == norms.candidates(no_eps) == norms.candidates(nn.Linear(4, 4)) == {}
+    sizes = nn.Module()
+    sizes.weight, sizes.bias, sizes.eps = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(5)), 1e-6
+    buffered = nn.LayerNorm(4)
+    buffered.register_buffer("scale", torch.ones(4))
+    two_eps = nn.LayerNorm(4)
+    two_eps.eps_extra = 1e-3
+    for module in (sizes, buffered, two_eps, nn.Linear(4, 4), nn.Embedding(4, 4)):
+        assert norms.candidates(module) == {}, module
+
+
+def test_shaped_like_a_norm_but_computing_none_is_not_recognised():
+    shaped = nn.Module()
+    shaped.weight, shaped.bias, shaped.eps = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(4)), 1e-6
+    scale = nn.Module()  # no eps: tried with the usual constants, matches none
+    scale.weight = nn.Parameter(torch.ones(4))
+    scale.forward = lambda x: x * scale.weight
+    for module in (shaped, scale):
+        ((_, eps_attr),) = norms.candidates(module).values()
+        assert norms.variant_of(module, eps_attr) is None
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_norms_of_every_family_forward_bitwise_and_save_what_they_project(family):
-    """Only the norms patched: the loss is the eager loss bitwise; gradients agree; the bytes freed are the
-    projection's."""
+    """Only the norms patched (float32): the loss is the eager loss bitwise; every gradient within 2e-3 of
+    eager's at its scale; the bytes freed are the projection's."""
     model = tiny_model(family)
     _, kwargs = input_spec(model).make(2, 12)
     found = [s for s in actpatch.analyze(model, batch_size=2, seq_len=12).sites if s.kind == "norm"]
-    assert bool(found) == (family in NORM_FAMILIES)
-    if not found:
-        return
+    assert {s.activation for s in found} == ({"rms_norm"} if family in RMS_FAMILIES else {"layer_norm"})
+    assert any(s.patched and s.keeps == "output" for s in found)
     before, loss, grads = _step(model, kwargs)
-    only = [s.path for s in found]
+    only = [s.path for s in found if s.patched]
     report = actpatch.patch_model(model, batch_size=2, seq_len=12, include=only, gated=False)
     assert [s.path for s in report.patched_sites] == only
     after, loss2, grads2 = _step(model, kwargs)
     assert torch.equal(loss2, loss)
     for name, g in grads.items():
-        assert (grads2[name] - g).norm() <= 1e-5 * g.norm() + 1e-7, name
+        assert (grads2[name] - g).abs().max() <= 2e-3 * g.abs().max() + 1e-7, name
     assert report.projection.saved_bytes == pytest.approx(before - after, rel=0.02)
 
 
 class _InPlaceAfterNorm(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, shift: bool) -> None:
         super().__init__()
-        self.norm, self.proj = LlamaRMSNorm(8), nn.Linear(8, 8)
+        self.inp, self.norm, self.proj, self.shift = nn.Linear(8, 8), LlamaRMSNorm(8), nn.Linear(8, 8), shift
+        self.to(torch.bfloat16)
 
     def forward(self, x):
-        x = x * 1.0
-        y = self.proj(self.norm(x))
+        x = self.inp(x)
+        y = self.norm(x)
+        y = self.proj(y + 1.0 if self.shift else y)  # shifted: nothing saves the norm's output
         x.add_(1.0)  # legal in eager (the norm kept a float32 copy), not once the norm keeps x
         return (y + x).sum()
 
 
-def test_input_modified_in_place_afterwards_is_not_patched():
-    model = _InPlaceAfterNorm()
-    report = actpatch.patch_model(
-        model, example_inputs=torch.randn(2, 3, 8, dtype=torch.bfloat16), dtype="bfloat16"
-    )
+@pytest.mark.parametrize("shift", [False, True])
+def test_input_modified_in_place_afterwards_is_not_kept(shift):
+    """Keeping its output, the norm does not mind; one that would keep its input is not patched."""
+    model = _InPlaceAfterNorm(shift)
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    report = actpatch.patch_model(model, example_inputs=x)
     (site,) = [s for s in report.sites if s.kind == "norm"]
-    assert not site.patched and site.reason.startswith("input modified in place")
+    if shift:
+        assert not site.patched and site.reason.startswith("input modified in place")
+        return
+    assert site.patched and site.keeps == "output"
+    model(x).backward()
+    ref(x).backward()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert (p.grad - q.grad).abs().max() <= 2e-2 * q.grad.abs().max()
 
 
 @pytest.mark.parametrize(("x_dtype", "w_dtype"), [d for d in DTYPES if torch.bfloat16 not in d], ids=str)
@@ -244,7 +270,7 @@ def test_llama_meta_dry_run_counts_the_norms():
     report = actpatch.analyze(model, batch_size=1, seq_len=256, dtype=torch.bfloat16)
     found = [s for s in report.sites if s.kind == "norm"]
     assert len(found) == 5 and all(s.patched for s in found)
-    assert {s.saved_bytes_per_token for s in found} == {64 * 4}  # float32 copy + bf16 product - x
+    assert {s.saved_bytes_per_token for s in found} == {64 * 6}  # float32 copy + bf16 product; y kept anyway
 
 
 def test_recognition_leaves_the_module_untouched():

@@ -1,12 +1,24 @@
-"""RMSNorm modules, recognised by value, and what keeping x and 1/rms instead of float32 copies frees.
+"""Norm modules, recognised by value, and what each way of keeping less frees.
 
-A candidate is a leaf module whose only parameter is a 1-D ``weight``, with no buffers, and exactly one
-float attribute whose name contains "eps" (``variance_epsilon``, ``eps``).  It is an RMSNorm actpatch can
-replace (``actpatch.kernels.rms_norm``) when its output equals one variant's bitwise on random inputs
-in float32, bfloat16 and float16 with weights of the same dtype, and in bfloat16 with float32 weights
-(autocast): the first variant matching all four (the class and its name are never read).  The check
-runs on the module's own device (CPU for a model on meta), where the kernels it runs are the ones it
-will train with.
+A candidate is a leaf module without buffers whose parameters are a 1-D ``weight`` and/or a 1-D ``bias`` (or
+none, with a one-dim ``normalized_shape``), with at most one attribute whose name contains "eps" holding a
+float (or None: ``nn.RMSNorm``'s default; a module holding none, as OLMo's LayerNorm, is tried with the
+usual constants ``EPS_GUESSES``).  Its *form* is the first whose output equals the module's bitwise on random
+inputs (the class and its name are never read):
+
+    "llama", "t5", "gemma"   an RMSNorm as ``actpatch.kernels.rms_norm`` computes it (weight only), checked in
+                             float32, bfloat16 and float16 with weights of the same dtype, and in bfloat16
+                             with float32 weights (autocast)
+    "torch"                  ``F.rms_norm`` (``nn.RMSNorm``; weight only), same-dtype checks
+    "layer"                  ``F.layer_norm`` over the last dim (``nn.LayerNorm`` and the families' own
+                             classes; weight and bias, either or neither), same-dtype checks
+
+The check runs on the module's own device (CPU for a model on meta), where the kernels it runs are the ones
+it will train with.
+
+A norm may keep its *output* (``actpatch.kernels.norm_output``: y, shared with the later op that saves it,
+and 4 bytes of 1/σ a row) or, an RMSNorm of the first three forms, its *input* (``actpatch.kernels.rms_norm``:
+x and 1/rms); :func:`keeps` says which a call allows and :func:`gain` what it frees.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..kernels import rms_norm
+from ..kernels import norm_output, rms_norm
 from .memory import Bytes
 from .probe import Call, ProbeResult
 
@@ -27,67 +39,131 @@ _CHECKS = (
     (torch.float16, torch.float16),
     (torch.bfloat16, torch.float32),
 )
+RMS_FORMS = (*rms_norm.VARIANTS, "torch")
+EPS_GUESSES = (1e-5, 1e-6, 1e-12)
+KEEPS_INPUT = rms_norm.VARIANTS  # the forms whose replacement can keep x and 1/rms
 
 
 @dataclass(frozen=True)
 class NormParts:
-    """What a patched RMSNorm computes: the ``rms_norm`` variant and the attribute holding its eps."""
+    """What a patched norm computes and keeps: its form, the attribute holding its eps ("": the constant
+    ``eps``), and "output" or "input"."""
 
-    variant: str
+    form: str
     eps_attr: str
+    keeps: str
+    eps: float | None = None
 
 
 def candidates(model: nn.Module) -> dict[int, tuple[str, str]]:
-    """id(module) -> (path, eps attribute) for every module shaped like an RMSNorm."""
+    """id(module) -> (path, eps attribute, or "" for none) for every module shaped like a norm."""
     out = {}
     for path, m in model.named_modules():
-        params = list(m.named_parameters(recurse=False))
         if next(m.children(), None) is not None or next(m.buffers(), None) is not None:
             continue
-        if len(params) != 1 or params[0][0] != "weight" or params[0][1].dim() != 1:
+        if _width(m) is None:
             continue
-        eps = [k for k, v in vars(m).items() if "eps" in k.lower() and isinstance(v, float)]
-        if len(eps) == 1:
-            out[id(m)] = (path, eps[0])
+        eps = [k for k, v in vars(m).items() if "eps" in k.lower() and (isinstance(v, float) or v is None)]
+        if len(eps) <= 1:
+            out[id(m)] = (path, eps[0] if eps else "")
     return out
 
 
+def _width(m: nn.Module) -> int | None:
+    """The normalised width of a norm-shaped module: its 1-D parameters' (weight, bias, of one size) or its
+    one-dim ``normalized_shape``; None when it is not norm-shaped."""
+    params = dict(m.named_parameters(recurse=False))
+    if not set(params) <= {"weight", "bias"} or any(p.dim() != 1 for p in params.values()):
+        return None
+    sizes = {p.shape[0] for p in params.values()}
+    shape = getattr(m, "normalized_shape", None)
+    if not params and isinstance(shape, tuple | list) and len(shape) == 1 and isinstance(shape[0], int):
+        sizes = {shape[0]}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def variant_of(module: nn.Module, eps_attr: str) -> str | None:
-    """The rms_norm variant ``module`` computes bitwise, or None (also when its forward fails)."""
-    hidden = module.weight.shape[0]
-    eps = getattr(module, eps_attr)
-    device = "cpu" if module.weight.is_meta else module.weight.device
+    """The form ``module`` computes bitwise, or None (also when its forward fails)."""
+    found = recognise(module, eps_attr)
+    return found and found[0]
+
+
+def recognise(module: nn.Module, eps_attr: str) -> tuple[str, float | None] | None:
+    """(form, eps) of what ``module`` computes bitwise (eps: its attribute's, or the guess that matched),
+    or None (also when its forward fails)."""
+    width = _width(module)
+    params = dict(module.named_parameters(recurse=False))
+    first = next(iter(params.values()), None)
+    device = "cpu" if first is None or first.is_meta else first.device
     gen = torch.Generator().manual_seed(0)
-    x64 = (torch.randn(3, 2, hidden, generator=gen, dtype=torch.float64) * 3).to(device)
-    w64 = (1 + torch.randn(hidden, generator=gen, dtype=torch.float64) / 4).to(device)
+    x64 = (torch.randn(3, 2, width, generator=gen, dtype=torch.float64) * 3 + 0.5).to(device)
+    p64 = {n: (1 + torch.randn(width, generator=gen, dtype=torch.float64) / 4).to(device) for n in params}
     outputs = []
     # the class's forward on a twin object: the module itself (FSDP's parameters, hooks) is never touched
     twin = object.__new__(type(module))
-    twin.__dict__ = {k: v for k, v in module.__dict__.items() if k != "forward"} | {"_parameters": {}}
+    twin.__dict__ = {k: v for k, v in module.__dict__.items() if k != "forward"}
+    twin._parameters = dict(module._parameters)  # None entries too (nn.LayerNorm without affine)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for x_dtype, w_dtype in _CHECKS:
-                x, w = x64.to(x_dtype), w64.to(w_dtype)
-                twin._parameters["weight"] = w
-                outputs.append((x, w, type(module).forward(twin, x)))
+                x, ps = x64.to(x_dtype), {n: p.to(w_dtype) for n, p in p64.items()}
+                twin._parameters.update(ps)
+                outputs.append((x, ps, type(module).forward(twin, x)))
     except Exception:  # a forward that does not run on plain tensors: not recognised
         return None
-    for variant in rms_norm.VARIANTS:
-        if all(_same(y, rms_norm.forward(x, w, eps, variant)[0]) for x, w, y in outputs):
-            return variant
+    for eps in (getattr(module, eps_attr),) if eps_attr else EPS_GUESSES:
+        for form in (*RMS_FORMS, "layer"):
+            checks = outputs if form in rms_norm.VARIANTS else outputs[:3]
+            if _applies(form, params, eps) and all(
+                _same(y, _forward(form, x, ps, eps)) for x, ps, y in checks
+            ):
+                return form, eps
     return None
+
+
+def _applies(form: str, params: dict, eps: float | None) -> bool:
+    if form == "layer":
+        return eps is not None
+    return set(params) == {"weight"} and (eps is not None or form == "torch")
+
+
+def _forward(form: str, x: torch.Tensor, ps: dict[str, torch.Tensor], eps: float | None) -> torch.Tensor:
+    if form == "layer":
+        return norm_output.layer_norm_forward(x, ps.get("weight"), ps.get("bias"), eps)[0]
+    return norm_output.rms_norm_forward(x, ps["weight"], eps, form)[0]
 
 
 def _same(a: object, b: torch.Tensor) -> bool:
     return isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
-def gain(probe: ProbeResult, call: Call) -> Bytes:
-    """Bytes freed by one call: what its own ops saved that nobody else keeps (other than x), less what
-    the replacement keeps: x (unless it is saved anyway) and 4 bytes of 1/rms per row."""
+def keeps(probe: ProbeResult, calls: list[Call], form: str) -> str | None:
+    """What the norm of these calls keeps: "output" when a later op saves each call's output (that very
+    storage: :func:`output_saved`) and nothing outside the call saves its input; else "input" for a form
+    that can; else None."""
+    saves_input = lambda c: any(s.storage == c.input_storage and id(c) not in s.inside for s in probe.saved)  # noqa: E731
+    if calls and all(output_saved(probe, c) and not saves_input(c) for c in calls):
+        return "output"
+    return "input" if form in KEEPS_INPUT else None
+
+
+def output_saved(probe: ProbeResult, call: Call) -> bool:
+    """Whether an op outside ``call`` and outside every other watched module (a norm that may come to keep
+    its own output instead of this input, BLOOM's and CLIP's first norms feeding the next) saves its
+    output."""
+    watched = {id(c) for c in probe.watched_calls}
+    return any(s.storage == call.output_storage and not (s.inside & watched) for s in probe.saved)
+
+
+def gain(probe: ProbeResult, call: Call, kept: str) -> Bytes:
+    """Bytes freed by one call: what its own ops saved that nobody else keeps, less what the replacement
+    keeps: 4 bytes of 1/σ per row, and (keeping its input) x unless it is saved anyway."""
+    rows = call.numel // _width(call.module)
+    if kept == "output":
+        freed = probe.freed_by(call)
+        return Bytes(freed.scalable, freed.fixed - 4.0 * rows)
     freed = probe.freed_by(call, frozenset({call.input_storage}))
-    rows = call.numel // call.module.weight.shape[0]
     x_kept = any(s.storage == call.input_storage for s in probe.saved)
     x_bytes = 0 if x_kept else call.input_nbytes
     added = Bytes(x_bytes, 4.0 * rows) if call.input_scalable else Bytes(0.0, x_bytes + 4.0 * rows)

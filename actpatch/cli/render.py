@@ -53,10 +53,11 @@ class Squeezed:
 
 def kind_text(group: Any) -> str:
     """The activation of a site (group), preceded by its kind unless the name says it ("rms_norm" for a
-    norm, "dropout" for a dropout, "silu" for an activation): "gated silu"."""
-    if group.kind == "activation" or group.kind in group.activation:
-        return group.activation
-    return f"{group.kind} {group.activation}"
+    norm, "dropout" for a dropout, "silu" for an activation): "gated silu"; a norm's, what it keeps:
+    "rms_norm (keeps output)"."""
+    name = group.activation if group.kind == "activation" or group.kind in group.activation else None
+    name = name or f"{group.kind} {group.activation}"
+    return f"{name} (keeps {group.keeps})" if group.keeps else name
 
 
 _MIN_CONSUMER_WIDTH = 24

@@ -1,17 +1,27 @@
-"""Site kind "norm": an RMSNorm that keeps x and 1/rms instead of float32 copies (option ``norms``).
+"""Site kind "norm": a norm that keeps its output, or an RMSNorm its input (option ``norms``).
 
-Candidates: every module computing an RMSNorm bitwise as ``actpatch.kernels.rms_norm`` does
-(:mod:`actpatch.analysis.norms`).  Patched when it ran with a float input and a gradient, under no other
-saved-tensor hooks, its input unchanged in place afterwards (the replacement keeps it), and keeping x and
-1/rms frees more than it adds.
+Candidates: every module computing a norm bitwise as actpatch's kernels do (:mod:`actpatch.analysis.norms`:
+Hugging Face's RMSNorms, ``nn.RMSNorm``, ``nn.LayerNorm`` and the families' LayerNorms).  Per site, from the
+probe (:func:`~actpatch.analysis.norms.keeps`):
 
-Replacement: the module's class becomes a same-name subclass running :class:`InvertedNorm`
-(:mod:`actpatch.in_place`), which calls ``actpatch.functional.rms_norm``.
+- keeps its **output** (y, shared with the later op that saves that very storage, and 1/σ per row) when such
+  an op exists and nothing else saves the norm's input;
+- else, an RMSNorm keeps its **input** (x and 1/rms, not float32 copies), its input unchanged in place
+  afterwards;
+- else it is left as it is;
+
+patched when it ran with a float input and a gradient, under no other saved-tensor hooks, and frees more than
+it adds.  A weight with zeros or tiny entries (``actpatch.kernels.norm_output.safe_weight``) keeps the input:
+decided here for the projection, and again in training whenever the weight changes (its version counter).
+
+Replacement: the module's class becomes a same-name subclass running a plan (:mod:`actpatch.in_place`):
+:class:`NormFromOutput` (``actpatch.functional.rms_norm_from_output`` / ``layer_norm``) or
+:class:`InvertedNorm` (``actpatch.functional.rms_norm``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,19 +31,40 @@ from .. import in_place
 from ..analysis import norms
 from ..analysis.evidence import Decision, Walk, Watch
 from ..analysis.probe import Call
+from ..kernels import norm_output
 from ..report import Site
 
 
 @dataclass(frozen=True)
 class InvertedNorm:
-    """An RMSNorm's plan: ``forward(x)`` = ``actpatch.functional.rms_norm`` (keeps x and 1/rms)."""
+    """An RMSNorm's plan keeping its input: ``forward(x)`` = ``actpatch.functional.rms_norm`` (x, 1/rms)."""
 
     variant: str
     eps_attr: str
+    eps: float | None = None  # when eps_attr is ""
     entry = "forward"
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, module.weight, getattr(module, self.eps_attr), self.variant)
+        eps = getattr(module, self.eps_attr) if self.eps_attr else self.eps
+        return F.rms_norm(x, module.weight, eps, self.variant)
+
+
+@dataclass(frozen=True)
+class NormFromOutput:
+    """A norm's plan keeping its output and 1/σ (``form`` "layer": ``actpatch.functional.layer_norm``, else
+    ``rms_norm_from_output``); where the weight is unsafe to divide by, its input instead."""
+
+    form: str
+    eps_attr: str
+    eps: float | None = None  # when eps_attr is ""
+    entry = "forward"
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        w = getattr(module, "weight", None)
+        eps = getattr(module, self.eps_attr) if self.eps_attr else self.eps
+        if self.form == "layer":
+            return F.layer_norm(x, x.shape[-1:], w, getattr(module, "bias", None), eps)
+        return F.rms_norm_from_output(x, w, eps, self.form)
 
 
 class Norms:
@@ -41,7 +72,7 @@ class Norms:
     option = "norms"
     default = True
     label = "norms"
-    help = "RMSNorms keep their input and 1/rms, not float32 copies."
+    help = "Norms keep their output (shared with the next op) and 1/σ; or RMSNorms x and 1/rms."
 
     def watch(self, walk: Walk) -> Watch:
         found = norms.candidates(walk.model)
@@ -50,18 +81,56 @@ class Norms:
     def decide(self, walk: Walk, watch: Watch, decided: list[Decision]) -> None:
         modules = walk.modules
         for path, eps_attr in watch.found.values():
-            variant = norms.variant_of(modules[path], eps_attr) if walk.watched_calls(path) else None
-            if variant is None:
+            calls = walk.watched_calls(path)
+            found = norms.recognise(modules[path], eps_attr) if calls else None
+            if found is None:
                 continue
-            decision = walk.watched_site(path, self, "rms_norm", norms.gain, _input_unchanged)
-            decision.parts = norms.NormParts(variant, eps_attr)
+            form, eps = found
+            kept = norms.keeps(walk.probes[0], calls, form)
+            if kept == "output" and not _safe(modules[path], form, calls):
+                kept = "input" if form in norms.KEEPS_INPUT else None
+            activation = "layer_norm" if form == "layer" else "rms_norm"
+            if kept is None:
+                decision = walk.watched_site(path, self, activation, lambda p, c: norms.gain(p, c, "output"))
+                decision.site.patched, decision.site.reason = False, _why_not(walk, decision.site, calls)
+            else:
+                check = _input_unchanged if kept == "input" else lambda _: None
+                gain = lambda p, c, kept=kept: norms.gain(p, c, kept)  # noqa: E731
+                decision = walk.watched_site(path, self, activation, gain, check)
+                decision.site.keeps = kept
+                decision.parts = norms.NormParts(form, eps_attr, kept, eps if not eps_attr else None)
             decided.append(decision)
 
     def install(self, model: nn.Module, site: Site, parts: norms.NormParts) -> None:
-        in_place.install(model.get_submodule(site.path), InvertedNorm(**asdict(parts)))
+        plan = NormFromOutput if parts.keeps == "output" else InvertedNorm
+        in_place.install(model.get_submodule(site.path), plan(parts.form, parts.eps_attr, parts.eps))
 
     def owns(self, module: nn.Module) -> bool:
-        return isinstance(in_place.plan_of(module), InvertedNorm)
+        return isinstance(in_place.plan_of(module), InvertedNorm | NormFromOutput)
+
+
+def _safe(module: nn.Module, form: str, calls: list[Call]) -> bool:
+    """Whether the weight (and bias) allow rebuilding x̂ from y (``norm_output.keeps_output``; a model on
+    meta has no values: assumed so)."""
+    w, b = getattr(module, "weight", None), getattr(module, "bias", None)
+    if any(t is not None and t.is_meta for t in (w, b)):
+        return True
+    return norm_output.keeps_output(w, b, calls[0].dtype, form)
+
+
+def _why_not(walk: Walk, site: Site, calls: list[Call]) -> str | None:
+    """The reason a norm that can keep neither its output nor its input is left alone."""
+    if site.reason is not None and site.reason.startswith(("no gradient", "inside a checkpointed")):
+        return site.reason
+    evidence, call = walk.evidences[0], calls[0]
+    savers = evidence.outside(call.input_storage, call)
+    if savers:
+        return f"input kept by {savers[0].where} and its own backward: nothing to gain"
+    if norms.output_saved(walk.probes[0], call):
+        return "its weight has zeros or tiny entries: it keeps its input, as eager does"
+    if evidence.outside(call.output_storage, call):
+        return "output saved only by the next norm, which keeps its own output: keeping it would add memory"
+    return "output not saved by a later op: keeping it would add memory"
 
 
 def _input_unchanged(call: Call) -> str | None:
