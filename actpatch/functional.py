@@ -25,6 +25,10 @@ keep that output (shared with the Linear after it) and 1/σ, where the weight al
 ``dropout(x, p, training)`` returns ``F.dropout(x, p, training)`` bitwise (the same random draws) and keeps
 its mask as ceil(n/8) bytes of bits instead of a byte (CUDA) or a noise value (CPU) per element; its
 gradient is torch's, bitwise (``actpatch.kernels.dropout``).
+
+``relu_squared(x)`` returns ``torch.square(F.relu(x))`` bitwise and keeps only its output y (shared with the
+Linear after it) where eager keeps relu's output too; its gradient, from r = √y rounded to x's dtype, is
+eager's bitwise wherever y is a normal number (``actpatch.kernels.relu_squared``).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from .kernels.ops import (
     OPS,
     dropout_op,
     layer_norm_keep_output_op,
+    relu_squared_op,
     rms_norm_keep_output_op,
     rms_norm_op,
 )
@@ -313,6 +318,34 @@ class ActpatchLayerNorm(torch.autograd.Function):
         return norm_output.layer_norm_jvp(*ctx.saved_tensors, dx, dw, db), None
 
 
+class ActpatchReLUSquared(torch.autograd.Function):
+    """actpatch::relu_squared without the dispatcher (eager mode): keeps y alone; torch.func as
+    ``ActpatchInverted`` (jvp: torch's 2 r · ṙ, ṙ = ẋ where r = relu(x) > 0; x kept for forward AD only)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return ops.relu_squared_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return ActpatchBackward.apply(ops.relu_squared_backward, dy, y)
+        return ops.relu_squared_backward(dy, y)
+
+    @staticmethod
+    def jvp(ctx, dx: torch.Tensor) -> torch.Tensor:
+        r = F.relu(ctx.saved_tensors[0])
+        return torch.where(r > 0, dx, 0.0) * (2 * r)
+
+
 class ActpatchDropout(torch.autograd.Function):
     """actpatch::dropout without the dispatcher (eager mode): keeps the mask's bits.  Under vmap, the mask
     is drawn as torch's dropout draws it there: vmap's ``randomness`` decides ("error" raises, "different"
@@ -444,6 +477,20 @@ class ActpatchEagerDropout(torch.autograd.Function):
         return ActpatchDropout.backward(ctx, dy, None)
 
 
+class ActpatchEagerReLUSquared(torch.autograd.Function):
+    """``ActpatchReLUSquared`` outside torch.func."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = ops.relu_squared_forward(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        return ActpatchReLUSquared.backward(ctx, dy)
+
+
 def _inverted(name: str, x: torch.Tensor, plain: Formula, formula: Formula | None = None) -> torch.Tensor:
     if not (x.requires_grad and torch.is_grad_enabled() and x.dtype in INVERTIBLE_DTYPES):
         return plain(x) if formula is None else formula(x)
@@ -505,6 +552,27 @@ def silu(x: torch.Tensor, *, formula: Formula | None = None) -> torch.Tensor:
 def quick_gelu(x: torch.Tensor, *, formula: Formula | None = None) -> torch.Tensor:
     """QuickGELU, x σ(1.702 x) (CLIP's activation)."""
     return _inverted("quick_gelu", x, quick_gelu_forward, formula)
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """Squared ReLU, y = relu(x)² (Primer's ReLU², transformers' ``ReLUSquaredActivation``), bitwise
+    ``torch.square(F.relu(x))``.
+
+    When a gradient will be taken (grad mode on, x requires grad, float32/bfloat16/float16 x) autograd keeps
+    y alone, where eager keeps r = relu(x) as well, and the backward recovers r̂ = √y rounded to x's dtype,
+    dx = dy · (2 r̂) (0 where y = 0: x <= 0 needs no branch bit).  √(fl(r²)) rounds back to r in binary
+    floating point, so r̂ = r and dx is eager's gradient bitwise wherever y is a normal number (r >= 1.1e-19
+    in float32/bf16, r >= 2⁻⁷ in fp16) and finite.  Below, y keeps too few digits: |dx − 2 r dy| <=
+    √(2 s) |dy| (s: the dtype's smallest subnormal; fp16 3.5e-4 |dy|, else under 1e-19 |dy|).  y = inf
+    takes r̂ = √(the dtype's largest value): finite dx.  Otherwise (no grad, float64) the plain torch ops run.
+    """
+    if not (x.requires_grad and torch.is_grad_enabled() and x.dtype in INVERTIBLE_DTYPES):
+        return torch.square(F.relu(x))
+    if torch.compiler.is_compiling():  # one opaque op in the graph
+        return relu_squared_op(x)
+    if _transformed(x):
+        return ActpatchReLUSquared.apply(x)
+    return ActpatchEagerReLUSquared.apply(x)
 
 
 def _gated(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

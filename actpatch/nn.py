@@ -53,6 +53,14 @@ class InvertedQuickGELU(_Inverted):
         return functional.quick_gelu(x, formula=self.formula)
 
 
+class InvertedReLUSquared(nn.Module):
+    """Squared ReLU relu(x)² (transformers' ``ReLUSquaredActivation``, ``ACT2FN["relu2"]``), bitwise, that
+    keeps only its output for backward (r = √y; eager keeps relu's output r too)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional.relu_squared(x)
+
+
 class PackedDropout(nn.Dropout):
     """``nn.Dropout`` (the same outputs and gradients, bitwise) that keeps its mask as 1 bit per element.
 
@@ -64,4 +72,4 @@ class PackedDropout(nn.Dropout):
         return functional.dropout(x, self.p, self.training)
 
 
-__all__ = ["InvertedGELU", "InvertedQuickGELU", "InvertedSiLU", "PackedDropout"]
+__all__ = ["InvertedGELU", "InvertedQuickGELU", "InvertedReLUSquared", "InvertedSiLU", "PackedDropout"]

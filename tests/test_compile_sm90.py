@@ -16,6 +16,7 @@ from actpatch.kernels import triton_dropout as td
 from actpatch.kernels import triton_gated as tg
 from actpatch.kernels import triton_norm as tn
 from actpatch.kernels import triton_norm_output as tno
+from actpatch.kernels import triton_relu_squared as trs
 
 compiler = pytest.importorskip("triton.compiler")
 GPUTarget = pytest.importorskip("triton.backends.compiler").GPUTarget
@@ -61,6 +62,8 @@ LAYER_FROM_OUTPUT = {
 }  # fmt: skip
 DROPOUT_PACK = {"mask_ptr": "*u8", "bits_ptr": "*u8", **ROW}
 DROPOUT_BACKWARD = {"dy_ptr": "*{t}", "bits_ptr": "*u8", "dx_ptr": "*{t}", **ROW, "s": "fp32"}
+RELU_SQUARED_FORWARD = {"x_ptr": "*{t}", "y_ptr": "*{t}", **ROW}
+RELU_SQUARED_BACKWARD = {"dy_ptr": "*{t}", "y_ptr": "*{t}", "dx_ptr": "*{t}", **ROW, "y_max": "fp32"}
 BASE = {
     "ROWS": 64,
     "FULL_ROWS": True,
@@ -77,6 +80,8 @@ CASES = {
     "gated backward": (tg._backward_kernel, GATED_BACKWARD, {"ACT": 0}),
     "dropout pack": (td._pack_kernel, DROPOUT_PACK, {}),
     "dropout backward": (td._backward_kernel, DROPOUT_BACKWARD, {}),
+    "relu_squared forward": (trs._forward_kernel, RELU_SQUARED_FORWARD, {}),
+    "relu_squared backward": (trs._backward_kernel, RELU_SQUARED_BACKWARD, {}),
     "rms_norm backward": (
         tn._backward_kernel,
         NORM_BACKWARD,

@@ -8,6 +8,8 @@ m = act(a) · b for silu, gelu, gelu_tanh (``gated.py``); ``<name>_mul_backward(
 ``actpatch::dropout(Tensor x, float p) -> (Tensor y, Tensor bits)``  torch's dropout (training mode), keeping
 its mask as bits (``dropout.py``); ``dropout_backward(dy, bits, p)`` -> dx, torch's gradient bitwise (linear
 in dy, so differentiable again: its derivative is itself).
+``actpatch::relu_squared(Tensor x) -> Tensor``  y = relu(x)², keeping only y (``relu_squared.py``);
+``relu_squared_backward(dy, y)`` -> dx = 2 √y · dy.
 ``actpatch::rms_norm(Tensor x, Tensor w, float eps, str variant) -> (Tensor y, Tensor r)``  RMSNorm keeping
 x and r = 1/rms (``rms_norm.py``); ``rms_norm_backward(dy, x, w, r, variant)`` -> (dx, dw).
 ``actpatch::rms_norm_keep_output(Tensor x, Tensor w, float? eps, str variant) -> (Tensor y, Tensor r)`` and
@@ -17,9 +19,9 @@ variant, x_dtype)`` -> (dx, dw), ``layer_norm_keep_output_backward(dy, y, w, b, 
 (dw, db empty where w, b are None).
 
 Every device runs the pure-PyTorch reference; CUDA runs the fused Triton kernels when Triton imports
-(one place decides: ``activation_forward`` ... ``rms_norm_backward`` below, which the ops call; the
+(one place decides: ``activation_forward`` ... ``relu_squared_backward`` below, which the ops call; the
 RMSNorm's forward is torch's ops everywhere, bitwise the module's).
-``activation_forward`` ... ``rms_norm_backward`` are those implementations as plain functions, for callers
+``activation_forward`` ... ``relu_squared_backward`` are those implementations as plain functions, for callers
 that skip the dispatcher (``actpatch.functional`` in eager mode): the dispatcher's Python round trip
 costs about as much CPU time again as the eager path (``benchmarks/call_overhead.py``; docs/benchmarks.md),
 time a CPU-bound training step pays in wall time.
@@ -37,7 +39,7 @@ import inspect
 import torch
 
 from ..activations import ACTIVATIONS
-from . import dropout, gated, norm_output, reference, rms_norm
+from . import dropout, gated, norm_output, reference, relu_squared, rms_norm
 from .bits import packed_size
 
 DOUBLE_BACKWARD_ERROR = (
@@ -66,6 +68,7 @@ _GATED_KERNELS = _triton("triton_gated")
 _NORM_KERNELS = _triton("triton_norm")
 _NORM_OUTPUT_KERNELS = _triton("triton_norm_output")
 _DROPOUT_KERNELS = _triton("triton_dropout")
+_RELU_SQUARED_KERNELS = _triton("triton_relu_squared")
 _DROPOUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # a random op: never recomputed, reordered or merged by the compiler (where custom_op takes ``tags``)
 _SEEDED = (
@@ -159,6 +162,20 @@ def dropout_backward(dy: torch.Tensor, bits: torch.Tensor, p: float) -> torch.Te
     if _DROPOUT_KERNELS is not None and _on_gpu(dy) and dy.dtype in _DROPOUT_DTYPES:
         return _DROPOUT_KERNELS.backward(dy, bits, p)
     return dropout.backward(dy, bits, p)
+
+
+def relu_squared_forward(x: torch.Tensor) -> torch.Tensor:
+    """y as ``actpatch::relu_squared`` computes it on x's device."""
+    if _RELU_SQUARED_KERNELS is not None and _on_gpu(x):
+        return _RELU_SQUARED_KERNELS.forward(x)
+    return relu_squared.forward(x)
+
+
+def relu_squared_backward(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """dx as ``actpatch::relu_squared_backward`` computes it on y's device."""
+    if _RELU_SQUARED_KERNELS is not None and _on_gpu(y):
+        return _RELU_SQUARED_KERNELS.backward(dy, y)
+    return relu_squared.backward(dy, y)
 
 
 def _no_vmap(op) -> None:
@@ -367,7 +384,7 @@ def _layer_norm_keep_output_backward(ctx, dy, _drstd):
     return dx, None if w is None else dw, None if b is None else db, None
 
 
-def _norm_second_order(ctx, *_):
+def _no_second_order(ctx, *_):
     raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
@@ -378,7 +395,7 @@ for _fwd, _bwd, _backward, _setup in (
      _layer_norm_keep_output_setup),
 ):  # fmt: skip
     _fwd.register_autograd(_backward, setup_context=_setup)
-    _bwd.register_autograd(_norm_second_order, setup_context=lambda ctx, inputs, output: None)
+    _bwd.register_autograd(_no_second_order, setup_context=lambda ctx, inputs, output: None)
     _no_vmap(_fwd)
     _no_vmap(_bwd)
 
@@ -426,3 +443,37 @@ dropout_op.register_autograd(_dropout_backward, setup_context=_dropout_setup)
 dropout_backward_op.register_autograd(_dropout_second_order, setup_context=_dropout_backward_setup)
 _no_vmap(dropout_op)
 _no_vmap(dropout_backward_op)
+
+
+@torch.library.custom_op("actpatch::relu_squared", mutates_args=())
+def relu_squared_op(x: torch.Tensor) -> torch.Tensor:
+    return relu_squared_forward(x)
+
+
+@relu_squared_op.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("actpatch::relu_squared_backward", mutates_args=())
+def relu_squared_backward_op(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return relu_squared_backward(dy, y)
+
+
+@relu_squared_backward_op.register_fake
+def _(dy, y):
+    return torch.empty_like(dy)
+
+
+def _relu_squared_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _relu_squared_backward(ctx, dy):
+    return relu_squared_backward_op(dy, ctx.saved_tensors[0])
+
+
+relu_squared_op.register_autograd(_relu_squared_backward, setup_context=_relu_squared_setup)
+relu_squared_backward_op.register_autograd(_no_second_order, setup_context=lambda ctx, inputs, output: None)
+_no_vmap(relu_squared_op)
+_no_vmap(relu_squared_backward_op)
