@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from actpatch.activations import ACTIVATIONS, inverse_table  # noqa: E402
+from actpatch.activations import ACTIVATIONS, inverse_table, table_for  # noqa: E402
 from actpatch.kernels import reference  # noqa: E402
 from actpatch.kernels import triton as tk  # noqa: E402
 from actpatch.kernels.bits import pack_bits, packed_size  # noqa: E402
@@ -401,3 +401,31 @@ def test_gpu_launches_run_on_the_tensors_device():
         assert y1.device == dx1.device == x1.device
         for ours, there in ((y1, y0), (bits1, bits0), (dx1, dx0)):
             assert torch.equal(ours.cpu(), there.cpu())
+
+
+def _left_inverse(act, y: torch.Tensor) -> torch.Tensor:
+    """x on the left branch (x < x*) with f(x) = y, by bisection in float64."""
+    lo = torch.full_like(y, -40.0)
+    hi = torch.full_like(y, act.x_star)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        above = act.forward(mid) > y  # the left branch falls from 0 to y*
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return (lo + hi) / 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_near_segment_ends_where_the_tail_begins(name):
+    """Every float32 y around y*/2 on the left branch (q = 1/2, where the near segment ends and the tail
+    begins): t stays in its own segment, so g is f' there, in the reference and the kernel (both once read
+    the tail's first interval as the near one's end: n + n⁻ rounds to 2n; gelu_tanh gave 1.43 for -0.12)."""
+    act = ACTIVATIONS[name]
+    half = torch.tensor(table_for(act).y_star_hi / 2, dtype=torch.float32)
+    steps = torch.arange(-3000, 3001, dtype=torch.int32)
+    y = (half.view(torch.int32) + steps).view(torch.float32)
+    bits = pack_bits(torch.zeros(y.shape, dtype=torch.bool))
+    x = _left_inverse(act, y.double()).requires_grad_()
+    (exact,) = torch.autograd.grad(act.forward(x).sum(), x)
+    dy = torch.ones_like(y)
+    for g in (reference.backward(dy, y, bits, act), tk.backward(dy, y, bits, act)):
+        assert (g.double() - exact).abs().max() < 1e-4

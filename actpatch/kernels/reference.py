@@ -55,8 +55,8 @@ def inverse_derivative(y: torch.Tensor, right: torch.Tensor, act: Activation) ->
 
     With d = max(y - y*, 0) and q = y / y*, t indexes one table of three segments of n intervals:
     right branch t = min(√d · n / w_max, n⁻) (the last interval the constant 1: past w_max too);
-    left with q >= 1/2, n + min(√d · n / w_near, n⁻); left with q < 1/2 (the tail),
-    2n + clamp((v - 1) · n / (v_max - 1), 0, n⁻) with v = √(log2(1/q)), q below float32's normal range
+    left with q >= 1/2, min(n + √d · n / w_near, (2n)⁻); left with q < 1/2 (the tail),
+    clamp(2n + (v - 1) · n / (v_max - 1), 2n, (3n)⁻) with v = √(log2(1/q)), q below float32's normal range
     flushed to 0 (v = inf: the tail's end), as the GPU kernel's log2 flushes it.
     g = p, or y · p in the tail; NaN for NaN y.
     """
@@ -68,8 +68,9 @@ def inverse_derivative(y: torch.Tensor, right: torch.Tensor, act: Activation) ->
     q = y / table.y_star_hi
     tail = ~right & (q < 0.5)
     u = torch.where(tail, -torch.log2(torch.where(q < _NORMAL, 0.0, q)), d).sqrt()
-    t_tail = ((u - 1.0) * (n / (table.v_max - 1.0))).clamp(0.0, end) + 2 * n
-    t_near = (u * (n / table.w_near)).clamp_max(end) + n
+    # each segment's offset added before clamping: n + n⁻ rounds to 2n, the tail's first interval
+    t_tail = ((u - 1.0) * (n / (table.v_max - 1.0)) + 2 * n).clamp(2 * n, right_end(3 * n))
+    t_near = (u * (n / table.w_near) + n).clamp_max(right_end(2 * n))
     t = torch.where(right, (u * (n / table.w_max)).clamp_max(end), torch.where(tail, t_tail, t_near))
     p = _horner(coef, 3 * n, t)
     return torch.where(y.isnan(), y, torch.where(tail, y * p, p))
