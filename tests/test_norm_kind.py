@@ -16,6 +16,7 @@ from transformers.models.olmo.modeling_olmo import OlmoLayerNorm
 import actpatch
 from actpatch import kinds
 from actpatch.analysis import norms
+from actpatch.analysis.inputs import input_spec
 
 
 @pytest.mark.parametrize(
@@ -167,3 +168,44 @@ def test_report_says_what_each_norm_keeps():
     assert len(found) == 5 and all(s.keeps == "output" and s.activation == "layer_norm" for s in found)
     assert "[norm: layer_norm keeps output]" in report.to_text()
     assert all(d["keeps"] == "output" for d in report.to_dict()["sites"] if d["kind"] == "norm")
+
+
+class _StrictLayerNorm(nn.LayerNorm):
+    """A LayerNorm refusing a weight of another dtype than x, as CUDA's does (float32 weight, bf16 x)."""
+
+    def forward(self, x):
+        if self.weight.dtype != x.dtype:
+            raise RuntimeError("expected scalar type BFloat16 but found Float")
+        return super().forward(x)
+
+
+def test_a_layer_norm_refusing_mixed_dtypes_is_recognised():
+    """Only RMSNorm forms are checked with a float32 weight and bf16 x; a LayerNorm failing there (CUDA's)
+    is still a LayerNorm."""
+    ((_, eps_attr),) = norms.candidates(_StrictLayerNorm(32)).values()
+    assert norms.variant_of(_StrictLayerNorm(32), eps_attr) == "layer"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama"])
+def test_gpu_norms_keep_their_outputs_in_bf16(family):
+    """On CUDA in bf16 every block's norm keeps its output; loss bitwise eager's, gradients within bf16
+    rounding of eager's distance to a float32 reference."""
+    model = tiny_model(family).to("cuda", torch.bfloat16)
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    ref = copy.deepcopy(model)
+    report = actpatch.patch_model(model, batch_size=2, seq_len=16, gated=False)
+    found = [s for s in report.sites if s.kind == "norm" and ".0." in s.path]
+    assert len(found) >= 2 and all(s.patched and s.keeps == "output" for s in found)
+    _, kwargs = input_spec(model).make(2, 16)
+    kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    loss, loss_ref = model(**kwargs).loss, ref(**kwargs).loss
+    assert torch.equal(loss, loss_ref)
+    loss.backward()
+    loss_ref.backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        if q.grad is not None:
+            assert (p.grad.float() - q.grad.float()).abs().max() <= 3e-2 * q.grad.float().abs().max(), name

@@ -103,15 +103,12 @@ def recognise(module: nn.Module, eps_attr: str) -> tuple[str, float | None] | No
     twin = object.__new__(type(module))
     twin.__dict__ = {k: v for k, v in module.__dict__.items() if k != "forward"}
     twin._parameters = dict(module._parameters)  # None entries too (nn.LayerNorm without affine)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for x_dtype, w_dtype in _CHECKS:
-                x, ps = x64.to(x_dtype), {n: p.to(w_dtype) for n, p in p64.items()}
-                twin._parameters.update(ps)
-                outputs.append((x, ps, type(module).forward(twin, x)))
-    except Exception:  # a forward that does not run on plain tensors: not recognised
-        return None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for x_dtype, w_dtype in _CHECKS:
+            x, ps = x64.to(x_dtype), {n: p.to(w_dtype) for n, p in p64.items()}
+            twin._parameters.update(ps)
+            outputs.append((x, ps, _run(module, twin, x)))
     for eps in (getattr(module, eps_attr),) if eps_attr else EPS_GUESSES:
         for form in (*RMS_FORMS, "layer"):
             checks = outputs if form in rms_norm.VARIANTS else outputs[:3]
@@ -120,6 +117,15 @@ def recognise(module: nn.Module, eps_attr: str) -> tuple[str, float | None] | No
             ):
                 return form, eps
     return None
+
+
+def _run(module: nn.Module, twin: nn.Module, x: torch.Tensor) -> object:
+    """The class's forward on the twin, or None where it fails (on plain tensors, or in these dtypes: CUDA's
+    LayerNorm refuses a float32 weight with bfloat16 x, which only the RMSNorm forms check)."""
+    try:
+        return type(module).forward(twin, x)
+    except Exception:
+        return None
 
 
 def _applies(form: str, params: dict, eps: float | None) -> bool:
