@@ -9,9 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .report import KIND_LABELS
+
 FORMATS = (".png", ".svg")
 EXTRA = "matplotlib is not installed: pip install 'actpatch[plot]'"
-_KIND_LABELS = {"gated": "gated MLPs", "norm": "RMSNorms", "activation": "activations", "dropout": "dropouts"}
 _GiB = float(1 << 30)
 
 
@@ -50,7 +51,7 @@ def bars(memory: Any, fit: Any) -> dict[str, dict[str, float]]:
         base = {"weights": memory.weights, "optimizer states": memory.optimizer}
         freed = {} if patched else memory.projector.freed_by_kind(batch, seq)
         kept = memory.activations(batch, seq, True)
-        acts = {"activations kept": kept, **{f"freed: {_KIND_LABELS.get(k, k)}": v for k, v in freed.items()}}
+        acts = {"activations kept": kept, **{f"freed: {KIND_LABELS.get(k, k)}": v for k, v in freed.items()}}
         where = f"batch {batch}" if fit.mode == "batch" else f"seq {seq}"
         out[f"{name}, {where}\nbackward"] = {
             **base,

@@ -124,7 +124,7 @@ def test_human_output_has_table_and_summary():
     assert (
         "37 of 37 sites patched" in out and "activations  12 sites" in out and "norms        25 sites" in out
     )
-    assert "transformer.h.{0..11}.ln_1     layer_norm (keeps output)" in out
+    assert "transformer.h.{0..11}.ln_1     layer_norm (y)" in out and "(y) keeps its output" in out
     assert "activation memory:" in out and "->" in out and "%" in out and "batch 1 × seq 1024, float32" in out
 
 

@@ -25,7 +25,8 @@ ROW = {"n_elements": "i64", "row_start": "i64"}
 ACTIVATION_FORWARD = {"x_ptr": "*{t}", "y_ptr": "*{t}", "bits_ptr": "*u8", **ROW, "x_star": "fp32"}
 ACTIVATION_BACKWARD = {
     "dy_ptr": "*{t}", "y_ptr": "*{t}", "bits_ptr": "*u8", "dx_ptr": "*{t}", "coef_ptr": "*fp32", **ROW,
-    "y_hi": "fp32", "y_lo": "fp32", "inv_y_hi": "fp32", "t_end": "fp32", "scale_right": "fp32",
+    "y_hi": "fp32", "y_lo": "fp32", "inv_y_hi": "fp32", "t_end": "fp32", "t_end2": "fp32", "t_end3": "fp32",
+    "scale_right": "fp32",
     "scale_near": "fp32", "scale_tail": "fp32",
 }  # fmt: skip
 LOOKUP_FORWARD = {
@@ -51,15 +52,16 @@ NORM_BACKWARD = {
     "dy_ptr": "*{t}", "x_ptr": "*{t}", "w_ptr": "*{t}", "r_ptr": "*fp32", "dx_ptr": "*{t}", "dw_ptr": "*fp32",
     "n_rows": "i64", "width": "i64", "rows_per_program": "i32",
 }  # fmt: skip
-NORM_OUTPUT_ROWS = {"n_rows": "i64", "width": "i64", "rows_per_program": "i32"}
+NORM_OUTPUT_TILES = {"n_rows": "i64", "width": "i64", "tiles_per_program": "i32"}
 RMS_FROM_OUTPUT = {
-    "dy_ptr": "*{t}", "y_ptr": "*{t}", "w_ptr": "*{t}", "r_ptr": "*fp32", "dx_ptr": "*{t}", "dw_ptr": "*fp32",
-    **NORM_OUTPUT_ROWS,
+    "dy_ptr": "*{t}", "y_ptr": "*{t}", "w_ptr": "*{t}", "r_ptr": "*fp32", "dx_ptr": "*{t}",
+    "sum_ptr": "*fp32", **NORM_OUTPUT_TILES,
 }  # fmt: skip
 LAYER_FROM_OUTPUT = {
     "dy_ptr": "*{t}", "y_ptr": "*{t}", "w_ptr": "*{t}", "b_ptr": "*{t}", "rstd_ptr": "*fp32",
-    "dx_ptr": "*{t}", "dw_ptr": "*fp32", "db_ptr": "*fp32", **NORM_OUTPUT_ROWS,
+    "dx_ptr": "*{t}", "sum_ptr": "*fp32", **NORM_OUTPUT_TILES,
 }  # fmt: skip
+NORM_OUTPUT_SHAPE = {"ROWS": 2, "BLOCK": 4096, "STAGES": 3}  # the launch shape at 4096 in bf16
 DROPOUT_PACK = {"mask_ptr": "*u8", "bits_ptr": "*u8", **ROW}
 DROPOUT_BACKWARD = {"dy_ptr": "*{t}", "bits_ptr": "*u8", "dx_ptr": "*{t}", **ROW, "s": "fp32"}
 RELU_SQUARED_FORWARD = {"x_ptr": "*{t}", "y_ptr": "*{t}", **ROW}
@@ -102,13 +104,13 @@ CASES = {
             "S_DTYPE": tl.bfloat16,
             "GW_DTYPE": tl.bfloat16,
             "DS_DTYPE": tl.bfloat16,
-            "BLOCK": 4096,
+            **NORM_OUTPUT_SHAPE,
         },
     ),
     "layer_norm from output backward": (
         tno._layer_backward_kernel,
         LAYER_FROM_OUTPUT,
-        {"HAS_W": True, "HAS_B": True, "BLOCK": 4096},
+        {"HAS_W": True, "HAS_B": True, **NORM_OUTPUT_SHAPE},
     ),
 }
 

@@ -43,10 +43,12 @@ def per_sample_grads(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return vmap(grad(loss), in_dims=(None, 0))(params, ids)
 
 
-@pytest.mark.parametrize(("family", "kinds"), [("llama", {"gated", "norm"}), ("gpt2", {"activation"})])
+@pytest.mark.parametrize(
+    ("family", "kinds"), [("llama", {"gated", "norm"}), ("gpt2", {"activation", "norm"})]
+)
 def test_per_sample_gradients_of_a_patched_model(family, kinds):
-    """vmap(grad(loss)) through patched gated MLPs and RMSNorms (Llama) and GPT-2's gelu_new kept as its
-    own formula: the unpatched model's, per sample."""
+    """vmap(grad(loss)) through patched gated MLPs and RMSNorms (Llama), GPT-2's gelu_new kept as its own
+    formula and its LayerNorms keeping their outputs: the unpatched model's, per sample."""
     from tiny_models import tiny_model
 
     model = tiny_model(family)

@@ -144,12 +144,18 @@ def _same(a: object, b: torch.Tensor) -> bool:
     return isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
-def keeps(probe: ProbeResult, calls: list[Call], form: str) -> str | None:
+def keeps(probe: ProbeResult, calls: list[Call], form: str, kept: frozenset[int] = frozenset()) -> str | None:
     """What the norm of these calls keeps: "output" when a later op saves each call's output (that very
-    storage: :func:`output_saved`) and nothing outside the call saves its input; else "input" for a form
-    that can; else None."""
-    saves_input = lambda c: any(s.storage == c.input_storage and id(c) not in s.inside for s in probe.saved)  # noqa: E731
-    if calls and all(output_saved(probe, c) and not saves_input(c) for c in calls):
+    storage: :func:`output_saved`) and nothing outside the call saves its input, nor keeps it (``kept``:
+    the storages other patched sites keep themselves, an inverted activation's output); else "input" for a
+    form that can; else None."""
+
+    def input_kept(c: Call) -> bool:
+        return c.input_storage in kept or any(
+            s.storage == c.input_storage and id(c) not in s.inside for s in probe.saved
+        )
+
+    if calls and all(output_saved(probe, c) and not input_kept(c) for c in calls):
         return "output"
     return "input" if form in KEEPS_INPUT else None
 

@@ -54,10 +54,14 @@ class Squeezed:
 def kind_text(group: Any) -> str:
     """The activation of a site (group), preceded by its kind unless the name says it ("rms_norm" for a
     norm, "dropout" for a dropout, "silu" for an activation): "gated silu"; a norm's, what it keeps:
-    "rms_norm (keeps output)"."""
+    "rms_norm (y)" for one keeping its output, "(x)" its input."""
     name = group.activation if group.kind == "activation" or group.kind in group.activation else None
     name = name or f"{group.kind} {group.activation}"
-    return f"{name} (keeps {group.keeps})" if group.keeps else name
+    return f"{name} ({_KEPT[group.keeps]})" if group.keeps else name
+
+
+_KEPT = {"output": "y", "input": "x"}
+_LEGEND = {"y": "(y) keeps its output, which the next op saves anyway", "x": "(x) keeps its input"}
 
 
 _MIN_CONSUMER_WIDTH = 24
@@ -80,9 +84,12 @@ def sites_table(report: Any, *, all_sites: bool = False, width: int | None = Non
 
 
 def _table(model: str, groups: list[Any], *, consumer: bool, consumer_width: int | None = None) -> Table:
+    kept = sorted({_KEPT[g.keeps] for g in groups if g.keeps}, reverse=True)
     table = Table(
         title=f"Sites of {model}",
         title_justify="left",
+        caption="; ".join(_LEGEND[k] for k in kept) or None,
+        caption_justify="left",
         box=box.SIMPLE_HEAD,
         show_edge=False,
         padding=(0, 1, 0, 0),

@@ -51,7 +51,8 @@ def _rms_backward_kernel(
     BLOCK: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """Tiles pid, pid + P, ... of ROWS rows of [n_rows, width]; dw_ptr: this program's float32 partial sum."""
+    """Tiles pid, pid + P, ... of ROWS rows of [n_rows, width]; sum_ptr: this program's float32 partial
+    sum of dw."""
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     in_row = cols < width
@@ -96,8 +97,9 @@ def _layer_backward_kernel(
     BLOCK: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """Tiles pid, pid + P, ... of ROWS rows of [n_rows, width]; dw_ptr, db_ptr: this program's float32
-    partial sums.  Masked elements read y = dy = 0 (and b = 0, 1/w = 1 off the row), so they add nothing."""
+    """Tiles pid, pid + P, ... of ROWS rows of [n_rows, width]; sum_ptr: this program's float32
+    partial sums of dw and db.  Masked elements read y = dy = 0 (and b = 0, 1/w = 1 off the row), so
+    they add nothing."""
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     in_row = cols < width

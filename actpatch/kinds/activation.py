@@ -74,7 +74,8 @@ class Activations:
             reason = walk.selection.reason(_reason(evidence, site), (site.path,))
             gains = [gain(e, calls_of(e.probe, site.path)) for e in walk.evidences]
             found = Site(site.path, site.activation, _consumer(evidence, site), reason is None, reason)
-            decided.append(Decision(found, gains, source=site))
+            keeps = frozenset(c.output_storage for c in site.calls)
+            decided.append(Decision(found, gains, source=site, keeps=keeps))
 
     def install(self, model: nn.Module, site: Site, parts: object) -> None:
         original = model.get_submodule(site.path)

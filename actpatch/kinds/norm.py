@@ -86,13 +86,14 @@ class Norms:
             if found is None:
                 continue
             form, eps = found
-            kept = norms.keeps(walk.probes[0], calls, form)
+            kept = norms.keeps(walk.probes[0], calls, form, walk.kept(decided))
             if kept == "output" and not _safe(modules[path], form, calls):
                 kept = "input" if form in norms.KEEPS_INPUT else None
             activation = "layer_norm" if form == "layer" else "rms_norm"
             if kept is None:
                 decision = walk.watched_site(path, self, activation, lambda p, c: norms.gain(p, c, "output"))
-                decision.site.patched, decision.site.reason = False, _why_not(walk, decision.site, calls)
+                reason = _why_not(walk, decision.site, calls, walk.kept(decided))
+                decision.site.patched, decision.site.reason = False, reason
             else:
                 check = _input_unchanged if kept == "input" else lambda _: None
                 gain = lambda p, c, kept=kept: norms.gain(p, c, kept)  # noqa: E731
@@ -118,16 +119,18 @@ def _safe(module: nn.Module, form: str, calls: list[Call]) -> bool:
     return norm_output.keeps_output(w, b, calls[0].dtype, form)
 
 
-def _why_not(walk: Walk, site: Site, calls: list[Call]) -> str | None:
+def _why_not(walk: Walk, site: Site, calls: list[Call], kept: frozenset[int]) -> str | None:
     """The reason a norm that can keep neither its output nor its input is left alone."""
     if site.reason is not None and site.reason.startswith(("no gradient", "inside a checkpointed")):
         return site.reason
     evidence, call = walk.evidences[0], calls[0]
+    if call.input_storage in kept:
+        return "input kept by the patched activation before it: nothing to gain"
     savers = evidence.outside(call.input_storage, call)
     if savers:
         return f"input kept by {savers[0].where} and its own backward: nothing to gain"
     if norms.output_saved(walk.probes[0], call):
-        return "its weight has zeros or tiny entries: it keeps its input, as eager does"
+        return "its weight is zero, tiny or small against its bias on some channel: y cannot give x̂ back"
     if evidence.outside(call.output_storage, call):
         return "output saved only by the next norm, which keeps its own output: keeping it would add memory"
     return "output not saved by a later op: keeping it would add memory"
