@@ -245,3 +245,25 @@ def test_compiled_patched_norms_have_no_graph_breaks():
     ref(x).backward()
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         assert (p.grad - q.grad).abs().max() <= 1e-5 * q.grad.abs().max()
+
+
+class _OutputChangedInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.norm, self.proj = nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = self.norm(self.inp(x))
+        out = self.proj(y)
+        y.mul_(2.0)  # the Linear saved y: eager's backward refuses it too
+        return out.sum()
+
+
+def test_an_output_changed_in_place_is_autograds_own_error():
+    model = _OutputChangedInPlace()
+    ref = copy.deepcopy(model)
+    actpatch.patch_model(model, example_inputs=torch.randn(2, 5, 16))
+    x = torch.randn(2, 5, 16)
+    for m in (ref, model):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            m(x).backward()
