@@ -22,7 +22,7 @@ EXPECTED = {  # family: (activation, patched, start of the reason) of every site
     "gpt2": [("gelu_tanh", True, None)] * 2,
     "bloom": [("gelu_tanh", True, None)] * 2,
     "mpt": [("gelu", True, None)] * 2,
-    "opt": [("relu", False, "unsupported activation")] * 2,
+    "opt": [("relu", False, "relu already keeps only its output")] * 2,
     "phi3": [("silu", False, "input kept alive")] * 2,
     "mixtral": [("silu", False, "input kept alive")] * 2,
     "roberta": [("gelu", True, None)] * 2 + [("gelu", False, "module not registered")],

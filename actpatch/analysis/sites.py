@@ -16,9 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..activations import ACTIVATIONS
+from ..kernels import relu_squared
 from ..kernels.lookup import every_value
 
 INVERTIBLE = frozenset(ACTIVATIONS)
+# torch's op of each activation actpatch replaces: the inverted ones, and relu² (kept from its output alone)
+TORCH_OPS = {name: act.forward for name, act in ACTIVATIONS.items()} | {"relu2": relu_squared.forward}
+# activations whose own backward reads only their output: nothing to gain
+OUTPUT_ONLY = frozenset({"relu", "tanh", "sigmoid"})
 
 # Formulas recognised by value.  The invertible ones come first; the rest name unsupported activations.
 _FORMULAS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -81,10 +86,11 @@ _FLOAT32_GRID = torch.cat(
 
 
 def runs_torch_op(module: nn.Module, activation: str) -> bool:
-    """Whether ``module``'s output is bitwise actpatch's forward of ``activation`` (torch's own op) on every
-    bfloat16 and float16 value and a dense float32 grid, on the CPU; False for a Python formula with its
-    own rounding (GPT-2's ``gelu_new``), whose output the replacement then computes by the module."""
-    op = ACTIVATIONS[activation].forward
+    """Whether ``module``'s output is bitwise actpatch's forward of ``activation`` (torch's own op,
+    ``TORCH_OPS``) on every bfloat16 and float16 value and a dense float32 grid, on the CPU; False for a
+    Python formula with its own rounding (GPT-2's ``gelu_new``), whose output the replacement then computes
+    by the module."""
+    op = TORCH_OPS[activation]
     inputs = [every_value(torch.bfloat16), every_value(torch.float16), _FLOAT32_GRID]
     try:
         with torch.no_grad():

@@ -2,7 +2,9 @@
 
 A site is patchable when all of these hold on the probe:
 
-1. its activation is one actpatch inverts (gelu, gelu_tanh, silu, quick_gelu);
+1. its activation is one actpatch inverts (gelu, gelu_tanh, silu, quick_gelu) or squared ReLU (relu2,
+   kept from its output alone, r = √y: no branch bit; torch's own op's bits only); relu, tanh and sigmoid
+   already keep only their output;
 2. it is a registered submodule (functional calls and module-level singletons are reported only);
 3. it ran, in float32/bfloat16/float16, with a gradient flowing through it, under no other saved-tensor
    hooks (a checkpointed block saves nothing, so there is nothing to gain);
@@ -13,7 +15,8 @@ A site is patchable when all of these hold on the probe:
 
 Replacement: ``actpatch.nn.InvertedGELU`` / ``InvertedSiLU`` / ``InvertedQuickGELU`` (``actpatch.functional``
 ``gelu``, ``silu``, ``quick_gelu``), given the module itself as the formula when it is a Python formula with
-its own rounding (:func:`~actpatch.analysis.sites.runs_torch_op`), installed by :mod:`actpatch.swap`.
+its own rounding (:func:`~actpatch.analysis.sites.runs_torch_op`), or ``InvertedReLUSquared``
+(``relu_squared``), installed by :mod:`actpatch.swap`.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from ..analysis.evidence import (
 )
 from ..analysis.memory import Bytes
 from ..analysis.probe import Call, ProbeResult
-from ..analysis.sites import INVERTIBLE, classify_module, runs_torch_op
-from ..nn import InvertedGELU, InvertedQuickGELU, InvertedSiLU
+from ..analysis.sites import OUTPUT_ONLY, classify_module, runs_torch_op
+from ..nn import InvertedGELU, InvertedQuickGELU, InvertedReLUSquared, InvertedSiLU
 from ..report import Site
 
 _REPLACEMENTS = {  # activation -> its replacement, given the formula it must keep (None: torch's op)
@@ -45,7 +48,10 @@ _REPLACEMENTS = {  # activation -> its replacement, given the formula it must ke
     "gelu_tanh": lambda formula: InvertedGELU("tanh", formula),
     "silu": InvertedSiLU,
     "quick_gelu": InvertedQuickGELU,
+    "relu2": lambda _: InvertedReLUSquared(),
 }
+WITHOUT_BITS = frozenset({"relu2"})  # kept from the output alone
+_INVERTED = (InvertedGELU, InvertedSiLU, InvertedQuickGELU, InvertedReLUSquared)
 
 
 @dataclass
@@ -72,7 +78,7 @@ class Activations:
         for site in collect(walk.model, walk.probes[0], walk.classified):
             evidence = walk.evidences[0]
             reason = walk.selection.reason(_reason(evidence, site), (site.path,))
-            gains = [gain(e, calls_of(e.probe, site.path)) for e in walk.evidences]
+            gains = [gain(e, calls_of(e.probe, site.path), site.activation) for e in walk.evidences]
             found = Site(site.path, site.activation, _consumer(evidence, site), reason is None, reason)
             keeps = frozenset(c.output_storage for c in site.calls)
             decided.append(Decision(found, gains, source=site, keeps=keeps))
@@ -83,8 +89,7 @@ class Activations:
         swap.install(model, site.path, _REPLACEMENTS[site.activation](formula))
 
     def owns(self, module: nn.Module) -> bool:
-        replacement = isinstance(module, InvertedGELU | InvertedSiLU | InvertedQuickGELU)
-        return replacement and swap.original_of(module) is not None
+        return isinstance(module, _INVERTED) and swap.original_of(module) is not None
 
 
 def collect(model: nn.Module, probe: ProbeResult, classified: dict[int, str | None]) -> list[ActivationSite]:
@@ -131,7 +136,9 @@ def calls_of(probe: ProbeResult, path: str) -> list[Call]:
 
 def basic_reason(site: ActivationSite) -> str | None:
     """Rules 1-4: what any swap of this site needs, whatever saves its output or keeps its input."""
-    if site.activation not in INVERTIBLE:
+    if site.activation in OUTPUT_ONLY:
+        return f"{site.activation} already keeps only its output"
+    if site.activation not in _REPLACEMENTS:
         return f"unsupported activation ({site.activation})"
     if site.kind == "functional":
         return "functional call: cannot be swapped"
@@ -139,6 +146,8 @@ def basic_reason(site: ActivationSite) -> str | None:
         return "module not registered as a submodule (a shared singleton): cannot be swapped"
     if not site.calls:
         return "not called by the probe forward"
+    if site.activation in WITHOUT_BITS and not runs_torch_op(site.calls[0].module, site.activation):
+        return f"{site.activation} with its own rounding: the replacement computes torch's op"
     for call in site.calls:
         if call.dtype not in INVERTIBLE_DTYPES:
             return f"{str(call.dtype).removeprefix('torch.')} inputs run the plain op"
@@ -163,13 +172,13 @@ def _reason(evidence: Evidence, site: ActivationSite) -> str | None:
         keepers = evidence.outside(call.input_storage, call)
         if keepers:
             return f"input kept alive by {keepers[0].where} (shared storage, e.g. a fused projection)"
-    freed = gain(evidence, site.calls)
+    freed = gain(evidence, site.calls, site.activation)
     if freed.scalable + freed.fixed <= 0:
         return NOTHING_TO_GAIN
     return None
 
 
-def gain(evidence: Evidence, calls: list[Call]) -> Bytes:
+def gain(evidence: Evidence, calls: list[Call], activation: str) -> Bytes:
     """Bytes freed by swapping these calls: their own saves nobody else keeps, less the branch bits."""
     probe = evidence.probe
     total = Bytes()
@@ -181,5 +190,6 @@ def gain(evidence: Evidence, calls: list[Call]) -> Bytes:
             seen.add(s.storage)
             if not evidence.outside(s.storage, call):
                 total += Bytes(s.nbytes, 0.0) if s.scalable else Bytes(0.0, s.nbytes)
-        total += Bytes(0.0, -math.ceil(call.numel / 8))
+        if activation not in WITHOUT_BITS:
+            total += Bytes(0.0, -math.ceil(call.numel / 8))
     return total
