@@ -123,7 +123,8 @@ class Walk:
 
     @property
     def modules(self) -> dict[str, nn.Module]:
-        return dict(self.model.named_modules())
+        """Path -> module, every path of a module reached through several parents."""
+        return dict(self.model.named_modules(remove_duplicate=False))
 
     @staticmethod
     def kept(decided: list[Decision]) -> frozenset[int]:

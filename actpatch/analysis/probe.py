@@ -158,6 +158,7 @@ class _Frame:
     path: str
     call: Call | None
     event: Event
+    module: int = 0  # id of the module running; 0 for an unregistered one
 
 
 class _Probe(TorchFunctionMode):
@@ -168,6 +169,7 @@ class _Probe(TorchFunctionMode):
         self.watched_calls: list[Call] = []
         self.watched_inputs: list[tuple[Call, torch.Tensor, int]] = []  # (call, x, x._version at the call)
         self.paths = {id(m): name for name, m in model.named_modules()}
+        self.children = {(id(p), id(c)): name for p in model.modules() for name, c in p.named_children()}
         self.stack: list[_Frame] = []
         self.ops: list[str] = []
         self.open: list[Call] = []
@@ -186,9 +188,19 @@ class _Probe(TorchFunctionMode):
         self.counters[stem] = n + 1
         return f"{stem}#{n}"
 
+    def _path(self, module: nn.Module) -> str | None:
+        """The module's path as its caller reaches it: the caller's path and the attribute naming it there
+        (a module shared by several parents, torchtune's default ``nn.SiLU()`` argument, has a path in
+        each), else its first path in the model (None: not registered)."""
+        top = self.stack[-1] if self.stack else None
+        name = self.children.get((top.module, id(module))) if top else None
+        if name is None:
+            return self.paths.get(id(module))
+        return f"{top.path}.{name}" if top.path else name
+
     def pre_hook(self, module: nn.Module, args: tuple) -> None:
         caller = self.stack[-1].path if self.stack else ""
-        path = self.paths.get(id(module))
+        path = self._path(module)
         kind = "module"
         if path is None:
             kind, path = "unregistered", self._numbered(f"{caller}:{type(module).__name__}")
@@ -205,7 +217,7 @@ class _Probe(TorchFunctionMode):
         event = _event(path, True, args, {})
         self.keep.extend(_tensors(args, {}))
         self.events[caller].append(event)
-        self.stack.append(_Frame(path, call, event))
+        self.stack.append(_Frame(path, call, event, id(module) if kind == "module" else 0))
 
     def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         frame = self.stack.pop()
