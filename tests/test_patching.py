@@ -225,6 +225,130 @@ def test_a_no_op_move_is_not_part_of_an_mlp_but_a_cast_is(cast):
     ]
 
 
+class _SwiGLU(torch.nn.Module):
+    """timm's ``SwiGLU``: act(fc1_g(x)) * fc1_x(x), then drop1, norm (nn.Identity), fc2, drop2."""
+
+    def __init__(self, drop1: float = 0.0, drop2: float = 0.0):
+        super().__init__()
+        self.fc1_g, self.fc1_x, self.fc2 = (
+            torch.nn.Linear(8, 16),
+            torch.nn.Linear(8, 16),
+            torch.nn.Linear(16, 8),
+        )
+        self.act, self.norm = torch.nn.SiLU(), torch.nn.Identity()
+        self.drop1, self.drop2 = torch.nn.Dropout(drop1), torch.nn.Dropout(drop2)
+
+    def forward(self, x):
+        x_gate = self.fc1_g(x)
+        x = self.fc1_x(x)
+        x = self.act(x_gate) * x
+        x = self.drop1(x)
+        x = self.norm(x)
+        x = self.fc2(x)
+        return self.drop2(x)
+
+
+class _GluMlp(torch.nn.Module):
+    """timm's ``GluMlp``: the halves of fc1(x), act on the first (on the second: ``gate_last``), then drop1,
+    norm (nn.Identity), fc2, drop2."""
+
+    def __init__(self, gate_last: bool = False, drop1: float = 0.0, drop2: float = 0.0):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(16, 8)
+        self.act, self.norm, self.gate_last = (
+            torch.nn.GELU(approximate="tanh"),
+            torch.nn.Identity(),
+            gate_last,
+        )
+        self.drop1, self.drop2 = torch.nn.Dropout(drop1), torch.nn.Dropout(drop2)
+
+    def forward(self, x):
+        x1, x2 = self.fc1(x).chunk(2, dim=-1)
+        x = x1 * self.act(x2) if self.gate_last else self.act(x1) * x2
+        x = self.drop1(x)
+        x = self.norm(x)
+        x = self.fc2(x)
+        return self.drop2(x)
+
+
+class _Residual(torch.nn.Module):
+    """A loss over x + mlp(x) (a ViT block's MLP half); ``layers``: MLPs in an nn.ModuleList, called by it."""
+
+    def __init__(self, mlp: torch.nn.Module | None = None, layers: list[torch.nn.Module] = ()):
+        super().__init__()
+        self.mlp, self.layers, self.head = mlp, torch.nn.ModuleList(layers), torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        for layer in [self.mlp] if self.mlp is not None else self.layers:
+            x = x + layer(x)
+        return self.head(x).square().mean()
+
+
+def _patched_against_eager(model, x, **options):
+    """Patch ``model`` (with ``options``, probed on ``x`` of 4 x 6 tokens): its report, and that it keeps the
+    loss and the gradients (float32: within 1e-5) and saves the bytes it projects (within 2%)."""
+    before_bytes, before_loss, before_grads = _step(model, {"x": x})
+    report = actpatch.patch_model(model, example_inputs=x, batch_size=4, seq_len=6, norms=False, **options)
+    after_bytes, after_loss, after_grads = _step(model, {"x": x})
+    torch.testing.assert_close(after_loss, before_loss, rtol=1e-5, atol=0)
+    for name, g in before_grads.items():
+        assert (after_grads[name] - g).norm() <= 1e-5 * g.norm(), name
+    assert report.projection.saved_bytes == pytest.approx(before_bytes - after_bytes, rel=0.02)
+    return report
+
+
+@pytest.mark.parametrize(
+    "mlp", [_SwiGLU, lambda: _GluMlp(gate_last=False), lambda: _GluMlp(gate_last=True)],
+    ids=["SwiGLU", "GluMlp", "GluMlp-gate-last"],
+)  # fmt: skip
+def test_timm_mlps_are_fused_past_children_that_stay_the_identity(mlp):
+    """timm's SwiGLU and GluMlp call drop1 (nn.Dropout(0)), norm (nn.Identity) and drop2 (nn.Dropout(0))
+    around fc2: those return their input in training too, so they hide no pattern; the fused forward skips
+    them."""
+    torch.manual_seed(0)
+    model = _Residual(mlp())
+    report = _patched_against_eager(model, torch.randn(4, 6, 8))
+    assert [(s.path, s.kind) for s in report.patched_sites] == [("mlp", "gated")]
+    plan = in_place.plan_of(model.mlp)
+    assert plan.split == (
+        "" if isinstance(model.mlp, _SwiGLU) else "up_first" if model.mlp.gate_last else "gate_first"
+    )
+    assert report.projection.saved_bytes > 0
+    model = _Residual(mlp())
+    model.mlp.norm = model.mlp.drop2 = _Doubling()  # return their input, changed: no identity, no gated MLP
+    report = actpatch.analyze(model, example_inputs=torch.randn(4, 6, 8), norms=False)
+    assert not any(s.kind == "gated" for s in report.sites)
+
+
+class _Doubling(torch.nn.Module):
+    def forward(self, x):
+        return x.mul_(2)
+
+
+@pytest.mark.parametrize("drop", ["drop1", "drop2"])
+@pytest.mark.parametrize("dropouts", [False, True])
+def test_a_dropout_that_drops_is_called_by_the_fused_forward(drop, dropouts):
+    """In training, Dropout(0.1) is no identity: the fused forward calls it where it ran (the same mask: the
+    same random stream), as drop1 between the product and fc2, as drop2 after fc2 (two children after the
+    product, the pattern's "between" and "down")."""
+    torch.manual_seed(0)
+    model = _Residual(_GluMlp(**{drop: 0.1})).train()
+    report = _patched_against_eager(model, torch.randn(4, 6, 8), dropouts=dropouts)
+    fused = {("mlp", "gated")} | ({(f"mlp.{drop}", "dropout")} if dropouts else set())
+    assert {(s.path, s.kind) for s in report.patched_sites} == fused
+    plan = in_place.plan_of(model.mlp)
+    assert (plan.between, plan.down) == (("drop1", "fc2") if drop == "drop1" else ("fc2", "drop2"))
+
+
+def test_a_gated_mlp_in_a_module_list_is_fused():
+    """MLPs held in an nn.ModuleList are called by the list's owner, two levels above them (the list itself
+    never runs): each is fused."""
+    torch.manual_seed(0)
+    model = _Residual(layers=[_MovingMLP(cast=False) for _ in range(2)])
+    report = _patched_against_eager(model, torch.randn(4, 6, 8))
+    assert [(s.path, s.kind) for s in report.patched_sites] == [("layers.0", "gated"), ("layers.1", "gated")]
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_moe_experts_fuse_their_apply_gate_only_when_it_runs(family):
     """grouped_mm (transformers' default) calls _apply_gate once: fused, gradients kept.  The eager

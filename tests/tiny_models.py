@@ -222,6 +222,7 @@ def tiny_model(family: str, seed: int = 0, attn: str = "eager") -> nn.Module:
 
 
 def saved_bytes(model: nn.Module, kwargs: dict) -> tuple[int, torch.Tensor]:
-    """(bytes of unique non-parameter storages autograd saves in ``model(**kwargs)``, the loss)."""
+    """(bytes of unique non-parameter storages autograd saves in ``model(**kwargs)``, the loss: the output's,
+    or the output itself)."""
     nbytes, out = measure.saved_bytes(model, kwargs)
-    return nbytes, out.loss
+    return nbytes, out if isinstance(out, torch.Tensor) else out.loss

@@ -6,8 +6,11 @@ The probe's events of the parent module must be exactly one of
     gate_up(x) -> chunk(2, dim=-1) -> gate, up -> act(gate) -> mul <- up,   mul -> down   (Phi-3, GLM)
 
 with x the parent's input and down's output its output, optionally with one child module between the
-product and down (T5's dropout: down(dropout(m)), kept as it is).  Anything else in the forward (casts,
-dropout elsewhere, MoE routing) and the parent is not fused.  Mixture-of-experts modules of transformers
+product and down (T5's dropout: down(dropout(m)), kept as it is).  Children that returned their input and
+always will (``nn.Identity``, ``nn.Dropout`` with p = 0: timm's ``drop1``, ``norm``, ``drop2``) are no part
+of the pattern; the fused forward skips them.  Anything else in the forward (casts, dropout elsewhere, MoE
+routing) and the parent is not fused.  The parent's call is looked for wherever it ran: its caller may be
+above its path's parent (an ``nn.ModuleList``'s owner).  Mixture-of-experts modules of transformers
 (``Experts`` with grouped or batched matmuls) compute the product in their ``_apply_gate(gate_up)``;
 there the events that ran inside one such call (:class:`~actpatch.analysis.probe.GateCall`) must be exactly
 
@@ -62,9 +65,8 @@ class GatedMLP:
 def match(probe: ProbeResult, act_path: str) -> GatedMLP | None:
     """The gated MLP around the activation module at ``act_path``, if its parent is exactly one."""
     parent, _, _ = act_path.rpartition(".")
-    grand = parent.rpartition(".")[0]
-    called = [e for e in probe.events.get(grand, ()) if e.module and e.what == parent]
-    events = probe.events.get(parent, [])
+    called = [e for events in probe.events.values() for e in events if e.module and e.what == parent]
+    events = _pattern(probe.events.get(parent, []))
     if not parent or len(called) != 1 or len(called[0].inputs) != 1 or len(events) not in (5, 6):
         return None
     act = next((e for e in events if e.module and e.what == act_path), None)
@@ -116,7 +118,7 @@ def match_experts(probe: ProbeResult, act_path: str) -> GatedMLP | None:
     if len(calls) != 1:
         return None
     call = calls[0]
-    events = probe.events.get(parent, [])[call.start : call.end]
+    events = _pattern(probe.events.get(parent, [])[call.start : call.end])
     if len(events) != 3 or [e.module for e in events] != [False, True, False]:
         return None
     chunk, act, mul = events
@@ -135,6 +137,11 @@ def match_experts(probe: ProbeResult, act_path: str) -> GatedMLP | None:
         return None
     split = "gate_first" if act.offsets[0] < up_offset else "up_first"
     return GatedMLP(parent, "", "", "", split, (both, act.output, both, mul.output), "_apply_gate")
+
+
+def _pattern(events: list[Event]) -> list[Event]:
+    """The events that can make a pattern: all but the calls of children that stay the identity."""
+    return [e for e in events if not e.identity]
 
 
 def _attr(event: Event) -> str:

@@ -10,7 +10,8 @@ These observers run together:
 - both record, per module, an :class:`Event` for each child called and each op run directly in its
   forward, with the storages it took and gave (what ``gated.match`` reads the structure of an MLP from),
   leaving out a ``.to(device)`` or ``.contiguous()`` that returned its input itself (accelerate's hooks
-  move every module's inputs to its device);
+  move every module's inputs to its device), and marking a child that returned its input and always will
+  (``nn.Identity``, ``nn.Dropout`` with p = 0: timm's ``drop1``, ``norm``, ``drop2``);
 - the ``_apply_gate`` methods of the modules the walker names (transformers' MoE experts compute
   act(gate) * up there) are wrapped for the probe, recording which of the module's events ran inside
   (``ProbeResult.gate_calls``);
@@ -117,6 +118,7 @@ class Event:
     offsets: tuple[int, ...] = ()  # and their storage offsets (which view of a storage)
     output: int | None = None  # storage of its output, when a tensor
     constants: tuple = ()  # an op's non-tensor arguments: positional, then sorted keyword items
+    identity: bool = False  # a child that returned its one input and always will (``_stays_identity``)
 
 
 @dataclass
@@ -223,6 +225,7 @@ class _Probe(TorchFunctionMode):
         frame = self.stack.pop()
         if isinstance(output, torch.Tensor):
             frame.event.output = storage_key(output)
+            frame.event.identity = frame.event.inputs == (frame.event.output,) and _stays_identity(module)
             self.keep.append(output)
         if frame.call is not None:
             self._close(frame.call, output)
@@ -338,6 +341,13 @@ class _Probe(TorchFunctionMode):
         self.watched_inputs.clear()
         self.keep.clear()
         self.outputs.clear()
+
+
+def _stays_identity(module: nn.Module) -> bool:
+    """``nn.Identity``, or ``nn.Dropout`` with p = 0 (their own forwards): the identity in training too."""
+    if isinstance(module, nn.Dropout):
+        return type(module).forward is nn.Dropout.forward and module.p == 0
+    return isinstance(module, nn.Identity) and type(module).forward is nn.Identity.forward
 
 
 def _event(what: str, module: bool, args: tuple, kwargs: dict) -> Event:

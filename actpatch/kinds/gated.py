@@ -37,7 +37,8 @@ _PRODUCTS = {
 class FusedGated:
     """A gated MLP's plan: ``forward(x)`` = down(between(act(gate(x)) · up(x))) with the product fused
     (``split``: the two halves of one gate_up(x)), or, for ``entry`` "_apply_gate" (MoE experts), the fused
-    product of gate_up's halves."""
+    product of gate_up's halves.  Children that stay the identity (``nn.Identity``, ``nn.Dropout(0)``) are
+    not called."""
 
     activation: str
     entry: str
