@@ -166,7 +166,8 @@ def reapply(
 
     Runs :func:`actpatch.patch_model` with ``include`` set to exactly the recorded paths and
     each kind's option (``gated``, ``norms``, ...) set when a recorded site is of that kind (other keyword
-    arguments are passed on; the probe defaults to a short sequence) and returns its PatchReport.
+    arguments are passed on; the projection defaults to a short sequence, or to the shape of
+    ``example_inputs``) and returns its PatchReport.
     With ``strict`` (the default), a patched set that differs from the recorded one raises
     ManifestError and the model is unpatched again.
     """
@@ -178,11 +179,11 @@ def reapply(
     for kind in KINDS:
         if kind.option:
             patch_kwargs.setdefault(kind.option, any(s.kind == kind.name for s in manifest.sites))
+    if patch_kwargs.get("example_inputs") is None:
+        patch_kwargs.setdefault("seq_len", 16)
     if not manifest.sites:
-        return patch_model(model, include=[], **{"seq_len": 16, **patch_kwargs})
-    report = patch_model(
-        model, include=[_exact(p) for p in manifest.paths], **{"seq_len": 16, **patch_kwargs}
-    )
+        return patch_model(model, include=[], **patch_kwargs)
+    report = patch_model(model, include=[_exact(p) for p in manifest.paths], **patch_kwargs)
     patched = {s.path for s in report.sites if s.patched}
     expected = set(manifest.paths)
     if strict and patched != expected:

@@ -2,14 +2,17 @@
 
 Contract::
 
-    analyze(model, *, batch_size=1, seq_len=512, dtype=None, example_inputs=None,
+    analyze(model, *, batch_size=None, seq_len=None, dtype=None, example_inputs=None,
             include=None, exclude=None, **options) -> PatchReport
-    patch_model(model, *, include=None, exclude=None, example_inputs=None, batch_size=1, seq_len=512,
+    patch_model(model, *, include=None, exclude=None, example_inputs=None, batch_size=None, seq_len=None,
                 dtype=None, **options) -> PatchReport                                      # in place
     unpatch_model(model) -> list[str]                                          # paths restored
 
 - ``include``/``exclude``: fnmatch patterns on module paths ("*.mlp.act_fn", "model.layers.0.*");
   ``include=None`` selects every site, ``include=[]`` none.
+- ``batch_size``, ``seq_len``: the shape the projection is for; None = the shape of ``example_inputs``
+  when given (:mod:`actpatch.analysis.inputs` says how it is read), else batch 1 and seq 512.  An
+  explicit ``seq_len`` with example inputs that have no sequence dimension (images) is a ValueError.
 - ``dtype``: the dtype of the projection (a torch.dtype, or its name); None = the parameters' dtype.
 - ``example_inputs``: a dict of forward keyword arguments, a tuple of positional ones, or one tensor;
   None synthesizes inputs from the model's config (see :mod:`actpatch.analysis.inputs`).
@@ -56,8 +59,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 def analyze(
     model: nn.Module,
     *,
-    batch_size: int = 1,
-    seq_len: int = 512,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
     dtype: torch.dtype | str | None = None,
     example_inputs: object = None,
     include: str | Iterable[str] | None = None,
@@ -68,7 +71,7 @@ def analyze(
     norms, dropouts) and project the memory patching saves; changes nothing."""
     _check_module(model)
     chosen = _options(options, "analyze")
-    if batch_size < 1 or seq_len < 1:
+    if any(n is not None and n < 1 for n in (batch_size, seq_len)):
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
     target = _as_dtype(dtype)
@@ -95,8 +98,8 @@ def patch_model(
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
     example_inputs: object = None,
-    batch_size: int = 1,
-    seq_len: int = 512,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
     dtype: torch.dtype | str | None = None,
     **options: bool,
 ) -> PatchReport:

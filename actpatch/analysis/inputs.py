@@ -5,7 +5,10 @@ of one training forward (with labels where the model has a head that takes them)
 and masked LMs and encoder-decoders (decoder ids too, so no config token id is needed),
 ``pixel_values`` for vision models, ``input_features`` for Whisper-like audio models, both for CLIP-like
 models.  ``example_inputs`` (a dict of keyword arguments, a tuple of positional ones, or one tensor)
-replaces the synthesis; the probe then runs at that one shape.
+replaces the synthesis; the probe then runs at that one shape, read from the inputs: the batch is the
+first tensor's dim 0; the sequence length is dim 1 of the first token ids ([batch, seq], integer) or
+embeddings ([batch, seq, hidden], floating; not Whisper-like ``input_features``).  Inputs with neither
+(images, [batch, features] vectors) have no sequence dimension: their shape is (batch, 1).
 """
 
 from __future__ import annotations
@@ -27,16 +30,29 @@ _TOKEN_LABEL_HEADS = (
     "WithLMHead",
 )
 _CLASS_LABEL_HEADS = ("ForSequenceClassification", "ForImageClassification", "ForAudioClassification")
+_NOT_SEQUENCES = ("input_features",)  # [batch, mel bins, frames]: 3-D, but dim 1 is no sequence
+DEFAULT_SHAPE = (1, 512)  # (batch, seq) projected when neither they nor example inputs are given
 
 
 @dataclass
 class InputSpec:
-    """How to build inputs of a given shape; ``seq_dependent`` is False when the config fixes the length."""
+    """How to build inputs of a given shape; ``seq_dependent`` is False when the config fixes the length
+    or the example inputs have no sequence dimension."""
 
     make: Callable[[int, int], tuple[tuple, dict[str, Any]]]
     seq_dependent: bool
     fixed_shape: tuple[int, int] | None = None  # (batch, seq) of user-given example inputs
     max_seq: int | None = None
+
+    def projection_shape(self, batch: int | None, seq: int | None) -> tuple[int, int]:
+        """The (batch, seq) to project at: those given, else the example inputs' own, else 1 and 512."""
+        if seq is not None and self.fixed_shape is not None and not self.seq_dependent:
+            raise ValueError(
+                "seq_len does not apply: example_inputs have no sequence dimension "
+                "(token ids [batch, seq] or embeddings [batch, seq, hidden])"
+            )
+        own_batch, own_seq = self.fixed_shape or DEFAULT_SHAPE
+        return own_batch if batch is None else batch, own_seq if seq is None else seq
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -86,11 +102,23 @@ def _fixed_spec(example_inputs: Any) -> InputSpec:
             "example_inputs must be a dict of keyword arguments, a tuple or a tensor, "
             f"got {type(example_inputs).__name__}"
         )
-    first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() >= 1), None)
-    if first is None:
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    if not tensors:
         raise ValueError("example_inputs holds no tensor")
-    shape = (first.shape[0], first.shape[1] if first.dim() >= 2 else 1)
-    return InputSpec(make=lambda b, s: (args, kwargs), seq_dependent=False, fixed_shape=shape)
+    candidates = (*args, *(t for k, t in kwargs.items() if k not in _NOT_SEQUENCES))
+    seq = next((t.shape[1] for t in candidates if _is_sequence(t)), None)
+    return InputSpec(
+        make=lambda b, s: (args, kwargs),
+        seq_dependent=seq is not None,
+        fixed_shape=(tensors[0].shape[0], seq or 1),
+    )
+
+
+def _is_sequence(t: object) -> bool:
+    """Token ids [batch, seq] or embeddings [batch, seq, hidden]."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    return t.dim() == (3 if t.is_floating_point() else 2)
 
 
 def _forward_params(module: nn.Module) -> set[str]:

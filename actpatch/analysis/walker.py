@@ -28,8 +28,8 @@ def walk(
     model: nn.Module,
     kinds: Sequence[SiteKind],
     *,
-    batch_size: int,
-    seq_len: int,
+    batch_size: int | None,
+    seq_len: int | None,
     dtype: torch.dtype | None,
     example_inputs: object,
     include: list[str] | None,
@@ -41,7 +41,8 @@ def walk(
     """Analyse ``model`` (whose originals are in place) and decide every site of the ``kinds`` whose option
     is on in ``options`` (a kind without an option is always on); changes nothing.  The options named in
     ``kept_only`` are on only to report the sites of that kind in ``already_patched``: the others of that
-    kind are left alone."""
+    kind are left alone.  The projection is at ``batch_size`` x ``seq_len``; one left None is the example
+    inputs' own (:meth:`~actpatch.analysis.inputs.InputSpec.projection_shape`)."""
     selection = Selection(include, exclude, already_patched, kept_only)
     target = dtype or model_dtype(model)
     with torch.random.fork_rng(devices=[]):
@@ -54,6 +55,7 @@ def walk(
     with _meta_cast(model, target):
         probe_dtype = model_dtype(model)
         spec = input_spec(model, example_inputs)
+        batch_size, seq_len = spec.projection_shape(batch_size, seq_len)
         shapes = probe_shapes(spec.seq_dependent, spec.max_seq, spec.fixed_shape, batch_size)
         walk.probes = [run_probe(model, *spec.make(b, s), probe_dtype, watched, gates) for b, s in shapes]
     walk.evidences = [Evidence(p) for p in walk.probes]
