@@ -320,6 +320,24 @@ def test_timm_mlps_are_fused_past_children_that_stay_the_identity(mlp):
     assert not any(s.kind == "gated" for s in report.sites)
 
 
+@pytest.mark.parametrize("mlp", [_SwiGLU, _GluMlp], ids=["swiglu", "glumlp"])
+def test_a_skipped_dropout_given_p_after_patching_is_an_error(mlp):
+    """A child the fused forward skips because it was the identity must stay so: a dropout given p > 0
+    later is an error naming actpatch, never silently skipped."""
+    model = _Residual(mlp())
+    x = torch.randn(4, 6, 8)
+    actpatch.patch_model(model, example_inputs=x)
+    assert in_place.plan_of(model.mlp).skipped
+    model.mlp.drop1.p = 0.1
+    with pytest.raises(RuntimeError, match="actpatch: drop1 of this fused gated MLP"):
+        model(x)
+    actpatch.unpatch_model(model)
+    actpatch.patch_model(model, example_inputs=x)  # drop1 drops now: called, or the MLP left unfused
+    plan = in_place.plan_of(model.mlp)
+    assert plan is None or "drop1" not in plan.skipped
+    model(x)
+
+
 class _Doubling(torch.nn.Module):
     def forward(self, x):
         return x.mul_(2)

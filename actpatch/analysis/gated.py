@@ -44,6 +44,7 @@ class GatedParts:
     down: str
     split: str  # "" (two projections), "gate_first" or "up_first" (the halves of chunk(2, dim=-1))
     between: str  # a child called on the product before down (dropout), or ""
+    skipped: tuple[str, ...] = ()  # children that stayed the identity, not called (``probe.stays_identity``)
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,11 @@ class GatedMLP:
     storages: tuple[int, int, int, int]  # gate, act's output, up, the product
     entry: str = "forward"  # the method that gets the fused product: "forward" or "_apply_gate"
     between: str = ""  # a child called on the product before down (dropout), or ""
+    skipped: tuple[str, ...] = ()  # children that stayed the identity
 
     @property
     def parts(self) -> GatedParts:
-        return GatedParts(self.entry, self.gate, self.up, self.down, self.split, self.between)
+        return GatedParts(self.entry, self.gate, self.up, self.down, self.split, self.between, self.skipped)
 
 
 def match(probe: ProbeResult, act_path: str) -> GatedMLP | None:
@@ -67,6 +69,7 @@ def match(probe: ProbeResult, act_path: str) -> GatedMLP | None:
     parent, _, _ = act_path.rpartition(".")
     called = [e for events in probe.events.values() for e in events if e.module and e.what == parent]
     events = _pattern(probe.events.get(parent, []))
+    skipped = tuple(_attr(e) for e in probe.events.get(parent, []) if e.identity)
     if not parent or len(called) != 1 or len(called[0].inputs) != 1 or len(events) not in (5, 6):
         return None
     act = next((e for e in events if e.module and e.what == act_path), None)
@@ -94,7 +97,8 @@ def match(probe: ProbeResult, act_path: str) -> GatedMLP | None:
             return None
         if set(mul.inputs) != {act.output, up.output} or not gate.inputs == up.inputs == called[0].inputs:
             return None
-        return GatedMLP(parent, _attr(gate), _attr(up), _attr(down), "", storages(gate, up), between=between)
+        parts = (_attr(gate), _attr(up), _attr(down), "", storages(gate, up))
+        return GatedMLP(parent, *parts, between=between, skipped=skipped)
     chunk = next((e for e in ops if e.what == "chunk"), None)
     if len(children) != 2 or chunk is None or chunk.constants not in _HALVES:  # gate_up(x), chunk
         return None
@@ -107,7 +111,8 @@ def match(probe: ProbeResult, act_path: str) -> GatedMLP | None:
         return None
     split = "gate_first" if act.offsets[0] < up_offset else "up_first"
     name = _attr(gate_up)
-    return GatedMLP(parent, name, name, _attr(down), split, storages(gate_up, gate_up), between=between)
+    parts = (name, name, _attr(down), split, storages(gate_up, gate_up))
+    return GatedMLP(parent, *parts, between=between, skipped=skipped)
 
 
 def match_experts(probe: ProbeResult, act_path: str) -> GatedMLP | None:

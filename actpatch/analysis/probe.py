@@ -118,7 +118,7 @@ class Event:
     offsets: tuple[int, ...] = ()  # and their storage offsets (which view of a storage)
     output: int | None = None  # storage of its output, when a tensor
     constants: tuple = ()  # an op's non-tensor arguments: positional, then sorted keyword items
-    identity: bool = False  # a child that returned its one input and always will (``_stays_identity``)
+    identity: bool = False  # a child that returned its one input and always will (``stays_identity``)
 
 
 @dataclass
@@ -225,7 +225,7 @@ class _Probe(TorchFunctionMode):
         frame = self.stack.pop()
         if isinstance(output, torch.Tensor):
             frame.event.output = storage_key(output)
-            frame.event.identity = frame.event.inputs == (frame.event.output,) and _stays_identity(module)
+            frame.event.identity = frame.event.inputs == (frame.event.output,) and stays_identity(module)
             self.keep.append(output)
         if frame.call is not None:
             self._close(frame.call, output)
@@ -343,7 +343,7 @@ class _Probe(TorchFunctionMode):
         self.outputs.clear()
 
 
-def _stays_identity(module: nn.Module) -> bool:
+def stays_identity(module: nn.Module) -> bool:
     """``nn.Identity``, or ``nn.Dropout`` with p = 0 (their own forwards): the identity in training too."""
     if isinstance(module, nn.Dropout):
         return type(module).forward is nn.Dropout.forward and module.p == 0

@@ -22,6 +22,7 @@ from .. import functional as F
 from .. import in_place
 from ..analysis import gated
 from ..analysis.evidence import Decision, Walk, Watch
+from ..analysis.probe import stays_identity
 from ..kernels.gated import GATED
 from ..report import Site
 from .activation import ActivationSite, basic_reason, calls_of
@@ -37,8 +38,9 @@ _PRODUCTS = {
 class FusedGated:
     """A gated MLP's plan: ``forward(x)`` = down(between(act(gate(x)) · up(x))) with the product fused
     (``split``: the two halves of one gate_up(x)), or, for ``entry`` "_apply_gate" (MoE experts), the fused
-    product of gate_up's halves.  Children that stay the identity (``nn.Identity``, ``nn.Dropout(0)``) are
-    not called."""
+    product of gate_up's halves.  Children that stayed the identity (``nn.Identity``, ``nn.Dropout(0)``:
+    ``skipped``) are not called; one that no longer is (a dropout given p > 0 after patching) is an error,
+    never a silent skip."""
 
     activation: str
     entry: str
@@ -47,8 +49,15 @@ class FusedGated:
     down: str
     split: str
     between: str
+    skipped: tuple[str, ...] = ()
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        for name in self.skipped:
+            if not stays_identity(getattr(module, name)):
+                raise RuntimeError(
+                    f"actpatch: {name} of this fused gated MLP was the identity when patched and no longer "
+                    "is; call actpatch.unpatch_model and patch_model again"
+                )
         if self.entry == "_apply_gate":
             return self._halves_product(x)
         if self.split:
