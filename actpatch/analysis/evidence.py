@@ -36,14 +36,14 @@ NOTHING_TO_GAIN = "nothing to gain"
 @dataclass
 class Decision:
     """One site as decided, what it frees at each probe shape, and what patching installs (the kind's parts;
-    ``source``: the kind's own record of the site, for a kind amending it; ``keeps``: the storages of the
+    ``source``: the kind's own record of the site, for a kind amending it; ``holds``: the storages of the
     first probe its replacement keeps itself, which eager left to a later op to save)."""
 
     site: Site
     gains: list[Bytes]
     parts: object = None
     source: object = None
-    keeps: frozenset[int] = frozenset()
+    holds: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -127,9 +127,9 @@ class Walk:
         return dict(self.model.named_modules(remove_duplicate=False))
 
     @staticmethod
-    def kept(decided: list[Decision]) -> frozenset[int]:
+    def held(decided: list[Decision]) -> frozenset[int]:
         """The storages the patched sites decided so far keep themselves."""
-        return frozenset().union(*(d.keeps for d in decided if d.site.patched))
+        return frozenset().union(*(d.holds for d in decided if d.site.patched))
 
     def on(self, kind: SiteKind) -> bool:
         return not kind.option or self.options.get(kind.option, False)

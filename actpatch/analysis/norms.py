@@ -144,14 +144,14 @@ def _same(a: object, b: torch.Tensor) -> bool:
     return isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
-def keeps(probe: ProbeResult, calls: list[Call], form: str, kept: frozenset[int] = frozenset()) -> str | None:
+def keeps(probe: ProbeResult, calls: list[Call], form: str, held: frozenset[int] = frozenset()) -> str | None:
     """What the norm of these calls keeps: "output" when a later op saves each call's output (that very
-    storage: :func:`output_saved`) and nothing outside the call saves its input, nor keeps it (``kept``:
+    storage: :func:`output_saved`) and nothing outside the call saves its input, nor keeps it (``held``:
     the storages other patched sites keep themselves, an inverted activation's output); else "input" for a
     form that can; else None."""
 
     def input_kept(c: Call) -> bool:
-        return c.input_storage in kept or any(
+        return c.input_storage in held or any(
             s.storage == c.input_storage and id(c) not in s.inside for s in probe.saved
         )
 

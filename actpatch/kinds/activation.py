@@ -80,8 +80,8 @@ class Activations:
             reason = walk.selection.reason(_reason(evidence, site), (site.path,))
             gains = [gain(e, calls_of(e.probe, site.path), site.activation) for e in walk.evidences]
             found = Site(site.path, site.activation, _consumer(evidence, site), reason is None, reason)
-            keeps = frozenset(c.output_storage for c in site.calls)
-            decided.append(Decision(found, gains, source=site, keeps=keeps))
+            holds = frozenset(c.output_storage for c in site.calls)
+            decided.append(Decision(found, gains, source=site, holds=holds))
 
     def install(self, model: nn.Module, site: Site, parts: object) -> None:
         original = model.get_submodule(site.path)

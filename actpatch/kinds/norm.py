@@ -29,7 +29,7 @@ from torch import nn
 from .. import functional as F
 from .. import in_place
 from ..analysis import norms
-from ..analysis.evidence import Decision, Walk, Watch
+from ..analysis.evidence import CHECKPOINTED, NO_GRADIENT, Decision, Walk, Watch
 from ..analysis.probe import Call
 from ..kernels import norm_output
 from ..report import Site
@@ -86,13 +86,13 @@ class Norms:
             if found is None:
                 continue
             form, eps = found
-            kept = norms.keeps(walk.probes[0], calls, form, walk.kept(decided))
+            kept = norms.keeps(walk.probes[0], calls, form, walk.held(decided))
             if kept == "output" and not _safe(modules[path], form, calls):
                 kept = "input" if form in norms.KEEPS_INPUT else None
             activation = "layer_norm" if form == "layer" else "rms_norm"
             if kept is None:
                 decision = walk.watched_site(path, self, activation, lambda p, c: norms.gain(p, c, "output"))
-                reason = _why_not(walk, decision.site, calls, walk.kept(decided))
+                reason = _why_not(walk, decision.site, calls, walk.held(decided))
                 decision.site.patched, decision.site.reason = False, reason
             else:
                 check = _input_unchanged if kept == "input" else lambda _: None
@@ -119,12 +119,12 @@ def _safe(module: nn.Module, form: str, calls: list[Call]) -> bool:
     return norm_output.keeps_output(w, b, calls[0].dtype, form)
 
 
-def _why_not(walk: Walk, site: Site, calls: list[Call], kept: frozenset[int]) -> str | None:
+def _why_not(walk: Walk, site: Site, calls: list[Call], held: frozenset[int]) -> str | None:
     """The reason a norm that can keep neither its output nor its input is left alone."""
-    if site.reason is not None and site.reason.startswith(("no gradient", "inside a checkpointed")):
+    if site.reason in (NO_GRADIENT, CHECKPOINTED):
         return site.reason
     evidence, call = walk.evidences[0], calls[0]
-    if call.input_storage in kept:
+    if call.input_storage in held:
         return "input kept by the patched activation before it: nothing to gain"
     savers = evidence.outside(call.input_storage, call)
     if savers:
