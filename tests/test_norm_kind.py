@@ -267,3 +267,21 @@ def test_an_output_changed_in_place_is_autograds_own_error():
     for m in (ref, model):
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             m(x).backward()
+
+
+@pytest.mark.parametrize("family", ["nemotron", "deberta"])
+def test_norms_no_kernel_reproduces_are_reported(family):
+    """Nemotron's LayerNorm1P (w + 1) and DeBERTa's float32 LayerNorm compute no form bitwise: each is a
+    site with its reason, not silently absent from the report."""
+    if family == "nemotron":
+        config = tf.NemotronConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100)  # fmt: skip
+        model = tf.NemotronForCausalLM(config)
+    else:
+        config = tf.DebertaConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128,
+                                  num_attention_heads=4, vocab_size=100)  # fmt: skip
+        model = tf.DebertaForMaskedLM(config)
+    report = actpatch.analyze(model.train(), batch_size=2, seq_len=8)
+    own = {"NemotronLayerNorm1P", "DebertaLayerNorm"}
+    found = [s for s in report.sites if s.kind == "norm" and s.activation in own]
+    assert found and all(not s.patched and s.reason.startswith("computes no norm") for s in found)

@@ -9,6 +9,7 @@ probe (:func:`~actpatch.analysis.norms.keeps`):
 - else, an RMSNorm keeps its **input** (x and 1/rms, not float32 copies), its input unchanged in place
   afterwards;
 - else it is left as it is;
+- a module named and shaped as a norm that matches no form bitwise is reported, left as it is;
 
 patched when it ran with a float input and a gradient, under no other saved-tensor hooks, and frees more than
 it adds.  A weight with zeros or tiny entries (``actpatch.kernels.norm_output.safe_weight``) keeps the input:
@@ -21,6 +22,7 @@ Replacement: the module's class becomes a same-name subclass running a plan (:mo
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +32,13 @@ from .. import functional as F
 from .. import in_place
 from ..analysis import norms
 from ..analysis.evidence import CHECKPOINTED, NO_GRADIENT, Decision, Walk, Watch
+from ..analysis.memory import Bytes
 from ..analysis.probe import Call
 from ..kernels import norm_output
 from ..report import Site
+
+_NAMED_NORM = re.compile("norm", re.IGNORECASE)  # the class name proposes; the value decides
+_UNRECOGNISED = "computes no norm actpatch's kernels reproduce bitwise (llama, t5, gemma, torch, layer)"
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,8 @@ class Norms:
             calls = walk.watched_calls(path)
             found = norms.recognise(modules[path], eps_attr) if calls else None
             if found is None:
+                if calls and _NAMED_NORM.search(type(modules[path]).__name__):
+                    decided.append(self._unrecognised(walk, path, modules[path]))
                 continue
             form, eps = found
             kept = norms.keeps(walk.probes[0], calls, form, walk.held(decided))
@@ -101,6 +109,12 @@ class Norms:
                 decision.site.keeps = kept
                 decision.parts = norms.NormParts(form, eps_attr, kept, eps if not eps_attr else None)
             decided.append(decision)
+
+    def _unrecognised(self, walk: Walk, path: str, module: nn.Module) -> Decision:
+        """A module named as a norm and shaped as one that computes none of the forms bitwise (DeBERTa's
+        float32 LayerNorm, Nemotron's LayerNorm1P): reported, left as it is."""
+        site = Site(path, type(module).__name__, None, False, _UNRECOGNISED, kind=self.name)
+        return Decision(site, [Bytes() for _ in walk.probes])
 
     def install(self, model: nn.Module, site: Site, parts: norms.NormParts) -> None:
         plan = NormFromOutput if parts.keeps == "output" else InvertedNorm
