@@ -75,7 +75,12 @@ def plan_of(module: nn.Module) -> Plan | None:
 
 
 def install(module: nn.Module, plan: Plan) -> None:
-    """Run ``plan`` as ``module``'s ``plan.entry`` from now on."""
+    """Run ``plan`` as ``module``'s ``plan.entry`` from now on; nothing to do when it runs that plan already
+    (one module reached through two parents is a site in each)."""
+    if is_patched(module):
+        if plan_of(module) == plan:
+            return
+        raise RuntimeError(f"actpatch: this {type(module).__name__} is patched already, with another plan")
     base = type(module)
     cls = patched_class(base, plan.entry)
     module.__dict__[PLAN] = plan

@@ -69,3 +69,39 @@ def test_a_shared_activation_is_a_site_in_every_parent(gated):
         assert (p.grad - q.grad).abs().max() <= 1e-5 * q.grad.abs().max(), name
     actpatch.unpatch_model(model)
     assert all(layer.mlp.activation is SHARED for layer in model.layers)
+
+
+class _Block(nn.Module):
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.inp, self.mlp = nn.Linear(16, 16), mlp
+
+    def forward(self, x):
+        return self.mlp(self.inp(x))
+
+
+class _TwoParents(nn.Module):
+    """One gated MLP object held by two blocks: patched in place once, restored exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        mlp = _FeedForward(nn.SiLU())
+        self.a, self.b = _Block(mlp), _Block(mlp)
+
+    def forward(self, x):
+        return self.b(self.a(x)).square().sum()
+
+
+def test_a_module_patched_in_place_through_two_parents_is_patched_once():
+    torch.manual_seed(0)
+    model = _TwoParents()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 8, 16)
+    report = actpatch.patch_model(model, example_inputs=x)
+    assert [s.path for s in report.sites if s.patched] == ["a.mlp", "b.mlp"]
+    model(x).backward()
+    ref(x).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * q.grad.abs().max(), name
+    actpatch.unpatch_model(model)
+    assert type(model.a.mlp) is _FeedForward and model.a.mlp is model.b.mlp
