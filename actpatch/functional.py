@@ -284,7 +284,7 @@ class ActpatchRMSNormFromOutput(torch.autograd.Function):
     def jvp(
         ctx, dx: torch.Tensor | None, dw: torch.Tensor | None, _eps, _variant
     ) -> tuple[torch.Tensor, None]:
-        return norm_output.rms_norm_jvp(*ctx.saved_tensors, dx, dw, ctx.variant), None
+        return _rms_norm.jvp(*ctx.saved_tensors, dx, dw, ctx.variant), None
 
 
 class ActpatchLayerNorm(torch.autograd.Function):

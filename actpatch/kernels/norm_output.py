@@ -92,23 +92,6 @@ def rms_norm_backward_from_output(
     return dx.to(x_dtype), dw
 
 
-def rms_norm_jvp(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    r: torch.Tensor,
-    dx: torch.Tensor | None,
-    dw: torch.Tensor | None,
-    variant: str,
-) -> torch.Tensor:
-    """ẏ along (ẋ, ẇ) from x (kept for forward AD only), w and r; "torch" as gemma with c = w."""
-    if variant != "torch":
-        return rms_norm.jvp(x, w, r, dx, dw, variant)
-    n = x.float() * r
-    dn = torch.zeros_like(n) if dx is None else r * (dx.float() - n * (n * dx.float()).mean(-1, keepdim=True))
-    dy = dn * w.float()
-    return (dy if dw is None else dy + n * dw.float()).to(x.dtype)
-
-
 def layer_norm_forward(
     x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,13 +81,14 @@ def jvp(
     dw: torch.Tensor | None,
     variant: str,
 ) -> torch.Tensor:
-    """ẏ, the forward-mode derivative of ``forward`` along (ẋ, ẇ), from the kept x, w and r."""
+    """ẏ, the forward-mode derivative of ``forward`` along (ẋ, ẇ), from the kept x, w and r; ``variant``
+    "torch" (``F.rms_norm``: y = n · w in float32) as gemma with w for 1 + w."""
     n = x.to(torch.float32) * r
     dn = torch.zeros_like(n) if dx is None else dx.float() * r
     if dx is not None:
         dn = dn - r * n * (n * dx.float()).mean(-1, keepdim=True)
-    if variant == "gemma":
-        dy = dn * (1.0 + w.float())
+    if variant in ("gemma", "torch"):
+        dy = dn * (1.0 + w.float() if variant == "gemma" else w.float())
         return (dy if dw is None else dy + n * dw.float()).to(x.dtype)
     s = n.to(scaled_dtype(x.dtype, w.dtype, variant))
     dy = w * dn.to(s.dtype)
