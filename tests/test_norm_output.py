@@ -236,7 +236,7 @@ def test_no_grad_is_the_plain_op_and_double_backward_is_a_clear_error():
             dx.sum().backward()
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma", "layer"])
+@pytest.mark.parametrize("kind", ["llama", "gemma", "torch", "layer"])
 def test_torch_func_jvp_and_vmap(kind):
     x, w = _x(torch.float32, rows=6), _w(torch.float32, mean=1.0)
     tx, tw = torch.randn_like(x), torch.randn_like(w)
