@@ -160,7 +160,7 @@ class Walk:
                 reason = check(call)
             if reason:
                 break
-        if reason is None and gains[0].scalable + gains[0].fixed <= 0:
+        if reason is None and gains[0].total <= 0:
             reason = NOTHING_TO_GAIN
         reason = self.selection.reason(reason, (path,), kind.option)
         consumer = self.evidences[0].consumer(calls[0]) if calls else None

@@ -39,6 +39,10 @@ class Bytes:
     def __add__(self, other: Bytes) -> Bytes:
         return Bytes(self.scalable + other.scalable, self.fixed + other.fixed)
 
+    @property
+    def total(self) -> float:
+        return self.scalable + self.fixed
+
 
 def probe_shapes(
     seq_dependent: bool, max_seq: int | None, fixed: tuple[int, int] | None, batch_size: int

@@ -173,7 +173,7 @@ def _reason(evidence: Evidence, site: ActivationSite) -> str | None:
         if keepers:
             return f"input kept alive by {keepers[0].where} (shared storage, e.g. a fused projection)"
     freed = gain(evidence, site.calls, site.activation)
-    if freed.scalable + freed.fixed <= 0:
+    if freed.total <= 0:
         return NOTHING_TO_GAIN
     return None
 

@@ -93,7 +93,7 @@ class Gated:
             if fused is None:
                 continue
             site = alone.site
-            alone_frees_more = site.reason is None and _total(fused.gains[0]) < _total(alone.gains[0])
+            alone_frees_more = site.reason is None and fused.gains[0].total < alone.gains[0].total
             if alone_frees_more and fused.site.path not in walk.selection.already_patched:
                 continue  # invert the activation alone
             decided.insert(decided.index(alone), fused)
@@ -114,7 +114,7 @@ class Gated:
             mlps.append(mlp)
             gains.append(gated.gain(probe, mlp, calls[0]))
         mlp = mlps[0]
-        if any((m.parent, m.parts) != (mlp.parent, mlp.parts) for m in mlps) or _total(gains[0]) <= 0:
+        if any((m.parent, m.parts) != (mlp.parent, mlp.parts) for m in mlps) or gains[0].total <= 0:
             return None
         reason = walk.selection.reason(None, (mlp.parent, site.path), self.option)
         consumer = next((s.where for s in walk.probes[0].saved if s.storage == mlp.storages[3]), None)
@@ -134,7 +134,3 @@ def _has_apply_gate(module: nn.Module, classified: dict[int, str | None]) -> boo
     if "_apply_gate" in vars(module) or not callable(getattr(type(module), "_apply_gate", None)):
         return False
     return any(classified.get(id(child)) in GATED for child in module.children())
-
-
-def _total(b) -> float:
-    return b.scalable + b.fixed
