@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..kernels import norm_output, rms_norm
+from .evidence import Evidence
 from .memory import Bytes
 from .probe import Call, ProbeResult
 
@@ -144,18 +145,16 @@ def _same(a: object, b: torch.Tensor) -> bool:
     return isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
-def keeps(probe: ProbeResult, calls: list[Call], form: str, held: frozenset[int] = frozenset()) -> str | None:
+def keeps(evidence: Evidence, calls: list[Call], form: str, held: frozenset[int] = frozenset()) -> str | None:
     """What the norm of these calls keeps: "output" when a later op saves each call's output (that very
     storage: :func:`output_saved`) and nothing outside the call saves its input, nor keeps it (``held``:
     the storages other patched sites keep themselves, an inverted activation's output); else "input" for a
     form that can; else None."""
 
     def input_kept(c: Call) -> bool:
-        return c.input_storage in held or any(
-            s.storage == c.input_storage and id(c) not in s.inside for s in probe.saved
-        )
+        return c.input_storage in held or bool(evidence.outside(c.input_storage, c))
 
-    if calls and all(output_saved(probe, c) and not input_kept(c) for c in calls):
+    if calls and all(output_saved(evidence.probe, c) and not input_kept(c) for c in calls):
         return "output"
     return "input" if form in KEEPS_INPUT else None
 

@@ -94,7 +94,7 @@ class Norms:
                     decided.append(self._unrecognised(walk, path, modules[path]))
                 continue
             form, eps = found
-            kept = norms.keeps(walk.probes[0], calls, form, walk.held(decided))
+            kept = norms.keeps(walk.evidences[0], calls, form, walk.held(decided))
             if kept == "output" and not _safe(modules[path], form, calls):
                 kept = "input" if form in norms.KEEPS_INPUT else None
             activation = "layer_norm" if form == "layer" else "rms_norm"
