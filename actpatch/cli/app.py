@@ -335,7 +335,7 @@ def _convert(
     verify: bool,
     trust_remote_code: bool,
     random_init: bool = False,
-    options: dict[str, bool] | None = None,
+    options: dict[str, bool],
     debug: bool = False,
     all_sites: bool = False,
     training: Any = None,
@@ -368,7 +368,7 @@ def _convert(
         "dtype": torch_dtype,
         "include": include,
         "exclude": exclude,
-        **(options or {}),
+        **options,
     }
 
     check = None
