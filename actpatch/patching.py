@@ -75,6 +75,7 @@ def analyze(
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
     target = _as_dtype(dtype)
+    already = {p for path, m in patched_modules(model).items() for p in kinds.site_paths(path, m)}
     with _originals_restored(model) as patched_now:
         present = {k.option for k in patched_now.values() if k.option}  # kept, whatever the options
         return walk(
@@ -86,7 +87,7 @@ def analyze(
             example_inputs=example_inputs,
             include=include,
             exclude=exclude,
-            already_patched=set(patched_now),
+            already_patched=already,
             options={o: on or o in present for o, on in chosen.items()},
             kept_only=frozenset(o for o in present if not chosen[o]),
         )

@@ -65,16 +65,19 @@ class GatedMLP:
 
 
 def match(probe: ProbeResult, act_path: str) -> GatedMLP | None:
-    """The gated MLP around the activation module at ``act_path``, if its parent is exactly one."""
-    parent, _, _ = act_path.rpartition(".")
+    """The gated MLP around the activation at ``act_path`` (a child module, or ``"<parent>:<function>"``
+    for a call by name in the parent's forward), if its parent is exactly one."""
+    owner, _, function = act_path.partition(":")
+    parent = owner if function else act_path.rpartition(".")[0]
     called = [e for events in probe.events.values() for e in events if e.module and e.what == parent]
     events = _pattern(probe.events.get(parent, []))
     skipped = tuple(_attr(e) for e in probe.events.get(parent, []) if e.identity)
     if not parent or len(called) != 1 or len(called[0].inputs) != 1 or len(events) not in (5, 6):
         return None
-    act = next((e for e in events if e.module and e.what == act_path), None)
+    acts = [e for e in events if e.what == act_path or (not e.module and e.what == function)]
+    act = acts[0] if len(acts) == 1 else None
     mul = next((e for e in events if not e.module and e.what in _PRODUCTS), None)
-    ops = [e for e in events if not e.module]
+    ops = [e for e in events if not e.module and e is not act]
     children = [e for e in events if e.module and e is not act]
     if act is None or mul is None or len(mul.inputs) != 2 or len(act.inputs) != 1:
         return None

@@ -99,6 +99,7 @@ class Call:
     parents: frozenset[int] = frozenset()  # ids of the calls open when this one started
     input_nbytes: int = 0  # its input's storage (norm calls)
     input_scalable: bool = False  # and whether that is in the model's dtype
+    function: Any = None  # the function a functional call ran (``F.gelu``)
 
 
 def _moves_nothing(name: str, args: tuple, kwargs: dict) -> bool:
@@ -179,17 +180,11 @@ class _Probe(TorchFunctionMode):
         self.saved: list[SavedTensor] = []
         self.outputs: dict[int, Call] = {}
         self.keep: list[torch.Tensor] = []
-        self.counters: dict[str, int] = {}
         self.events: dict[str, list[Event]] = defaultdict(list)
         self.gate_calls: list[GateCall] = []
         self.pack = self._pack  # one bound-method object, compared by identity below
 
     # -- module hooks -------------------------------------------------------------------------------
-    def _numbered(self, stem: str) -> str:
-        n = self.counters.get(stem, 0)
-        self.counters[stem] = n + 1
-        return f"{stem}#{n}"
-
     def _path(self, module: nn.Module) -> str | None:
         """The module's path as its caller reaches it: the caller's path and the attribute naming it there
         (a module shared by several parents, torchtune's default ``nn.SiLU()`` argument, has a path in
@@ -204,8 +199,8 @@ class _Probe(TorchFunctionMode):
         caller = self.stack[-1].path if self.stack else ""
         path = self._path(module)
         kind = "module"
-        if path is None:
-            kind, path = "unregistered", self._numbered(f"{caller}:{type(module).__name__}")
+        if path is None:  # one site per class of object the caller calls (each call one Call)
+            kind, path = "unregistered", f"{caller}:{type(module).__name__}"
         call = None
         x = args[0] if args else None
         if isinstance(x, torch.Tensor) and x.is_floating_point() and is_candidate(module):
@@ -288,7 +283,7 @@ class _Probe(TorchFunctionMode):
         activation = functional_activation(name, kwargs)
         x = args[0] if args else kwargs.get("input")
         if activation is not None and isinstance(x, torch.Tensor):
-            call = Call(self._numbered(f"{here}:{name}"), "functional", None, activation, storage_key(x))
+            call = Call(f"{here}:{name}", "functional", None, activation, storage_key(x), function=func)
             self._open(call)
         self.ops.append(name)
         try:

@@ -10,6 +10,7 @@ describes the flag.
     KINDS                 in decision order: a kind may amend the decisions of those before it
     options()             option -> default, for every kind with one
     kind_of(module)       the kind owning a patched module (None: not patched)
+    site_paths(path, m)   the sites a patched module stands for (a rebound one: its calls by name too)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..report import KIND_LABELS
 from .activation import Activations
+from .activation import site_paths as site_paths
 from .dropout import Dropouts
 from .gated import Gated
 from .norm import Norms

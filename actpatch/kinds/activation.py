@@ -5,7 +5,8 @@ A site is patchable when all of these hold on the probe:
 1. its activation is one actpatch inverts (gelu, gelu_tanh, silu, quick_gelu) or squared ReLU (relu2,
    kept from its output alone, r = √y: no branch bit; torch's own op's bits only); relu, tanh and sigmoid
    already keep only their output;
-2. it is a registered submodule (functional calls and module-level singletons are reported only);
+2. it is a registered submodule, or a call its owner (the module whose forward ran it) makes by a name
+   its own methods read (``F.gelu``, a module-level activation object: :func:`actpatch.rebind.reason`);
 3. it ran, in float32/bfloat16/float16, with a gradient flowing through it, under no other saved-tensor
    hooks (a checkpointed block saves nothing, so there is nothing to gain);
 4. nothing modified its output in place;
@@ -16,7 +17,8 @@ A site is patchable when all of these hold on the probe:
 Replacement: ``actpatch.nn.InvertedGELU`` / ``InvertedSiLU`` / ``InvertedQuickGELU`` (``actpatch.functional``
 ``gelu``, ``silu``, ``quick_gelu``), given the module itself as the formula when it is a Python formula with
 its own rounding (:func:`~actpatch.analysis.sites.runs_torch_op`), or ``InvertedReLUSquared``
-(``relu_squared``), installed by :mod:`actpatch.swap`.
+(``relu_squared``), installed by :mod:`actpatch.swap`; for a call by name, the owner's methods rebound to
+read actpatch's function (or that module) instead (:mod:`actpatch.rebind`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .. import swap
+from .. import in_place, rebind, swap
 from ..analysis.evidence import (
     CHECKPOINTED,
     INVERTIBLE_DTYPES,
@@ -51,6 +53,7 @@ _REPLACEMENTS = {  # activation -> its replacement, given the formula it must ke
     "relu2": lambda _: InvertedReLUSquared(),
 }
 WITHOUT_BITS = frozenset({"relu2"})  # kept from the output alone
+rebind.MODULE_STAND_INS.update(_REPLACEMENTS)
 _INVERTED = (InvertedGELU, InvertedSiLU, InvertedQuickGELU, InvertedReLUSquared)
 
 
@@ -58,10 +61,16 @@ _INVERTED = (InvertedGELU, InvertedSiLU, InvertedQuickGELU, InvertedReLUSquared)
 class ActivationSite:
     """An activation as the probe saw it: its path, what it computes, how it is reached and its calls."""
 
-    path: str
+    path: str  # a module's path; "<owner>:<function or class>" for calls by name
     activation: str
     kind: str  # "module" | "unregistered" | "functional"
     calls: list[Call] = field(default_factory=list)
+    owner: nn.Module | None = None  # for calls by name, the module whose forward makes them
+
+    def target(self) -> object:
+        """What the calls call: the module, torch's function, or the one object every call used."""
+        called = {id(c.function or c.module): c.function or c.module for c in self.calls}
+        return next(iter(called.values())) if len(called) == 1 else None
 
 
 class Activations:
@@ -81,15 +90,38 @@ class Activations:
             gains = [gain(e, calls_of(e.probe, site.path), site.activation) for e in walk.evidences]
             found = Site(site.path, site.activation, _consumer(evidence, site), reason is None, reason)
             holds = frozenset(c.output_storage for c in site.calls)
-            decided.append(Decision(found, gains, source=site, holds=holds))
+            decided.append(Decision(found, gains, rebinding(site), source=site, holds=holds))
 
-    def install(self, model: nn.Module, site: Site, parts: object) -> None:
+    def install(self, model: nn.Module, site: Site, parts: rebind.Rebinding | None) -> None:
+        if parts is not None:
+            rebind.install(model.get_submodule(site.path.partition(":")[0]), parts)
+            return
         original = model.get_submodule(site.path)
         formula = None if runs_torch_op(original, site.activation) else original
         swap.install(model, site.path, _REPLACEMENTS[site.activation](formula))
 
     def owns(self, module: nn.Module) -> bool:
+        if isinstance(in_place.plan_of(module), rebind.Rebinding):
+            return True
         return isinstance(module, _INVERTED) and swap.original_of(module) is not None
+
+
+def site_paths(path: str, module: nn.Module) -> list[str]:
+    """The sites a patched module stands for: its path, and each call by name it rebinds."""
+    plan = in_place.plan_of(module)
+    if not isinstance(plan, rebind.Rebinding):
+        return [path]
+    called = (rebind.resolve(target) for target, _, _ in plan.targets)
+    return [path] + [f"{path}:{getattr(c, '__name__', None) or type(c).__name__}" for c in called]
+
+
+def rebinding(site: ActivationSite) -> rebind.Rebinding | None:
+    """The plan rebinding a call by name (None for a module site, or one that cannot be rebound)."""
+    if site.kind == "module" or _by_name_reason(site) is not None:
+        return None
+    target = site.target()
+    by_formula = isinstance(target, nn.Module) and not runs_torch_op(target, site.activation)
+    return rebind.Rebinding(((rebind.target_of(target, site.owner), site.activation, by_formula),))
 
 
 def collect(model: nn.Module, probe: ProbeResult, classified: dict[int, str | None]) -> list[ActivationSite]:
@@ -101,7 +133,9 @@ def collect(model: nn.Module, probe: ProbeResult, classified: dict[int, str | No
         if activation is None:
             continue
         activation_calls.add(id(call))
-        sites.setdefault(call.site, ActivationSite(call.site, activation, call.kind)).calls.append(call)
+        owner = model.get_submodule(call.site.partition(":")[0]) if call.kind != "module" else None
+        site = sites.setdefault(call.site, ActivationSite(call.site, activation, call.kind, owner=owner))
+        site.calls.append(call)
     for site in list(sites.values()):  # a call inside another activation (ClippedGELU -> gelu) is its part
         site.calls = [c for c in site.calls if not (c.parents & activation_calls)]
         if not site.calls:
@@ -134,18 +168,18 @@ def calls_of(probe: ProbeResult, path: str) -> list[Call]:
     return [c for c in probe.calls if c.site == path]
 
 
-def basic_reason(site: ActivationSite) -> str | None:
-    """Rules 1-4: what any swap of this site needs, whatever saves its output or keeps its input."""
+def basic_reason(site: ActivationSite, by_name: bool = True) -> str | None:
+    """Rules 1-4: what any swap of this site needs, whatever saves its output or keeps its input (rule 2,
+    whether a call by name can be rebound, only ``by_name``: fusing a gated MLP replaces its forward)."""
     if site.activation in OUTPUT_ONLY:
         return f"{site.activation} already keeps only its output"
     if site.activation not in _REPLACEMENTS:
         return f"unsupported activation ({site.activation})"
-    if site.kind == "functional":
-        return "functional call: cannot be swapped"
-    if site.kind == "unregistered":
-        return "module not registered as a submodule (a shared singleton): cannot be swapped"
     if not site.calls:
         return "not called by the probe forward"
+    by_name_reason = _by_name_reason(site) if by_name and site.kind != "module" else None
+    if by_name_reason is not None:
+        return by_name_reason
     if site.activation in WITHOUT_BITS and not runs_torch_op(site.calls[0].module, site.activation):
         return f"{site.activation} with its own rounding: the replacement computes torch's op"
     for call in site.calls:
@@ -158,6 +192,16 @@ def basic_reason(site: ActivationSite) -> str | None:
         if call.inplace:
             return f"output modified in place ({call.inplace})"
     return None
+
+
+def _by_name_reason(site: ActivationSite) -> str | None:
+    """Why calls by name (a function, an unregistered module) cannot be rebound in their owner."""
+    target = site.target()
+    if target is None:
+        return "a new activation object at each call: cannot be rebound"
+    if not isinstance(target, nn.Module) and target not in rebind.STAND_INS:
+        return f"functional {site.activation}: no drop-in function"
+    return rebind.reason(site.owner, target)
 
 
 def _reason(evidence: Evidence, site: ActivationSite) -> str | None:

@@ -103,7 +103,7 @@ class Gated:
     def _fused(self, walk: Walk, site: ActivationSite) -> Decision | None:
         """The gated MLP's decision replacing ``site`` (an activation passing rules 1-4 in a gated MLP at
         every probe shape; its input may be kept alive by the product: fusing frees it)."""
-        if site.activation not in GATED or site.kind != "module" or basic_reason(site) is not None:
+        if site.activation not in GATED or basic_reason(site, by_name=False) is not None:
             return None
         mlps, gains = [], []
         for probe in walk.probes:
