@@ -51,7 +51,10 @@ def patched_class(base: type, spec: object) -> type:
     if isinstance(spec, str):
         namespace = {spec: _running_plan(spec, getattr(base, spec))}
     else:
-        namespace = {name: _guarded(name, f, getattr(base, name)) for name, f in spec.methods(base).items()}
+        namespace = {
+            name: f if isinstance(f, property) else _guarded(name, f, getattr(base, name))
+            for name, f in spec.methods(base).items()
+        }
 
     def __reduce_ex__(self: nn.Module, protocol: int) -> tuple:
         reduced = object.__reduce_ex__(self, max(protocol, 2))  # (copyreg.__newobj__, (cls,), state, ...)

@@ -38,8 +38,6 @@ from torch import nn
 
 from . import functional, in_place
 
-ATTRIBUTES = "_actpatch_attributes"  # instance attributes set to a stand-in: name -> the original value
-
 
 def _gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     return functional.gelu(input, approximate)
@@ -58,17 +56,45 @@ _LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
 @dataclass(frozen=True)
 class Rebinding:
     """A module's plan: the targets (``"module:attribute"``) its methods' calls are rebound from, each with
-    the activation its stand-in computes and whether the stand-in keeps the target's own formula."""
+    the activation its stand-in computes and whether the stand-in keeps the target's own formula, and the
+    instance attributes holding a target (name, target)."""
 
     entry: ClassVar[str] = "forward"
     targets: tuple[tuple[str, str, bool], ...]
+    attributes: tuple[tuple[str, str], ...] = ()
 
-    def methods(self, base: type) -> dict[str, types.FunctionType]:
-        """The copies of ``base``'s functions that reach a target, reading its stand-in instead."""
-        return _copies(base, self.targets)
+    def methods(self, base: type) -> dict[str, object]:
+        """The copies of ``base``'s functions that reach a target, reading its stand-in instead, and a
+        property for each attribute, reading the stand-in while it holds the target."""
+        stand_ins = {t[0]: stand_in(*t) for t in self.targets}
+        attributes = {name: _reading(name, resolve(ref), stand_ins[ref]) for name, ref in self.attributes}
+        return _copies(base, self.targets) | attributes
 
     def merged(self, other: Rebinding) -> Rebinding:
-        return Rebinding(tuple(sorted(set(self.targets) | set(other.targets))))
+        return Rebinding(
+            tuple(sorted(set(self.targets) | set(other.targets))),
+            tuple(sorted(set(self.attributes) | set(other.attributes))),
+        )
+
+
+def plan(module: nn.Module, obj: object, activation: str, by_formula: bool) -> Rebinding:
+    """The plan rebinding ``module``'s calls of ``obj`` (a target: :func:`reason` is None)."""
+    ref = target_of(obj, module)
+    attributes = tuple((name, ref) for name, value in vars(module).items() if value is obj)
+    return Rebinding(((ref, activation, by_formula),), attributes)
+
+
+def _reading(name: str, target: object, stand: Callable) -> property:
+    """The instance attribute ``name``, read as ``stand`` while it holds ``target`` in a patched module."""
+
+    def get(self: nn.Module) -> object:
+        value = self.__dict__[name]
+        return stand if value is target and in_place.PLAN in self.__dict__ else value
+
+    def set_(self: nn.Module, value: object) -> None:
+        self.__dict__[name] = value
+
+    return property(get, set_)
 
 
 def target_of(obj: object, module: nn.Module) -> str | None:
@@ -86,7 +112,7 @@ def target_of(obj: object, module: nn.Module) -> str | None:
 def reason(module: nn.Module, obj: object) -> str | None:
     """Why ``module``'s calls of ``obj`` cannot be rebound (None: they can)."""
     if target_of(obj, module) is None:
-        return "the activation has no importable name"
+        return "not bound to a global name (made at each call?): cannot be rebound"
     layers = [f for _, top in _functions(type(module)) for f in _layers(top)]
     found = [(f, name) for f in layers for name, _ in _chains_to(f, obj)]
     if not found and not any(v is obj for v in vars(module).values()):
@@ -97,29 +123,15 @@ def reason(module: nn.Module, obj: object) -> str | None:
     return None
 
 
-def install(module: nn.Module, plan: Rebinding) -> None:
-    """Rebind ``module``'s calls of ``plan``'s targets (joined with those it rebinds already)."""
+def install(module: nn.Module, rebinding: Rebinding) -> None:
+    """Rebind ``module``'s calls of the plan's targets (joined with those it rebinds already)."""
     current = in_place.plan_of(module)
     if isinstance(current, Rebinding):
-        if set(plan.targets) <= set(current.targets):
+        if current.merged(rebinding) == current:
             return
-        uninstall(module)
-        plan = current.merged(plan)
-    in_place.install(module, plan)
-    originals = {}
-    for name, value in vars(module).items():
-        ref = next((t for t in plan.targets if resolve(t[0]) is value), None)
-        if ref is not None:
-            originals[name] = value
-    for name in originals:
-        ref = next(t for t in plan.targets if resolve(t[0]) is originals[name])
-        module.__dict__[name] = stand_in(*ref)
-    module.__dict__[ATTRIBUTES] = originals
-
-
-def uninstall(module: nn.Module) -> None:
-    module.__dict__.update(module.__dict__.pop(ATTRIBUTES, {}))
-    in_place.uninstall(module)
+        in_place.uninstall(module)
+        rebinding = current.merged(rebinding)
+    in_place.install(module, rebinding)
 
 
 @functools.cache

@@ -143,9 +143,8 @@ def test_verify_and_output_on_a_tiny_local_model(tmp_path):
     recorded = json.loads((out / "actpatch_manifest.json").read_text())
     assert [s["path"] for s in recorded["sites"]] == [s["path"] for s in report["sites"] if s["patched"]]
     assert (out / "model.safetensors").is_file()
-    assert proc.stderr.splitlines() == [
-        f"note: {model_dir}: no weights found; randomly initialised from its config"
-    ]
+    ours = [line for line in proc.stderr.splitlines() if line.startswith(("note:", "error:", "Traceback"))]
+    assert ours == [f"note: {model_dir}: no weights found; randomly initialised from its config"]
 
     import actpatch
 

@@ -121,7 +121,7 @@ def rebinding(site: ActivationSite) -> rebind.Rebinding | None:
         return None
     target = site.target()
     by_formula = isinstance(target, nn.Module) and not runs_torch_op(target, site.activation)
-    return rebind.Rebinding(((rebind.target_of(target, site.owner), site.activation, by_formula),))
+    return rebind.plan(site.owner, target, site.activation, by_formula)
 
 
 def collect(model: nn.Module, probe: ProbeResult, classified: dict[int, str | None]) -> list[ActivationSite]:
