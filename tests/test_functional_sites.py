@@ -188,3 +188,17 @@ def test_hugging_face_singletons_and_decorated_forwards_are_sites():
     whisper = actpatch.analyze(tiny_model("whisper"))  # @decorated forward; its second gelu is not saved
     encoder = next(s for s in whisper.sites if s.path == "model.encoder:gelu")
     assert encoder.reason.startswith("output not saved by a later op")
+
+
+@pytest.mark.parametrize(
+    "square", [lambda r: r.square(), lambda r: r**2, lambda r: r.pow(2)], ids=["square", "**", "pow"]
+)
+def test_squared_relu_written_inline_is_reported(square):
+    class Inline(GptMlp):
+        def forward(self, x):
+            return self.proj(square(F.relu(self.fc(x))))
+
+    report = actpatch.analyze(Inline(), example_inputs=torch.randn(2, D))
+    assert [(s.path, s.reason) for s in report.sites] == [
+        (":relu", "squared ReLU written inline (relu, then square): only a module computing it is swapped")
+    ]

@@ -42,8 +42,8 @@ _FORMULAS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 _NOT_ACTIVATIONS = {"identity": lambda x: x}
 
-# Functional calls reported as activation sites (they cannot be swapped), by function name.
-FUNCTIONAL = {"gelu": "gelu", "silu": "silu", "mish": "mish", "hardswish": "hardswish"}
+# Functional calls that are activation sites, by function name (``torch.relu`` too: squared inline?).
+FUNCTIONAL = {"gelu": "gelu", "silu": "silu", "mish": "mish", "hardswish": "hardswish", "relu": "relu"}
 
 _ACTIVATION_NAME = re.compile(r"gelu|silu|swish|relu|mish|glu|tanh|sigmoid|softplus|activation|act$", re.I)
 

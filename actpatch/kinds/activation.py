@@ -171,6 +171,8 @@ def calls_of(probe: ProbeResult, path: str) -> list[Call]:
 def basic_reason(site: ActivationSite, by_name: bool = True) -> str | None:
     """Rules 1-4: what any swap of this site needs, whatever saves its output or keeps its input (rule 2,
     whether a call by name can be rebound, only ``by_name``: fusing a gated MLP replaces its forward)."""
+    if site.activation == "relu" and site.calls and all(_squared(c) for c in site.calls):
+        return "squared ReLU written inline (relu, then square): only a module computing it is swapped"
     if site.activation in OUTPUT_ONLY:
         return f"{site.activation} already keeps only its output"
     if site.activation not in _REPLACEMENTS:
@@ -192,6 +194,12 @@ def basic_reason(site: ActivationSite, by_name: bool = True) -> str | None:
         if call.inplace:
             return f"output modified in place ({call.inplace})"
     return None
+
+
+def _squared(call: Call) -> bool:
+    """A call whose output only a square (``square``, ``pow``, ``**``, ``x * x``) uses."""
+    ops = [c.rpartition(" (")[2].rstrip(")") for c in call.consumers]
+    return bool(ops) and all(op in ("square", "pow", "mul") for op in ops)
 
 
 def _by_name_reason(site: ActivationSite) -> str | None:
