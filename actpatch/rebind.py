@@ -3,20 +3,21 @@
 A method reaches an activation function through a global name: ``F.gelu(x)``, ``torch.nn.functional.silu(x)``,
 ``nn.functional.gelu(x)``, ``gelu(x)`` (imported, or a module-level activation object such as RoBERTa's
 ``gelu``), or through an instance attribute holding the function (``nn.TransformerEncoderLayer``'s
-``self.activation``).  A *target* is such an object, named by ``"module:attribute"`` (``"torch.nn.
-functional:gelu"``); its *stand-in* is actpatch's op with the same signature (:data:`STAND_INS`), or, for
-an activation module, the inverted module computing its formula.  Installing a :class:`Rebinding`::
+``self.activation``).  A *target* is such an object, named by ``"module:attribute"`` (``"torch._C._nn:gelu"``
+for ``F.gelu``); its *stand-in* is actpatch's op with the same signature (:data:`STAND_INS`), or, for an
+activation module, the inverted module computing its formula.  Installing a :class:`Rebinding` gives the
+module a same-name subclass (:mod:`actpatch.in_place`) in which
 
-    every function of the module's class (up to nn.Module) whose code reaches a target through a global
-    name g gets a copy whose code reads g' instead (``co_names`` renamed: nothing else changes), with
-    g' = the stand-in, or a copy of the namespace g (F, torch, nn) with the target replaced, added to the
-    globals of the module defining the function; the copies are the methods of a same-name subclass
-    (:mod:`actpatch.in_place`), and instance attributes holding a target hold its stand-in
+    every function of its class (up to nn.Module) whose code reaches a target through a global name g is a
+    copy whose code reads g' instead (``co_names`` renamed: nothing else changes), g' being a new global of
+    the module defining the function, bound to the stand-in, or to a copy of the namespace g (F, torch, nn)
+    with the target replaced; a decorated function is copied with the copy in its closure;
+    an instance attribute holding a target is a property reading the stand-in while the module is patched
 
-and uninstalling puts the class and the attributes back.  The copies run in the defining module's own
-globals dict, so any later change there (Liger-Kernel replacing a function) still reaches them; at run time
-nothing is added but the stand-in itself.  :func:`references` is what decides a site can be rebound: the
-calls the probe saw are those the module's methods make by these names.
+and uninstalling gives the class back.  The copies run in the defining module's own globals dict, so any
+later change there (Liger-Kernel replacing a function) still reaches them; at run time nothing is added but
+the stand-in itself and one Python frame per patched method.  :func:`reason` says whether a site can be
+rebound: the calls the probe saw must be those the module's methods make by these names.
 """
 
 from __future__ import annotations
@@ -180,9 +181,9 @@ def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
             yield from _codes(const)
 
 
-def _chains(function: types.FunctionType) -> Iterator[tuple[types.CodeType, str, tuple[str, ...], object]]:
-    """(code, global name, attribute chain, what the chain reaches) for each global read in ``function``,
-    its attribute chain followed through modules as far as the code reads it."""
+def _chains(function: types.FunctionType) -> Iterator[tuple[str, tuple[str, ...], object]]:
+    """(global name, attribute chain, what the chain reaches) for each global read in ``function``, its
+    attribute chain followed through modules as far as the code reads it."""
     for code in _codes(function.__code__):
         instructions = list(dis.get_instructions(code))
         for i, ins in enumerate(instructions):
@@ -191,17 +192,17 @@ def _chains(function: types.FunctionType) -> Iterator[tuple[types.CodeType, str,
             name = ins.argval
             obj = function.__globals__.get(name, getattr(builtins, name, None))
             chain: list[str] = []
-            yield code, name, (), obj
+            yield name, (), obj
             for nxt in instructions[i + 1 :]:
                 if nxt.opname not in _LOADS or not isinstance(obj, types.ModuleType):
                     break
                 chain.append(nxt.argval)
                 obj = getattr(obj, nxt.argval, None)
-                yield code, name, tuple(chain), obj
+                yield name, tuple(chain), obj
 
 
 def _chains_to(function: types.FunctionType, obj: object) -> Iterator[tuple[str, tuple[str, ...]]]:
-    for _, name, chain, reached in _chains(function):
+    for name, chain, reached in _chains(function):
         if reached is obj:
             yield name, chain
 
@@ -246,7 +247,7 @@ def _holds(cell: types.CellType, obj: object) -> bool:
 
 
 def _reaching(function: types.FunctionType, replaced: dict[int, Callable]) -> Iterator[tuple]:
-    for _, name, chain, obj in _chains(function):
+    for name, chain, obj in _chains(function):
         if id(obj) in replaced:
             yield name, chain, obj
 
