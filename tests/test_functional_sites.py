@@ -16,7 +16,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 import actpatch
-from actpatch import in_place, rebind
+from actpatch import in_place, manifest, rebind
 
 D, H = 16, 32
 _SINGLETON = nn.GELU(approximate="tanh")  # a module-level activation object, as RoBERTa's head has
@@ -202,3 +202,13 @@ def test_squared_relu_written_inline_is_reported(square):
     assert [(s.path, s.reason) for s in report.sites] == [
         (":relu", "squared ReLU written inline (relu, then square): only a module computing it is swapped")
     ]
+
+
+def test_a_rebound_site_is_saved_in_the_manifest_and_reapplied(tmp_path):
+    model = tiny_model("roberta")
+    report = actpatch.patch_model(model)
+    manifest.save_patched(model, tmp_path / "out", report)
+    recorded = manifest.read_manifest(tmp_path / "out").paths
+    assert "lm_head:GELUActivation" in recorded
+    loaded = manifest.load_patched(tmp_path / "out")
+    assert isinstance(in_place.plan_of(loaded.lm_head), rebind.Rebinding)
