@@ -1,13 +1,14 @@
 """Fused Triton kernels vs torch's own activation kernels: time, bandwidth, >2^31 elements, accuracy on GPU.
 
     python benchmarks/kernels.py [--device cuda] [--shape 8192 14336] [--sweep] [--accuracy] [--large]
-                                 [--gated] [--input bf16-normal|normal2]
+                                 [--gated] [--input bf16-normal|normal2] [--rounds 3]
     python benchmarks/kernels.py --device cpu --quick       # smoke test (Triton interpreter)
 
 The figure that counts, "public": forward + backward through the public path, ``torch.autograd.grad`` of
 ``actpatch.functional.gelu / silu / quick_gelu`` (what a patched model runs), against torch's own op
 (``F.gelu``, ``F.silu``, QuickGELU's x·σ(1.702 x)) under the same protocol, ``triton.testing.do_bench``
-medians, on ``torch.randn(shape, dtype=torch.bfloat16).to(dtype)`` (``--input bf16-normal``, the default;
+medians, each the median over ``--rounds`` interleaved rounds (the ratio: the median of the rounds' ratios),
+on ``torch.randn(shape, dtype=torch.bfloat16).to(dtype)`` (``--input bf16-normal``, the default;
 ``normal2`` is ``(torch.randn(shape) * 2).to(dtype)``, this script's input before 2026-12-01).  The kernel
 columns ("ours fwd", "bwd", "fwd+bwd") call the kernels directly (``actpatch.kernels.triton``) on the same
 input: public minus kernel fwd+bwd is what the public path adds.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -92,12 +94,21 @@ def time_activation(name: str, x: torch.Tensor, dy: torch.Tensor, args, copy_bw:
     ours, theirs = PUBLIC[name]
     xg = x.detach().requires_grad_()
     r = {"activation": name, "dtype": str(x.dtype).removeprefix("torch."), "shape": list(x.shape)}
-    r["public_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(ours(xg), xg, dy), args.device, args.quick)
-    r["torch_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(theirs(xg), xg, dy), args.device, args.quick)
-    r["ratio_vs_torch"] = r["public_fwdbwd_ms"] / r["torch_fwdbwd_ms"]
+    rounds = {"public_fwdbwd_ms": [], "torch_fwdbwd_ms": [], "ours_fwdbwd_ms": []}
+    for _ in range(args.rounds):  # interleaved: a slow spell of the machine hits all three alike
+        rounds["public_fwdbwd_ms"].append(
+            bench(lambda: torch.autograd.grad(ours(xg), xg, dy), args.device, args.quick)
+        )
+        rounds["torch_fwdbwd_ms"].append(
+            bench(lambda: torch.autograd.grad(theirs(xg), xg, dy), args.device, args.quick)
+        )
+        rounds["ours_fwdbwd_ms"].append(bench(ours_both, args.device, args.quick))
+    r |= {name: statistics.median(ms) for name, ms in rounds.items()} | {"rounds": rounds}
+    r["ratio_vs_torch"] = statistics.median(
+        p / t for p, t in zip(rounds["public_fwdbwd_ms"], rounds["torch_fwdbwd_ms"], strict=True)
+    )
     r["ours_fwd_ms"] = bench(lambda: tk.forward(x, act), args.device, args.quick)
     r["ours_bwd_ms"] = bench(lambda: tk.backward(dy, y, bits, act), args.device, args.quick)
-    r["ours_fwdbwd_ms"] = bench(ours_both, args.device, args.quick)
     r["torch_fwd_ms"] = bench(lambda: theirs(x), args.device, args.quick)
     if x.dtype != torch.float32 and args.device == "cuda":  # the arithmetic paths the lookups replace
         r["ours_fwd_arith_ms"] = bench(
@@ -326,6 +337,9 @@ def main() -> int:
     p.add_argument("--accuracy", action="store_true", help="accuracy criterion on this device's output")
     p.add_argument("--gated", action="store_true", help="the gated products' kernels against eager, bf16")
     p.add_argument("--input", choices=list(INPUTS), default="bf16-normal", help="the activations' input")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds of public, torch, kernels fwd+bwd (medians)"
+    )
     p.add_argument("--json", help="write all results here")
     args = p.parse_args()
     if args.quick:
