@@ -1,21 +1,29 @@
-"""CPU time per call: what a training step that cannot keep the GPU busy pays for each activation.
+"""Host (CPU) time per eager call of each patched op against the torch op it replaces.
 
-    python benchmarks/call_overhead.py [--device cuda] [--calls 2000]
+    python benchmarks/call_overhead.py [--device cuda] [--calls 200] [--rounds 20] [--profile]
+    python benchmarks/call_overhead.py --device cpu    # a machine without CUDA: launches replaced by nothing
 
-Forward + backward of a 4096-element bf16 tensor (the GPU finishes each kernel long before the CPU
-launches the next), wall time per call over ``--calls`` calls, for torch's F.gelu, actpatch's eager path
-(``actpatch.functional.gelu``: an autograd.Function) and how much of it its two launchers take, an
-autograd.Function that saves two tensors and launches nothing (the floor of any op written in Python),
-the custom op through the dispatcher (``torch.ops.actpatch.gelu``, what torch.compile calls), and the
-raw kernel launchers (``actpatch.kernels.ops.activation_forward`` / ``_backward``); then the other sites'
-eager paths against what they replace, on [16, 256] rows: ``silu_mul`` against ``F.silu(a) * b``,
-``rms_norm`` against Hugging Face's LlamaRMSNorm, ``dropout`` (p = 0.1) against ``F.dropout``.  The
-machine's CPU speed varies between sessions: compare rows of one run.
+What it measures: forward + backward (``torch.autograd.grad``) of one call on tensors so small (4096
+bf16 elements, [16, 256] for the products and norms; on CPU 64 and [4, 16], so that torch's own CPU
+kernels cost next to nothing either) that the device finishes each kernel long before the host launches
+the next: the time is the host's, Python layers, checks, allocations, autograd and kernel
+launches, which a training step pays per call wherever the CPU cannot stay ahead of the GPU.  Each row is
+the least µs per call over ``--rounds`` interleaved rounds of ``--calls`` calls (every row runs in every
+round, so a slow spell of the machine hits all rows alike), its ratio the row's over its torch op's.
+
+On CUDA the ops launch their Triton kernels; two more rows time one Triton launch (the bf16 lookup
+backward's) through Triton's ``kernel[grid]`` and through ``actpatch.kernels.launch.launch``.  With
+``--device cpu`` the rows run actpatch's CUDA path on CPU tensors with each kernel launch replaced by
+nothing (``launches_replaced_by_nothing``): every Python layer, check and allocation of an eager call
+without the kernels (which on CPU are the pure-PyTorch reference, dozens of ops, not a GPU call's cost);
+wall time there is the thread's CPU time (``time.thread_time``: the CPU autograd engine runs on it), so
+other processes on the machine do not count.  Compare rows of one run: the CPU's speed varies.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -24,26 +32,12 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import actpatch.functional as AF
-from actpatch.kernels import ops
-
-WARMUP = 100
-
-
-def per_call_us(fn, calls: int, device: str) -> float:
-    for _ in range(WARMUP):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / calls * 1e6
+from actpatch.activations.sigmoid_gated import quick_gelu_forward
 
 
 class LaunchesNothing(torch.autograd.Function):
-    """Saves its output twice, as the inverted activation saves y and its bits; computes nothing."""
+    """Saves its output twice, as the inverted activation saves y and its bits; computes nothing: the
+    floor of any op written as a Python autograd.Function."""
 
     @staticmethod
     def forward(ctx, x):
@@ -57,80 +51,155 @@ class LaunchesNothing(torch.autograd.Function):
         return torch.empty_like(dy)
 
 
-def launcher_split_us(fn, calls: int, device: str) -> tuple[float, float]:
-    """µs per call of ``fn`` spent inside ``ops.activation_forward`` and inside ``ops.activation_backward``
-    (which autograd runs on its own thread for CUDA tensors)."""
-    spent = {"activation_forward": 0.0, "activation_backward": 0.0}
-    originals = {name: getattr(ops, name) for name in spent}
+@contextlib.contextmanager
+def launches_replaced_by_nothing():
+    """actpatch's CUDA path for CPU tensors, each Triton launch a no-op (kernels taken as compiled: the
+    arguments the GPU gets; two programs per multiprocessor of a made-up 132)."""
+    from actpatch.kernels import ops, triton_norm, triton_norm_output
+    from actpatch.kernels import triton as tk
 
-    def timed(name):
-        def run(*args):
-            t0 = time.perf_counter()
-            try:
-                return originals[name](*args)
-            finally:
-                spent[name] += time.perf_counter() - t0
-
-        return run
-
-    for name in spent:
-        setattr(ops, name, timed(name))
+    kernel_modules = [tk, triton_norm, triton_norm_output] + [
+        getattr(ops, m) for m in ("_GATED_KERNELS", "_DROPOUT_KERNELS", "_RELU_SQUARED_KERNELS")
+    ]
+    patches = [(ops, "_on_gpu", lambda t: not torch._C._functorch.is_functorch_wrapped_tensor(t))]
+    patches += [(m, "_kernel", lambda jitted, device: (jitted, True)) for m in kernel_modules]
+    patches += [(m, "launch", lambda *args, **kwargs: None) for m in kernel_modules if hasattr(m, "launch")]
+    patches += [
+        (triton_norm, "_programs", lambda device: 264),
+        (triton_norm_output, "_sms", lambda device: 132),
+    ]
+    saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
     try:
-        per_call_us(fn, calls, device)
+        for m, name, value in patches:
+            setattr(m, name, value)
+        yield
     finally:
-        for name, original in originals.items():
-            setattr(ops, name, original)
-    return tuple(spent[name] / (WARMUP + calls) * 1e6 for name in spent)
+        for m, name, value in saved:
+            setattr(m, name, value)
+
+
+def grad_of(fn, inputs: tuple, dy: torch.Tensor):
+    """One call of ``fn(*inputs)`` and its backward through ``torch.autograd.grad``."""
+    return lambda: torch.autograd.grad(fn(*inputs), inputs, dy)
+
+
+def pairs(x: torch.Tensor, rows: int, width: int) -> dict[str, tuple]:
+    """op -> (torch's call, actpatch's call), each forward + backward: activations of x, products and norms
+    of [rows, width]."""
+    device, dx = x.device, torch.randn_like(x)
+    a, b = (torch.randn(rows, width, device=device, dtype=x.dtype, requires_grad=True) for _ in range(2))
+    da = torch.randn_like(a)
+    norm = LlamaRMSNorm(width).to(device=device, dtype=x.dtype)
+    w, bias = norm.weight, torch.nn.Parameter(torch.zeros_like(norm.weight))
+    act = {  # the activations: torch's op, actpatch's op
+        "gelu": (F.gelu, AF.gelu),
+        "gelu tanh": (lambda t: F.gelu(t, approximate="tanh"), lambda t: AF.gelu(t, "tanh")),
+        "silu": (F.silu, AF.silu),
+        "quick_gelu": (quick_gelu_forward, AF.quick_gelu),
+        "relu_squared": (lambda t: torch.square(F.relu(t)), AF.relu_squared),
+        "dropout p=0.1": (lambda t: F.dropout(t, 0.1), lambda t: AF.dropout(t, 0.1)),
+    }
+    out = {name: (grad_of(ours_t, (x,), dx), grad_of(ours, (x,), dx)) for name, (ours_t, ours) in act.items()}
+    return out | {
+        "silu_mul": (grad_of(lambda g, u: F.silu(g) * u, (a, b), da), grad_of(AF.silu_mul, (a, b), da)),
+        "gelu_mul": (grad_of(lambda g, u: F.gelu(g) * u, (a, b), da), grad_of(AF.gelu_mul, (a, b), da)),
+        "rms_norm (LlamaRMSNorm)": (
+            grad_of(lambda t, _w: norm(t), (a, w), da),
+            grad_of(lambda t, w_: AF.rms_norm(t, w_, 1e-6), (a, w), da),
+        ),
+        "rms_norm_from_output (F.rms_norm)": (
+            grad_of(lambda t, w_: F.rms_norm(t, (width,), w_, 1e-6), (a, w), da),
+            grad_of(
+                lambda t, w_: AF.rms_norm_from_output(t, w_, 1e-6, "torch", keep_output=True), (a, w), da
+            ),
+        ),
+        "layer_norm": (
+            grad_of(lambda t, w_, b_: F.layer_norm(t, (width,), w_, b_), (a, w, bias), da),
+            grad_of(lambda t, w_, b_: AF.layer_norm(t, (width,), w_, b_, keep_output=True), (a, w, bias), da),
+        ),
+    }
+
+
+def launch_rows(device: str) -> dict[str, object]:
+    """One launch of the bf16 lookup backward on 4096 elements: Triton's ``kernel[grid]``, actpatch's."""
+    from actpatch.activations import ACTIVATIONS
+    from actpatch.kernels import lookup
+    from actpatch.kernels import triton as tk
+    from actpatch.kernels.launch import launch
+
+    dy, y = (torch.randn(4096, device=device, dtype=torch.bfloat16) for _ in range(2))
+    bits, dx = torch.zeros(512, device=device, dtype=torch.uint8), torch.empty_like(dy)
+    table = lookup.backward_table(ACTIVATIONS["gelu"], torch.bfloat16, dy.device)
+    args = (dy, y.view(torch.int16), bits, dx, table, dy.numel())
+    kwargs = {"row_start": 0, "FULL_ROWS": True, "ROWS": 64, "BF16_BY_HAND": False}
+    kernel = tk._backward_lookup_kernel
+    return {
+        "one Triton launch: kernel[grid]": lambda: kernel[(8,)](*args, **kwargs, num_warps=2),
+        "one Triton launch: actpatch launch": lambda: launch(kernel, 8, args, kwargs, 2),
+    }
+
+
+def least_us(cases: dict, calls: int, rounds: int, device: str) -> dict[str, float]:
+    """The least µs per call of each case over interleaved rounds."""
+    clock = time.perf_counter if device == "cuda" else time.thread_time
+    best = dict.fromkeys(cases, float("inf"))
+    for fn in cases.values():  # warm-up: compiles, tables, caches
+        for _ in range(10):
+            fn()
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = clock()
+            for _ in range(calls):
+                fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best[name] = min(best[name], (clock() - t0) / calls * 1e6)
+    return best
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--calls", type=int, default=2000)
-    p.add_argument(
-        "--profile", action="store_true", help="cProfile actpatch's eager path: where its time goes"
-    )
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--calls", type=int, default=200, help="calls per round and row")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--profile", action="store_true", help="cProfile actpatch's GELU: where its time goes")
     args = p.parse_args()
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    x = torch.randn(4096, device=args.device, dtype=dtype, requires_grad=True)
-    dy = torch.randn_like(x)
-    y, bits = ops.activation_forward("gelu", x.detach())
-    cases = {
-        "torch F.gelu": lambda: F.gelu(x).backward(dy),
-        "actpatch.functional.gelu (eager path)": lambda: AF.gelu(x).backward(dy),
-        "autograd.Function launching nothing": lambda: LaunchesNothing.apply(x).backward(dy),
-        "torch.ops.actpatch.gelu (custom op)": lambda: torch.ops.actpatch.gelu(x)[0].backward(dy),
-        "kernel launchers only (fwd + bwd)": lambda: ops.activation_backward(
-            "gelu", dy, *ops.activation_forward("gelu", x.detach())
-        ),
-        "backward launcher only": lambda: ops.activation_backward("gelu", dy, y, bits),
-    }
-    a, b = (torch.randn(16, 256, device=args.device, dtype=dtype, requires_grad=True) for _ in range(2))
-    dm = torch.randn_like(a)
-    norm = LlamaRMSNorm(256).to(device=args.device, dtype=dtype)
-    cases |= {
-        "torch F.silu(a) * b": lambda: (F.silu(a) * b).backward(dm),
-        "actpatch.functional.silu_mul": lambda: AF.silu_mul(a, b).backward(dm),
-        "LlamaRMSNorm (eager)": lambda: norm(a).backward(dm),
-        "actpatch.functional.rms_norm": lambda: AF.rms_norm(a, norm.weight, 1e-6).backward(dm),
-        "torch F.dropout": lambda: F.dropout(a, 0.1).backward(dm),
-        "actpatch.functional.dropout": lambda: AF.dropout(a, 0.1).backward(dm),
-    }
-    for name, fn in cases.items():
-        print(f"{name:<40} {per_call_us(fn, args.calls, args.device):8.1f} µs per call", flush=True)
-        if name.endswith("(eager path)"):
-            fwd, bwd = launcher_split_us(fn, args.calls, args.device)
-            print(f"{'  of which in the forward launcher':<40} {fwd:8.1f}")
-            print(
-                f"{'  of which in the backward launcher':<40} {bwd:8.1f}  (on autograd's thread)", flush=True
-            )
-    if args.profile:
-        import cProfile
-        import pstats
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("call_overhead.py: no CUDA device here; use --device cpu", file=sys.stderr)
+        return 2
+    with contextlib.ExitStack() as stack:
+        if args.device == "cpu":
+            torch.set_num_threads(1)
+            stack.enter_context(launches_replaced_by_nothing())
+        n, rows, width = (4096, 16, 256) if args.device == "cuda" else (64, 4, 16)
+        x = torch.randn(n, device=args.device, dtype=torch.bfloat16, requires_grad=True)
+        ops = pairs(x, rows, width)
+        dx = torch.randn_like(x)
+        cases = {
+            "autograd.Function launching nothing": grad_of(LaunchesNothing.apply, (x,), dx),
+            "torch.ops.actpatch.gelu (the custom op)": grad_of(
+                lambda t: torch.ops.actpatch.gelu(t)[0], (x,), dx
+            ),
+        }
+        for name, (theirs, ours) in ops.items():
+            cases |= {f"torch {name}": theirs, f"actpatch {name}": ours}
+        if args.device == "cuda":
+            cases |= launch_rows(args.device)
+        best = least_us(cases, args.calls, args.rounds, args.device)
+        print(f"{'µs per call (least over rounds)':<48} {'µs':>8} {'ratio':>7}")
+        for name, us in best.items():
+            theirs = best.get(f"torch {name.removeprefix('actpatch ')}")
+            ratio = f"{us / theirs:7.2f}" if name.startswith("actpatch ") else ""
+            print(f"{name:<48} {us:8.1f} {ratio}", flush=True)
+        if args.profile:
+            import cProfile
+            import pstats
 
-        with cProfile.Profile() as prof:
-            per_call_us(cases["actpatch.functional.gelu (eager path)"], args.calls, args.device)
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+            with cProfile.Profile() as prof:
+                least_us({"gelu": ops["gelu"][1]}, args.calls, args.rounds, args.device)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     return 0
 
 

@@ -127,6 +127,14 @@ def test_dropout_follows_vmap_randomness():
     assert torch.equal(dy, 3.0 * y.detach())
 
 
+def test_a_tensor_closed_over_by_a_transform_gets_torchs_error_not_an_internal_assert():
+    """The eager twins' apply skips torch's Python wrapper only with no transform active; inside one (x
+    closed over, not transformed, so the twin runs) the wrapper runs and says what torch says."""
+    x = torch.randn(5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        vmap(lambda w: AF.gelu(x) * w)(torch.randn(3, 5))
+
+
 def test_vmap_over_the_compile_custom_ops_raises_actpatch_error():
     x = torch.randn(3, 8)
     with pytest.raises(RuntimeError, match=r"actpatch: torch.func.vmap over the custom op actpatch::gelu"):
