@@ -9,7 +9,8 @@ kernels cost next to nothing either) that the device finishes each kernel long b
 the next: the time is the host's, Python layers, checks, allocations, autograd and kernel
 launches, which a training step pays per call wherever the CPU cannot stay ahead of the GPU.  Each row is
 the least µs per call over ``--rounds`` interleaved rounds of ``--calls`` calls (every row runs in every
-round, so a slow spell of the machine hits all rows alike), its ratio the row's over its torch op's.
+round, so a slow spell of the machine hits all rows alike), its ratio the row's over its torch op's (the
+rebound row's: over the swapped row's, what rebinding a call by name adds to the inverted op).
 
 On CUDA the ops launch their Triton kernels; two more rows time one Triton launch (the bf16 lookup
 backward's) through Triton's ``kernel[grid]`` and through ``actpatch.kernels.launch.launch``.  With
@@ -139,6 +140,48 @@ def launch_rows(device: str) -> dict[str, object]:
     }
 
 
+class _ByName(torch.nn.Module):
+    """An activation called by name in a module's forward, its output saved by a product with a weight (a
+    rebound site once patched)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return F.gelu(t) * self.scale
+
+
+class _ByChild(_ByName):
+    """The same, the activation called as a child (a swapped site once patched)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = torch.nn.GELU()
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.act(t) * self.scale
+
+
+def rebinding_rows(x: torch.Tensor) -> dict[str, object]:
+    """A patched module calling GELU by name (its forward rebound) and one calling a swapped GELU child:
+    what rebinding costs per call beyond the inverted op (the ratio of the first to the second)."""
+    import actpatch
+
+    by_name, by_child, dx = _ByName().to(x.device), _ByChild().to(x.device), torch.randn_like(x)
+    for module in (by_name, by_child):
+        report = actpatch.patch_model(module, example_inputs=x.detach().requires_grad_())
+        assert [s.patched for s in report.sites] == [True], report.sites
+    return {
+        "F.gelu in forward, rebound": grad_of(by_name, (x,), dx),
+        "GELU child, swapped": grad_of(by_child, (x,), dx),
+    }
+
+
+# rows whose ratio is to another row than torch's op
+BASELINES = {"F.gelu in forward, rebound": "GELU child, swapped"}
+
+
 def least_us(cases: dict, calls: int, rounds: int, device: str) -> dict[str, float]:
     """The least µs per call of each case over interleaved rounds."""
     clock = time.perf_counter if device == "cuda" else time.thread_time
@@ -185,13 +228,15 @@ def main() -> int:
         }
         for name, (theirs, ours) in ops.items():
             cases |= {f"torch {name}": theirs, f"actpatch {name}": ours}
+        cases |= rebinding_rows(x)
         if args.device == "cuda":
             cases |= launch_rows(args.device)
         best = least_us(cases, args.calls, args.rounds, args.device)
         print(f"{'µs per call (least over rounds)':<48} {'µs':>8} {'ratio':>7}")
         for name, us in best.items():
-            theirs = best.get(f"torch {name.removeprefix('actpatch ')}")
-            ratio = f"{us / theirs:7.2f}" if name.startswith("actpatch ") else ""
+            torch_op = f"torch {name.removeprefix('actpatch ')}" if name.startswith("actpatch ") else None
+            baseline = BASELINES.get(name, torch_op)
+            ratio = f"{us / best[baseline]:7.2f}" if baseline in best else ""
             print(f"{name:<48} {us:8.1f} {ratio}", flush=True)
         if args.profile:
             import cProfile
