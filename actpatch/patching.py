@@ -51,6 +51,7 @@ from torch import nn
 from . import in_place, kinds, swap
 from .analysis.evidence import SiteKind
 from .analysis.walker import walk
+from .integrations import liger
 from .report import PatchReport
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -76,9 +77,9 @@ def analyze(
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
     target = _as_dtype(dtype)
     already = {p for path, m in patched_modules(model).items() for p in kinds.site_paths(path, m)}
-    with _originals_restored(model) as patched_now:
+    with _originals_restored(model) as patched_now, liger.eager_view(model) as liger_modules:
         present = {k.option for k in patched_now.values() if k.option}  # kept, whatever the options
-        return walk(
+        report = walk(
             model,
             kinds.KINDS,
             batch_size=batch_size,
@@ -91,6 +92,7 @@ def analyze(
             options={o: on or o in present for o, on in chosen.items()},
             kept_only=frozenset(o for o in present if not chosen[o]),
         )
+    return liger.settle(report, model, liger_modules)
 
 
 def patch_model(
