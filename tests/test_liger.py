@@ -215,6 +215,7 @@ def test_callback_with_trainer_use_liger_kernel(tmp_path):
     ]
     assert all(f is not None and f.__module__.startswith("liger_kernel") for f in liger_set_aside)
     assert losses(trainer) == pytest.approx(losses(eager), rel=1e-4)
+    assert losses(trainer) == pytest.approx(losses(eager), rel=1e-4)
 
 
 def _tokenizer() -> tf.PreTrainedTokenizerFast:
