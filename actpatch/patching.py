@@ -29,10 +29,12 @@ Contract::
   report has ``dry_run=True``; patching a meta model swaps the modules all the same.
 
 Which sites are patched is decided by evidence (:mod:`actpatch.analysis.walker`, asking each kind of
-:mod:`actpatch.kinds`).  A replacement module (:mod:`actpatch.swap`) keeps the original in its
-``__dict__`` (not as a submodule), so ``state_dict``, ``parameters`` and ``named_modules`` paths do not
-change and :func:`unpatch_model` restores the very same objects.  A fused gated MLP or a patched norm keeps
-its children, parameters and class name: its class becomes a subclass running a plan
+:mod:`actpatch.kinds`).  Liger-Kernel's SwiGLU/GeGLU MLPs and RMSNorms are probed as the eager modules they
+replaced, and taken over only where actpatch keeps less (:mod:`actpatch.integrations.liger`).  A replacement
+module (:mod:`actpatch.swap`) keeps the original in its ``__dict__`` (not as a submodule), so
+``state_dict``, ``parameters`` and ``named_modules`` paths do not change and :func:`unpatch_model` restores
+the very same objects.  A fused gated MLP or a patched norm keeps its children, parameters and class name:
+its class becomes a subclass running a plan
 (:mod:`actpatch.in_place`), which follows copies, replicas and pickling.
 Patching twice changes nothing: sites already patched stay patched, whatever the options of the later
 call (which only choose what it adds; a gated MLP fused later takes over its activation's swap); the
