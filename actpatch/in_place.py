@@ -16,7 +16,9 @@ importable and gives the patched module back.
 
 Under accelerate's hooks (``device_map``, offloading) the instance ``forward`` is the hook, which calls the
 instance's ``_old_forward``: that one is pointed at the patched method, and restored on uninstall (also when
-the hooks came after patching and took the patched method for the original).
+the hooks came after patching and took the patched method for the original).  Any other instance ``forward``
+(Liger-Kernel's ``apply_liger_kernel_to_*(model=...)`` binds its own) would shadow the plan: it is moved aside
+on install and put back on uninstall.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 
 PLAN = "_actpatch_plan"
 _REPLACED = "_actpatch_replaced"  # a hooked module's ``_old_forward`` before patching
+_SHADOWING = "_actpatch_instance_forward"  # an instance ``forward`` (not a hook) set aside while patched
 _CLASSES: dict[tuple[type, object], type] = {}
 
 
@@ -110,6 +113,7 @@ def install(module: nn.Module, plan: Plan) -> None:
     (one module reached through two parents is a site in each)."""
     if is_patched(module):
         if plan_of(module) == plan:
+            _set_aside_instance_forward(module, plan.entry)
             return
         raise RuntimeError(f"actpatch: this {type(module).__name__} is patched already, with another plan")
     base = type(module)
@@ -119,6 +123,14 @@ def install(module: nn.Module, plan: Plan) -> None:
     if _hooked(module, plan.entry):
         module.__dict__[_REPLACED] = module.__dict__["_old_forward"]
         module.__dict__["_old_forward"] = types.MethodType(cls.forward, module)
+    _set_aside_instance_forward(module, plan.entry)
+
+
+def _set_aside_instance_forward(module: nn.Module, entry: str) -> None:
+    """Move an instance ``forward`` that is not accelerate's hook out of the plan's way (kept for uninstall;
+    one set again over a patched module, as Liger's instance patch does, replaces it)."""
+    if entry == "forward" and "forward" in module.__dict__ and "_hf_hook" not in module.__dict__:
+        module.__dict__[_SHADOWING] = module.__dict__.pop("forward")
 
 
 def uninstall(module: nn.Module) -> None:
@@ -129,6 +141,8 @@ def uninstall(module: nn.Module) -> None:
     patched = _CLASSES[(base, spec)]
     if type(module) is patched:  # a subclass made after patching (FSDP2) stays, running the original
         module.__class__ = base
+    if _SHADOWING in module.__dict__:
+        module.__dict__.setdefault("forward", module.__dict__.pop(_SHADOWING))
     if _REPLACED in module.__dict__:
         module.__dict__["_old_forward"] = module.__dict__.pop(_REPLACED)
     elif _hooked(module, plan.entry) and getattr(module._old_forward, "__func__", None) is patched.forward:

@@ -29,10 +29,12 @@ Contract::
   report has ``dry_run=True``; patching a meta model swaps the modules all the same.
 
 Which sites are patched is decided by evidence (:mod:`actpatch.analysis.walker`, asking each kind of
-:mod:`actpatch.kinds`).  A replacement module (:mod:`actpatch.swap`) keeps the original in its
-``__dict__`` (not as a submodule), so ``state_dict``, ``parameters`` and ``named_modules`` paths do not
-change and :func:`unpatch_model` restores the very same objects.  A fused gated MLP or a patched norm keeps
-its children, parameters and class name: its class becomes a subclass running a plan
+:mod:`actpatch.kinds`).  Liger-Kernel's SwiGLU/GeGLU MLPs and RMSNorms are probed as the eager modules they
+replaced, and taken over only where actpatch keeps less (:mod:`actpatch.integrations.liger`).  A replacement
+module (:mod:`actpatch.swap`) keeps the original in its ``__dict__`` (not as a submodule), so
+``state_dict``, ``parameters`` and ``named_modules`` paths do not change and :func:`unpatch_model` restores
+the very same objects.  A fused gated MLP or a patched norm keeps its children, parameters and class name:
+its class becomes a subclass running a plan
 (:mod:`actpatch.in_place`), which follows copies, replicas and pickling.
 Patching twice changes nothing: sites already patched stay patched, whatever the options of the later
 call (which only choose what it adds; a gated MLP fused later takes over its activation's swap); the
@@ -51,6 +53,7 @@ from torch import nn
 from . import in_place, kinds, swap
 from .analysis.evidence import SiteKind
 from .analysis.walker import walk
+from .integrations import liger
 from .report import PatchReport
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -76,9 +79,9 @@ def analyze(
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
     target = _as_dtype(dtype)
     already = {p for path, m in patched_modules(model).items() for p in kinds.site_paths(path, m)}
-    with _originals_restored(model) as patched_now:
+    with _originals_restored(model) as patched_now, liger.eager_view(model) as liger_modules:
         present = {k.option for k in patched_now.values() if k.option}  # kept, whatever the options
-        return walk(
+        report = walk(
             model,
             kinds.KINDS,
             batch_size=batch_size,
@@ -91,6 +94,7 @@ def analyze(
             options={o: on or o in present for o, on in chosen.items()},
             kept_only=frozenset(o for o in present if not chosen[o]),
         )
+    return liger.settle(report, model, liger_modules)
 
 
 def patch_model(

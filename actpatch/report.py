@@ -20,7 +20,9 @@ Contract (the CLI and the manifest rely on it; ``to_dict()`` returns exactly the
                                        is a gated MLP whose act(gate) * up is fused), "norm" (path is an
                                        RMSNorm, activation "rms_norm", or a LayerNorm, "layer_norm") or
                                        "dropout" (a dropout swapped for one keeping its mask as bits;
-                                       activation "dropout")
+                                       activation "dropout"); "liger" (never patched: a module,
+                                       forward or function Liger-Kernel runs and actpatch leaves to it;
+                                       activation: Liger's name for it)
                  keeps: str            a norm's: "output" (its output, shared with the op saving it, and
                                        1/σ per row) or "input" (x and 1/rms); "" for other kinds
     Projection   batch_size: int, seq_len: int, dtype: str ("bfloat16")

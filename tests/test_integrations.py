@@ -1,6 +1,6 @@
 """Real training workflows on tiny random models: Trainer, the callback, PEFT LoRA, gradient
 checkpointing, torch.compile, a 2-process accelerate (DDP, gloo) launch, accelerate's device_map hooks,
-and Liger-Kernel."""
+(Liger-Kernel: test_liger.py)."""
 
 from __future__ import annotations
 
@@ -337,7 +337,7 @@ def test_accelerate_launch_two_process_ddp_smoke(tmp_path):
     assert len(result["losses"]) == 3 and all(map(lambda v: v == v, result["losses"]))
 
 
-# -- Liger-Kernel -------------------------------------------------------------------------------------
+# -- accelerate's device_map hooks ---------------------------------------------------------------------
 
 
 def _dispatched(model: nn.Module) -> nn.Module:
@@ -375,77 +375,6 @@ def test_accelerate_device_map_hooks_keep_working_and_come_back():
     actpatch.unpatch_model(later)
     assert later.model.norm._old_forward.__func__ is type(later.model.norm).forward
     assert_grads_close(ref, _llama_grads(later, x), inverted_ran=False)
-
-
-def test_liger_fused_sites_are_reported_and_not_patched():
-    """Liger's kernels are Triton-only (on CPU they fail with "0 active drivers"), so on CPU this checks
-    the structure: after Liger's class swaps, the fused SwiGLU MLPs are listed as Liger's and actpatch
-    finds no activation module to swap inside them.  The GPU test below runs the model."""
-    pytest.importorskip("liger_kernel.transformers")
-    from actpatch.integrations import liger_fused_modules
-
-    with liger_patched_llama_classes():
-        model = tiny_llama()
-    fused = liger_fused_modules(model)
-    assert {p for p, what in fused.items() if "SwiGLU" in what} == {f"model.layers.{i}.mlp" for i in range(2)}
-    assert not [n for n, m in model.named_modules() if n.endswith("mlp.act_fn")]
-
-    # Liger's instance patch (apply_liger_kernel_to_llama(model=...)) rebinds forward and leaves act_fn:
-    from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-    from actpatch.integrations import annotate_report
-    from actpatch.report import PatchReport, Projection, Site
-
-    model = tiny_llama()
-    with liger_patched_llama_classes():  # it swaps the classes too: restore them after
-        apply_liger_kernel_to_llama(
-            rope=False, cross_entropy=False, fused_linear_cross_entropy=False, model=model
-        )
-    assert set(liger_fused_modules(model)) >= {f"model.layers.{i}.mlp" for i in range(2)}
-    report = PatchReport("t", False, [Site("model.layers.0.mlp.act_fn", "silu", None, False, "never ran")],
-                         Projection(1, 1, "float32", 0, 0))  # fmt: skip
-    annotate_report(report, model)
-    reasons = {s.path: s.reason for s in report.sites}
-    assert reasons["model.layers.0.mlp.act_fn"].startswith("fused by Liger-Kernel (LigerSwiGLUMLP)")
-    assert reasons["model.layers.1.mlp:LigerSwiGLUMLP"].startswith("fused by Liger-Kernel")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's Triton kernels need CUDA")
-def test_liger_then_actpatch_runs_on_gpu():
-    pytest.importorskip("liger_kernel.transformers")
-    with liger_patched_llama_classes():
-        model = tiny_llama().cuda()
-    x = batch().cuda()
-    ref = _llama_grads(model, x)
-    report = actpatch.patch_model(model, batch_size=4, seq_len=16)
-    from actpatch.integrations import annotate_report
-
-    annotate_report(report, model)
-    fused = [s for s in report.sites if "fused by Liger-Kernel" in (s.reason or "")]
-    assert {s.path for s in fused} == {f"model.layers.{i}.mlp:LigerSwiGLUMLP" for i in range(2)}
-    assert not any(".mlp" in s.path and s.patched for s in report.sites)
-    # Nothing left to invert in a Liger Llama: the patched model computes exactly what Liger's did.
-    assert_grads_close(ref, _llama_grads(model, x), inverted_ran=False)
-
-
-class liger_patched_llama_classes:
-    """apply_liger_kernel_to_llama for the duration of a with-block, then restore transformers' classes."""
-
-    def __enter__(self):
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-        from transformers.models.llama import modeling_llama as ml
-
-        self.saved = {k: getattr(ml, k) for k in ("LlamaMLP", "LlamaRMSNorm", "apply_rotary_pos_emb")}
-        apply_liger_kernel_to_llama(rope=False, cross_entropy=False, fused_linear_cross_entropy=False)
-        return self
-
-    def __exit__(self, *exc):
-        from transformers.models.llama import modeling_llama as ml
-
-        for k, v in self.saved.items():
-            setattr(ml, k, v)
-        return False
 
 
 # -- FSDP2 (torch fully_shard), one CPU process over gloo --------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ActPatchCallback", "annotate_report", "liger_fused_modules", "patch_trainer"]
+__all__ = ["ActPatchCallback", "liger_fused_modules", "liger_owned", "patch_trainer"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,7 +18,7 @@ def __getattr__(name: str) -> Any:
         from . import trainer
 
         return getattr(trainer, name)
-    if name in ("annotate_report", "liger_fused_modules"):
+    if name in ("liger_fused_modules", "liger_owned"):
         from . import liger
 
         return getattr(liger, name)

@@ -87,9 +87,6 @@ class ActPatchCallback(TrainerCallback):
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             self.report = patch_model(model, **kw)
-        from .liger import annotate_report
-
-        annotate_report(self.report, model)  # sites Liger-Kernel already fused, if any
         self._model = model
         if state.is_world_process_zero:
             logger.info(summarize(self.report))
