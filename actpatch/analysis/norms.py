@@ -17,8 +17,8 @@ inputs (the class and its name are never read):
                              classes; weight and bias, either or neither), same-dtype checks
 
 "torch" is tried only for a forward calling torch's ``rms_norm`` on x, "tune" for one calling it on x cast to
-another dtype, the others for one calling none: on the CPU all three round alike, on CUDA they differ.  The check runs on the
-module's own device (CPU for a model on meta), where the kernels it runs are the ones it will train with.
+another dtype, the others for one calling none: on the CPU all three round alike, on CUDA they differ.  The
+check runs on the module's own device (CPU for a model on meta), where the kernels it runs are the ones it will train with.
 
 A norm computed by a function inside another module's forward (``F.layer_norm``, ``F.rms_norm``) is no
 module to replace: :func:`functional_calls` names those calls, reported and left alone.
@@ -236,8 +236,9 @@ def gain(probe: ProbeResult, call: Call, kept: str) -> Bytes:
 
 
 def functional_calls(probe: ProbeResult, modules: set[str]) -> list[tuple[str, str]]:
-    """(site, function) for each norm a torch function computed in the forward of a module not in ``modules``
-    (the norm modules already sites): site "<module path>:<function>#<n>", numbered per module and function."""
+    """(site, function) for each norm a torch function computed in the forward of a module not in
+    ``modules`` (the norm modules already sites): site "<module path>:<function>#<n>", numbered per module
+    and function."""
     found: list[tuple[str, str]] = []
     counts: dict[tuple[str, str], int] = {}
     for path, events in probe.events.items():

@@ -7,9 +7,9 @@ row.  The backward rebuilds the normalised tensor from y by dividing by the weig
 RMSNorm (``variant`` as ``rms_norm.py``, plus "torch": ``F.rms_norm`` / ``nn.RMSNorm``, and "tune":
 ``F.rms_norm(x.float(), ...).to(x.dtype)``, torchtune's), r = 1/rms:
 
-    forward    bitwise the module's: ``rms_norm.forward`` (llama, t5, gemma, litgpt), ``torch._fused_rms_norm``
-               (torch; tune on x.float() where the weight is float32, else litgpt's arithmetic on x.float(),
-               as ``F.rms_norm`` itself dispatches a weight of another dtype than x)
+    forward    bitwise the module's: ``rms_norm.forward`` (llama, t5, gemma, litgpt),
+               ``torch._fused_rms_norm`` (torch; tune on x.float() where the weight is float32, else
+               litgpt's arithmetic on x.float(), as ``F.rms_norm`` dispatches a weight of another dtype)
     "llama", "t5"  y = w · s, s = n rounded to s's dtype:   ŝ = y / w rounded to s's dtype (the s the forward
                    rounded, recovered exactly when y's rounding is below half of s's ulp), n̂ = ŝ,
                    dw = Σ dy · ŝ,  g = (dy · w) rounded as autograd rounds it
