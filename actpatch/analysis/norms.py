@@ -18,7 +18,8 @@ inputs (the class and its name are never read):
 
 "torch" is tried only for a forward calling torch's ``rms_norm`` on x, "tune" for one calling it on x cast to
 another dtype, the others for one calling none: on the CPU all three round alike, on CUDA they differ.  The
-check runs on the module's own device (CPU for a model on meta), where the kernels it runs are the ones it will train with.
+check runs on the module's own device (CPU for a model on meta), where the kernels it runs are the ones it
+will train with.
 
 A norm computed by a function inside another module's forward (``F.layer_norm``, ``F.rms_norm``) is no
 module to replace: :func:`functional_calls` names those calls, reported and left alone.
