@@ -7,11 +7,10 @@ float (or None: ``nn.RMSNorm``'s default; a module holding none, as OLMo's Layer
 usual constants ``EPS_GUESSES``).  Its *form* is the first whose output equals the module's bitwise on random
 inputs (the class and its name are never read):
 
-    "llama", "t5", "gemma",  an RMSNorm as ``actpatch.kernels.rms_norm`` computes it (weight only), checked in
-    "litgpt"                 float32, bfloat16 and float16 with weights of the same dtype, and in bfloat16
-                             with float32 weights (autocast)
-    "tune"                   ``F.rms_norm`` on x.float(), cast back to x's dtype (torchtune's; its weight is
-                             named ``scale``), the same checks
+    "llama", "t5", "gemma",  an RMSNorm as ``actpatch.kernels.rms_norm`` computes it (weight only; litgpt's,
+    "litgpt", "tune"         and torchtune's ``F.rms_norm`` on x.float() cast back), checked in float32,
+                             bfloat16 and float16 with weights of the same dtype, and in bfloat16 with
+                             float32 weights (autocast)
     "torch"                  ``F.rms_norm`` (``nn.RMSNorm``, torchtitan's; weight only), same-dtype checks
     "layer"                  ``F.layer_norm`` over the last dim (``nn.LayerNorm`` and the families' own
                              classes; weight and bias, either or neither), same-dtype checks
@@ -171,7 +170,7 @@ class _Called(TorchFunctionMode):
         """The RMSNorm forms to try: "torch" for ``rms_norm`` on x itself, "tune" on x cast to another
         dtype, the forms written with torch's elementwise ops where it calls no ``rms_norm``."""
         if not self.given:
-            return rms_norm.VARIANTS
+            return tuple(f for f in RMS_FORMS if f not in ("torch", "tune"))
         return ("torch",) if all(a == b for a, b in self.given) else ("tune",)
 
 

@@ -4,17 +4,15 @@ The Linear after a norm saves the norm's output y anyway; keeping y (shared with
 float32 per row, instead of the norm's input or float32 copies of it, makes the norm's own cost 4 bytes a
 row.  The backward rebuilds the normalised tensor from y by dividing by the weight.
 
-RMSNorm (``variant`` as ``rms_norm.py``, plus "torch": ``F.rms_norm`` / ``nn.RMSNorm``, and "tune":
-``F.rms_norm(x.float(), ...).to(x.dtype)``, torchtune's), r = 1/rms:
+RMSNorm (``variant`` as ``rms_norm.py``, plus "torch": ``F.rms_norm`` / ``nn.RMSNorm``), r = 1/rms:
 
-    forward    bitwise the module's: ``rms_norm.forward`` (llama, t5, gemma, litgpt),
-               ``torch._fused_rms_norm`` (torch; tune on x.float() where the weight is float32, else
-               litgpt's arithmetic on x.float(), as ``F.rms_norm`` dispatches a weight of another dtype)
+    forward    bitwise the module's: ``rms_norm.forward`` (llama, t5, gemma, litgpt, tune),
+               ``torch._fused_rms_norm`` (torch)
     "llama", "t5"  y = w · s, s = n rounded to s's dtype:   ŝ = y / w rounded to s's dtype (the s the forward
                    rounded, recovered exactly when y's rounding is below half of s's ulp), n̂ = ŝ,
                    dw = Σ dy · ŝ,  g = (dy · w) rounded as autograd rounds it
     "gemma"        y = n · (1 + w):  n̂ = y / (1 + w),  dw = Σ dy · n̂,  g = dy · (1 + w)
-    "litgpt", "torch", "tune"  y = n · w:  n̂ = y / w,  dw = Σ dy · n̂,  g = dy · w
+    else           y = n · w:        n̂ = y / w,        dw = Σ dy · n̂,  g = dy · w
     dx = r · (g − n̂ · mean(g · n̂))
 
 LayerNorm (``F.layer_norm`` over the last dim; w, b may be None), rstd = 1/σ:
@@ -51,7 +49,7 @@ import torch
 
 from . import rms_norm
 
-VARIANTS = (*rms_norm.VARIANTS, "torch", "tune")
+VARIANTS = (*rms_norm.VARIANTS, "torch")
 AMPLIFICATION = {torch.float32: 2.0**10, torch.bfloat16: 1.0, torch.float16: 1.0}
 _ROUNDED = ("llama", "t5")  # the normalised tensor is rounded before the weight multiplies it
 
@@ -60,10 +58,6 @@ def rms_norm_forward(
     x: torch.Tensor, w: torch.Tensor, eps: float | None, variant: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, r): the module's output, bitwise, and r = 1/rms per row (float32, [..., 1])."""
-    if variant == "tune":
-        h = x.float()
-        y, r = rms_norm_forward(h, w, eps, "torch" if w.dtype == h.dtype else "litgpt")
-        return y.to(x.dtype), r
     if variant == "torch":
         return torch._fused_rms_norm(x, [x.shape[-1]], w, eps)
     return rms_norm.forward(x, w, eps, variant)

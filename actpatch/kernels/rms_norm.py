@@ -14,11 +14,13 @@ the same:
     "t5"     y = w · n.to(w.dtype)  (w half)  or  w · n   (T5LayerNorm: casts to the weight's dtype)
     "gemma"  y = (n · (1 + w.float())).to(x.dtype)       (Gemma, Gemma 2)
     "litgpt" y = (n · w.float()).to(x.dtype)             (litgpt's RMSNorm: cast after the weight multiply)
+    "tune"   y = F.rms_norm(h, w).to(x.dtype)            (torchtune's RMSNorm): torch's fused op on h for a
+             float32 w (r: its 1/rms), else litgpt's arithmetic (F.rms_norm's own for w of another dtype)
 
 Backward, with g = dL/dn (float32), s the tensor w multiplies and c = ``factor(w)`` (1 + w, or w):
 
     "llama", "t5"      dw = Σ dy · s,  g = (dy · w) rounded to s's dtype (as autograd rounds it), as float32
-    "gemma", "litgpt"  dw = Σ dy · n,  g = dy · c
+    else               dw = Σ dy · n,  g = dy · c
     dx = r · (g - n · mean(g · n, -1))          (d/dh of h · rsqrt(mean(h²) + eps))
 
 dw is reduced exactly as autograd reduces a broadcast product (``sum_to_size``), so it is eager's
@@ -36,8 +38,8 @@ from __future__ import annotations
 
 import torch
 
-VARIANTS = ("llama", "t5", "gemma", "litgpt")
-UNROUNDED = ("gemma", "litgpt")  # n multiplied in float32, the product rounded once
+VARIANTS = ("llama", "t5", "gemma", "litgpt", "tune")
+UNROUNDED = ("gemma", "litgpt", "tune")  # n multiplied in float32, the product rounded once
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -56,6 +58,9 @@ def scaled_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype, variant: str) -> to
 
 def forward(x: torch.Tensor, w: torch.Tensor, eps: float, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, r): the module's output, bitwise, and r = 1/rms per row (float32, shape [..., 1])."""
+    if variant == "tune" and w.dtype == torch.float32:
+        y, r = torch._fused_rms_norm(x.float(), [x.shape[-1]], w, eps)
+        return y.to(x.dtype), r
     h = x.to(torch.float32)
     r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     n = h * r
