@@ -659,7 +659,7 @@ def rms_norm_from_output(
     keep_output: bool | None = None,
 ) -> torch.Tensor:
     """``rms_norm``'s RMSNorm (and ``variant="torch"``: ``F.rms_norm(x, x.shape[-1:], weight, eps)``, eps may
-    be None; "tune": the same on ``x.float()``, cast back to x's dtype), bitwise, keeping its output and 1/rms where ``keep_output`` (None: decided from the weight, see
+    be None), bitwise, keeping its output and 1/rms where ``keep_output`` (None: decided from the weight, see
     ``_keeps_output``); otherwise keeping x as ``rms_norm`` does (torch: ``F.rms_norm`` itself)."""
     if variant not in norm_output.VARIANTS:
         raise ValueError(f"rms_norm: variant is one of {', '.join(norm_output.VARIANTS)}, got {variant!r}")
@@ -673,8 +673,6 @@ def rms_norm_from_output(
         return ActpatchEagerRMSNormFromOutput.apply(x, weight, eps, variant)
     if variant == "torch":
         return F.rms_norm(x, x.shape[-1:], weight, eps)
-    if variant == "tune":
-        return F.rms_norm(x.float(), x.shape[-1:], weight, eps).to(x.dtype)
     return rms_norm(x, weight, eps, variant)
 
 
