@@ -15,6 +15,7 @@ from torch import nn
 
 import actpatch
 from actpatch import measure
+from actpatch.analysis import norms
 
 VOCAB, BATCH, SEQ = 100, 2, 16
 
@@ -235,3 +236,41 @@ def test_library_rms_norms_keep_their_input_where_nothing_saves_their_output(lib
     y2.backward()
     for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
         assert (p.grad.float() - q.grad.float()).abs().max() <= 2e-2 * q.grad.float().abs().max(), name
+
+
+def _library_norm(name: str) -> nn.Module:
+    if name == "litgpt":
+        return pytest.importorskip("litgpt.model").RMSNorm(64)
+    if name == "litgpt-unit-offset":  # litgpt's Gemma norm: 1 + w rounded to w's dtype first
+        return pytest.importorskip("litgpt.model").RMSNorm(64, add_unit_offset=True)
+    return pytest.importorskip("torchtune.modules").RMSNorm(64)
+
+
+@pytest.mark.parametrize(
+    ("name", "form"),
+    [("torch-eps-none", "torch"), ("torch-eps", "torch"), ("litgpt", "litgpt"), ("torchtune", "tune"),
+     ("litgpt-unit-offset", None)],
+)  # fmt: skip
+def test_library_norm_modules_are_recognised_by_what_they_compute(name, form):
+    """On the CPU torch's op, litgpt's arithmetic and torchtune's upcast round alike; what the forward calls
+    tells them apart (on CUDA they differ)."""
+    module = {"torch-eps-none": nn.RMSNorm(64), "torch-eps": nn.RMSNorm(64, eps=1e-6)}.get(name)
+    module = module if module is not None else _library_norm(name)
+    ((_, eps_attr),) = norms.candidates(module).values()
+    assert norms.variant_of(module, eps_attr) == form
+
+
+def test_a_norm_no_form_reproduces_is_reported_with_its_reason():
+    model = nn.Sequential(nn.Linear(16, 64), _library_norm("litgpt-unit-offset"), nn.Linear(64, 16))
+    report = actpatch.analyze(model, example_inputs=torch.randn(2, 16))
+    (site,) = [s for s in report.sites if s.kind == "norm"]
+    assert site.path == "1" and not site.patched and site.reason.startswith("computes no norm")
+
+
+def test_a_lone_parameter_is_a_weight_only_where_normalized_shape_says_its_size():
+    """torchtune's ``scale`` (``normalized_shape`` (64,)) is a weight; a module with one vector parameter and
+    an eps but no ``normalized_shape`` (a layer scale) is no norm candidate."""
+    scaled = nn.Module()
+    scaled.gamma, scaled.eps = nn.Parameter(torch.ones(64)), 1e-6
+    assert norms.candidates(scaled) == {}
+    assert norms.weight_name(_library_norm("torchtune")) == "scale"

@@ -2,10 +2,10 @@
 
 A candidate is a leaf module without buffers whose parameters are a 1-D ``weight`` and/or a 1-D ``bias`` (or
 none, with a one-dim ``normalized_shape``; or one 1-D parameter of another name, torchtune's ``scale``, taken
-as the weight when the module holds an eps), with at most one attribute whose name contains "eps" holding a
-float (or None: ``nn.RMSNorm``'s default; a module holding none, as OLMo's LayerNorm, is tried with the
-usual constants ``EPS_GUESSES``).  Its *form* is the first whose output equals the module's bitwise on random
-inputs (the class and its name are never read):
+as the weight where ``normalized_shape`` gives its size), with at most one attribute whose name contains
+"eps" holding a float (or None: ``nn.RMSNorm``'s default; a module holding none, as OLMo's LayerNorm, is
+tried with the usual constants ``EPS_GUESSES``).  Its *form* is the first whose output equals the module's
+bitwise on random inputs (the class and its name are never read):
 
     "llama", "t5", "gemma",  an RMSNorm as ``actpatch.kernels.rms_norm`` computes it (weight only; litgpt's,
     "litgpt", "tune"         and torchtune's ``F.rms_norm`` on x.float() cast back), checked in float32,
@@ -75,18 +75,24 @@ def candidates(model: nn.Module) -> dict[int, tuple[str, str]]:
         if _width(m) is None:
             continue
         eps = [k for k, v in vars(m).items() if "eps" in k.lower() and (isinstance(v, float) or v is None)]
-        if len(eps) <= 1 and (eps or set(roles(m).values()) <= {"weight", "bias"}):
+        if len(eps) <= 1:
             out[id(m)] = (path, eps[0] if eps else "")
     return out
 
 
 def roles(m: nn.Module) -> dict[str, str]:
     """Role ("weight", "bias") -> the name of the parameter playing it: ``weight`` and ``bias`` by name, or a
-    lone parameter of another name as the weight; {} when the parameters are neither."""
-    names = [n for n, _ in m.named_parameters(recurse=False)]
-    if set(names) <= {"weight", "bias"}:
-        return {n: n for n in names}
-    return {"weight": names[0]} if len(names) == 1 else {}
+    lone parameter of another name as the weight where ``normalized_shape`` gives its size; {} when the
+    parameters are neither."""
+    named = dict(m.named_parameters(recurse=False))
+    if set(named) <= {"weight", "bias"}:
+        return {n: n for n in named}
+    shape = getattr(m, "normalized_shape", None)
+    if len(named) == 1 and isinstance(shape, tuple | list):
+        name, p = next(iter(named.items()))
+        if tuple(p.shape) == tuple(shape):
+            return {"weight": name}
+    return {}
 
 
 def weight_name(m: nn.Module) -> str:
