@@ -11,9 +11,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_gated import assert_close_at_scale
+from test_norms import DTYPES, rows
 from torch import nn
 
 import actpatch
+import actpatch.functional as AF
 from actpatch import measure
 from actpatch.analysis import norms
 
@@ -274,3 +277,32 @@ def test_a_lone_parameter_is_a_weight_only_where_normalized_shape_says_its_size(
     scaled.gamma, scaled.eps = nn.Parameter(torch.ones(64)), 1e-6
     assert norms.candidates(scaled) == {}
     assert norms.weight_name(_library_norm("torchtune")) == "scale"
+
+
+@pytest.mark.parametrize(("x_dtype", "w_dtype"), DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize(("name", "variant"), [("litgpt", "litgpt"), ("torchtune", "tune")])
+def test_library_rms_norms_keeping_their_input_forward_bitwise_and_grads_within_rounding(
+    name, variant, x_dtype, w_dtype
+):
+    """``actpatch.functional.rms_norm`` of litgpt's and torchtune's variants against the modules themselves:
+    the output and the weight's gradient bitwise, the input's within rounding (the edge rows too)."""
+    module = _library_norm(name)
+    weight = next(module.parameters())
+    with torch.no_grad():
+        weight.normal_(0.5, 0.3, generator=torch.Generator().manual_seed(1))
+    module.to(w_dtype)
+    x = rows(x_dtype, 64)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x_dtype)
+    out = []
+    for fn in (module, lambda t: AF.rms_norm(t, weight, 1e-6, variant)):
+        xi = x.detach().clone().requires_grad_()
+        weight.grad = None
+        y = fn(xi)
+        y.backward(dy)
+        out.append((y.detach(), xi.grad, weight.grad.clone()))
+    (y, dx, dw), (y2, dx2, dw2) = out
+    assert y2.dtype == y.dtype and torch.equal(y2, y)
+    assert torch.equal(dw2, dw)
+    finite = torch.isfinite(dx).all(-1)
+    assert finite[3:].all() and torch.isfinite(dx2).all()
+    assert_close_at_scale(dx2[finite], dx[finite])
