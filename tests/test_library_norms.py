@@ -1,8 +1,8 @@
 """The norms of libraries other than transformers, through the norm kind: torch's own modules, litgpt's
 RMSNorm (float32, cast after the weight multiply), torchtitan's ``nn.RMSNorm``, torchtune's RMSNorm (its
-weight named ``scale``), in tiny models of each, float32 and bfloat16, on the CPU.  Every norm the probe saw
-is in the report, patched or with its reason; the loss is eager's bitwise, the gradients within the bars the
-Hugging Face families meet, the bytes saved the projection's."""
+weight named ``scale``), in the tiny models of tests/library_models.py, float32 and bfloat16, on the CPU.
+Every norm the probe saw is in the report, patched or with its reason; the loss is eager's bitwise, the
+gradients within the bars the Hugging Face families meet, the bytes saved the projection's."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from library_models import BATCH, BUILDERS, SEQ, VOCAB, build, step
 from test_gated import assert_close_at_scale
 from test_norms import DTYPES, rows
 from torch import nn
@@ -19,53 +20,6 @@ import actpatch
 import actpatch.functional as AF
 from actpatch import measure
 from actpatch.analysis import norms
-
-VOCAB, BATCH, SEQ = 100, 2, 16
-
-
-class _LM(nn.Module):
-    """A library's decoder and its next-token loss: ``forward(tokens)`` -> the loss (float32)."""
-
-    def __init__(self, decoder: nn.Module) -> None:
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        logits = self.decoder(tokens)
-        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tokens[:, 1:].flatten())
-
-
-def _litgpt_llama() -> nn.Module:
-    litgpt = pytest.importorskip("litgpt")
-    config = litgpt.Config(n_layer=2, n_embd=64, n_head=4, n_query_groups=2, vocab_size=VOCAB,
-                           padded_vocab_size=VOCAB, block_size=64, bias=False, parallel_residual=False,
-                           rotary_percentage=1.0, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
-                           intermediate_size=128)  # fmt: skip
-    return litgpt.GPT(config)
-
-
-def _litgpt_pythia() -> nn.Module:
-    litgpt = pytest.importorskip("litgpt")
-    return litgpt.GPT(
-        litgpt.Config.from_name("pythia-14m", n_layer=2, vocab_size=VOCAB, padded_vocab_size=VOCAB)
-    )
-
-
-def _torchtitan_llama3() -> nn.Module:
-    """torchtitan's Llama 3 (its ``Transformer`` of ``TransformerModelArgs``, torchtitan 0.2), tiny."""
-    llama3 = pytest.importorskip("torchtitan.models.llama3")
-    args = llama3.TransformerModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
-                                       multiple_of=32, max_seq_len=64, rope_theta=500000)  # fmt: skip
-    model = llama3.Transformer(args)
-    with torch.no_grad():
-        model.init_weights()
-    return model
-
-
-def _torchtune_llama3() -> nn.Module:
-    llama3 = pytest.importorskip("torchtune.models.llama3")
-    return llama3.llama3(vocab_size=VOCAB, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
-                         max_seq_len=64)  # fmt: skip
 
 
 class _TorchBlock(nn.Module):
@@ -94,129 +48,93 @@ class _TorchDecoder(nn.Module):
         return self.head(self.blocks(self.embed(tokens)))
 
 
-def _torch_encoder(norm_first: bool) -> nn.Module:
-    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, activation="gelu", batch_first=True,
-                                       norm_first=norm_first)  # fmt: skip
-    return nn.Sequential(nn.Embedding(VOCAB, 64), nn.TransformerEncoder(layer, 2), nn.Linear(64, VOCAB))
-
-
-NORM_CLASSES = ("RMSNorm", "LayerNorm")  # the class names of every library's norm modules
-# library -> (builder, {form or reason the report gives each norm module: path suffix -> what})
-LIBRARIES = {
-    "litgpt-llama": (_litgpt_llama, {"norm_1": "output", "norm_2": "output", "ln_f": "output"}),
-    "litgpt-pythia": (
-        _litgpt_pythia,
-        {"norm_1": "input kept by", "norm_2": "input kept by", "ln_f": "output"},  # parallel residual
-    ),
-    "torchtitan-llama3": (
-        _torchtitan_llama3,
-        {"attention_norm": "output", "ffn_norm": "output", "norm": "output"},
-    ),
-    "torchtune-llama3": (_torchtune_llama3, {"sa_norm": "output", "mlp_norm": "output", "norm": "output"}),
-    "torch": (_TorchDecoder, {"norm_none": "output", "norm_eps": "output", "ln": "output"}),
+# model -> what the report says of each norm module, by path suffix (the first that matches): "output"
+# (patched, keeping it) or the start of its reason
+EXPECTED = {
+    "litgpt-llama": {"norm_1": "output", "norm_2": "output", "ln_f": "output"},
+    "litgpt-pythia": {"norm_1": "input kept by", "norm_2": "input kept by", "ln_f": "output"},  # parallel
+    "torchtitan-llama3": {"attention_norm": "output", "ffn_norm": "output", "norm": "output"},
+    "torchtune-llama3": {"sa_norm": "output", "mlp_norm": "output", "norm": "output"},
+    "torch": {"norm_none": "output", "norm_eps": "output", "ln": "output"},
     # batch-first attention projects a transposed copy of its input: the norm before it is saved by nobody
-    "torch-encoder-post": (
-        lambda: _torch_encoder(False),
-        {"norm1": "output", "0.norm2": "output not saved by a later op", "1.norm2": "output"},
-    ),
-    "torch-encoder-pre": (
-        lambda: _torch_encoder(True),
-        {"norm1": "output not saved by a later op", "norm2": "output"},
-    ),
+    "torch-encoder-post-norm": {
+        "norm1": "output",
+        "0.norm2": "output not saved by a later op",
+        "norm2": "output",
+    },
+    "torch-encoder-pre-norm": {"norm1": "output not saved by a later op", "norm2": "output"},
 }
-FORMS = {  # the form each library's RMSNorm computes
-    "litgpt-llama": "litgpt",
-    "torchtitan-llama3": "torch",
-    "torchtune-llama3": "tune",
-    "torch": "torch",
-}
+FORMS = {"litgpt-llama": "litgpt", "torchtitan-llama3": "torch", "torchtune-llama3": "tune", "torch": "torch"}
 
 
-def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The model with its floating parameters and real floating buffers in ``dtype`` (torchtitan's complex
-    RoPE table stays complex)."""
-    for t in (*model.parameters(), *model.buffers()):
-        if t.is_floating_point():
-            t.data = t.data.to(dtype)
-    return model
+def _build(name: str, dtype: torch.dtype) -> tuple[nn.Module, dict]:
+    if name in BUILDERS:
+        return build(name, dtype)
+    torch.manual_seed(0)
+    model = _TorchDecoder().to(dtype).train()
+    return model, {
+        "tokens": torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    }
 
 
-def _step(model: nn.Module, tokens: torch.Tensor) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]:
-    """(bytes autograd saves, the loss, the gradients) of one training step."""
-    model.zero_grad(set_to_none=True)
-    nbytes, loss = measure.saved_bytes(model, {"tokens": tokens})
-    loss.backward()
-    return (
-        nbytes,
-        loss.detach(),
-        {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None},
+def _expected(name: str, path: str) -> str:
+    return next(
+        what for suffix, what in EXPECTED[name].items() if path.endswith(f".{suffix}") or path == suffix
     )
 
 
-def _norm_paths(model: nn.Module) -> list[str]:
-    return [p for p, m in model.named_modules() if type(m).__name__ in NORM_CLASSES]
-
-
-def _expected(library: str, path: str) -> str:
-    """What the report says of the norm at ``path``: "output" (patched, keeping it) or its reason's start."""
-    suffixes = LIBRARIES[library][1]
-    return next(what for suffix, what in suffixes.items() if path.endswith(f".{suffix}") or path == suffix)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("library", sorted(LIBRARIES))
-def test_library_norms_are_reported_patched_exact_and_save_what_they_project(library, dtype):
-    torch.manual_seed(0)
-    reference = _LM(LIBRARIES[library][0]()).train()
-    eager = _cast(copy.deepcopy(reference), dtype)
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_library_norms_are_reported_patched_exact_and_save_what_they_project(name, dtype):
+    eager, kwargs = _build(name, dtype)
     model = copy.deepcopy(eager)
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-
-    report = actpatch.analyze(model, example_inputs=tokens)
+    report = actpatch.analyze(model, example_inputs=kwargs)
     sites = {s.path: s for s in report.sites if s.kind == "norm"}
-    modules = _norm_paths(model)
+    modules = [p for p, m in model.named_modules() if type(m).__name__ in ("RMSNorm", "LayerNorm")]
     assert modules and set(modules) <= set(sites)  # every norm module is a site, patched or with its reason
     for path in modules:
-        what, site = _expected(library, path), sites[path]
-        assert (site.keeps if site.patched else site.reason).startswith(what), (path, site)
+        site = sites[path]
+        assert (site.keeps if site.patched else site.reason).startswith(_expected(name, path)), site
         if site.patched and site.activation == "rms_norm":
-            assert report.parts[path].form == FORMS[library]
+            assert report.parts[path].form == FORMS[name]
 
     patched = [p for p in modules if sites[p].patched]
-    report = actpatch.patch_model(model, example_inputs=tokens, include=patched, gated=False)
+    report = actpatch.patch_model(model, example_inputs=kwargs, include=patched, gated=False)
     assert sorted(s.path for s in report.patched_sites) == sorted(patched)
-    before, loss, grads = _step(eager, tokens)
-    after, loss2, grads2 = _step(model, tokens)
+    before, loss, grads = step(eager, kwargs)
+    after, loss2, grads2 = step(model, kwargs)
     assert torch.equal(loss2, loss)
     if dtype == torch.float32:
-        for name, g in grads.items():
-            assert (grads2[name] - g).abs().max() <= 2e-3 * g.abs().max() + 1e-7, name
+        for param, g in grads.items():
+            assert (grads2[param] - g).abs().max() <= 2e-3 * g.abs().max() + 1e-7, param
     else:  # each gradient no further from the float32 model's than twice eager bfloat16's
-        _, _, exact = _step(reference, tokens)
+        reference, _ = _build(name, torch.float32)
+        _, _, exact = step(
+            reference, {k: v.float() if v.is_floating_point() else v for k, v in kwargs.items()}
+        )
         scale = max(g.abs().max() for g in exact.values())
-        for name, g in exact.items():
-            ours, theirs = (grads2[name] - g).norm(), (grads[name] - g).norm()
-            assert ours <= 2 * theirs + 1e-6 * scale * g.numel() ** 0.5, name
+        for param, g in exact.items():
+            ours, theirs = (grads2[param].float() - g).norm(), (grads[param].float() - g).norm()
+            assert ours <= 2 * theirs + 1e-6 * scale * g.numel() ** 0.5, param
     assert report.projection.saved_bytes == pytest.approx(before - after, rel=0.02)
 
 
 def test_a_functional_norm_is_reported_with_its_reason():
     """``F.layer_norm`` called in a block's forward is no module to replace: a site, left alone, named by
     the block and the call."""
-    report = actpatch.analyze(_LM(_TorchDecoder()), example_inputs=torch.randint(0, VOCAB, (BATCH, SEQ)))
+    report = actpatch.analyze(_TorchDecoder(), example_inputs=torch.randint(0, VOCAB, (BATCH, SEQ)))
     found = [s for s in report.sites if s.kind == "norm" and ":" in s.path]
-    assert [s.path for s in found] == [f"decoder.blocks.{i}:layer_norm#0" for i in range(2)]
+    assert [s.path for s in found] == [f"blocks.{i}:layer_norm#0" for i in range(2)]
     assert all(not s.patched and s.reason.startswith("functional call") for s in found)
 
 
-@pytest.mark.parametrize("library", ["litgpt-llama", "torchtune-llama3"])
+@pytest.mark.parametrize("library", ["litgpt", "torchtune"])
 def test_library_rms_norms_keep_their_input_where_nothing_saves_their_output(library):
     """Where the op after the norm saves nothing (a dropout before it, here a shift), litgpt's and
     torchtune's RMSNorms keep x and 1/rms instead of their float32 copies (bf16): eager's values and
     gradients, fewer bytes."""
     torch.manual_seed(0)
-    builder = LIBRARIES[library][0]
-    norm = next(m for p, m in builder().named_modules() if type(m).__name__ == "RMSNorm")
+    norm = _library_norm(library)
 
     class Shifted(nn.Module):
         def __init__(self) -> None:
@@ -226,7 +144,7 @@ def test_library_rms_norms_keep_their_input_where_nothing_saves_their_output(lib
         def forward(self, x):
             return self.out(self.norm(self.inp(x)) + 1.0).square().sum()
 
-    eager = _cast(Shifted(), torch.bfloat16)
+    eager = Shifted().to(torch.bfloat16)
     model = copy.deepcopy(eager)
     x = torch.randn(4, 16, dtype=torch.bfloat16)
     report = actpatch.patch_model(model, example_inputs=x)
