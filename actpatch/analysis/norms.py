@@ -242,14 +242,14 @@ def gain(probe: ProbeResult, call: Call, kept: str) -> Bytes:
 
 
 def functional_calls(probe: ProbeResult, modules: set[str]) -> list[tuple[str, str]]:
-    """(site, function) for each norm a torch function computed in the forward of a module not in
-    ``modules`` (the norm modules already sites): site "<module path>:<function>#<n>", numbered per module
-    and function."""
-    found: list[tuple[str, str]] = []
-    counts: dict[tuple[str, str], int] = {}
-    for path, events in probe.events.items():
-        for event in events if path not in modules else ():
-            if not event.module and event.what in FUNCTIONAL_NORMS:
-                n = counts[path, event.what] = counts.get((path, event.what), -1) + 1
-                found.append((f"{path}:{event.what}#{n}", event.what))
-    return found
+    """(site, function) for each torch function computing a norm in the forward of a module not in
+    ``modules`` (the norm modules already sites): site "<module path>:<function>", as the probe names
+    functional activations (one site for every call of that function there)."""
+    found = {
+        (f"{path}:{event.what}", event.what)
+        for path, events in probe.events.items()
+        if path not in modules
+        for event in events
+        if not event.module and event.what in FUNCTIONAL_NORMS
+    }
+    return sorted(found)
