@@ -89,6 +89,7 @@ CASES = {
         NORM_BACKWARD,
         {
             "GEMMA": False,
+            "ROUNDED": True,
             "S_DTYPE": tl.bfloat16,
             "GW_DTYPE": tl.bfloat16,
             "DS_DTYPE": tl.bfloat16,

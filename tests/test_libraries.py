@@ -19,7 +19,7 @@ PATCHED = {
     "litgpt-llama": {"gated": 2, "norm": 5},
     "litgpt-pythia": {"activation": 2},
     "torchtitan-llama3": {"gated": 2, "norm": 5},
-    "torchtune-llama3": {"gated": 2},
+    "torchtune-llama3": {"gated": 2, "norm": 5},
     "torch-encoder-post-norm": {"activation": 2},
     "torch-encoder-pre-norm": {"activation": 2},
 }

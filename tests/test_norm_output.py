@@ -63,18 +63,23 @@ def _ours_rms(variant):
     return lambda x, w: AF.rms_norm_from_output(x, w, 1e-6, variant, keep_output=True)
 
 
+def _norm_module(variant: str) -> nn.Module:
+    """The module computing ``variant``: ``nn.RMSNorm``, Hugging Face's, litgpt's or torchtune's."""
+    if variant == "litgpt":
+        return pytest.importorskip("litgpt.model").RMSNorm(W, eps=1e-6)
+    if variant == "tune":
+        return pytest.importorskip("torchtune.modules").RMSNorm(W, eps=1e-6)  # its weight is ``scale``
+    return nn.RMSNorm(W, eps=1e-6) if variant == "torch" else HF_NORMS[variant](W, eps=1e-6)
+
+
 @pytest.mark.parametrize("dtype", ALL, ids=str)
 @pytest.mark.parametrize("variant", RMS)
 def test_rms_forward_bitwise(variant, dtype):
     x, w = _x(dtype).requires_grad_(), _w(dtype).requires_grad_()
-    expected = (
-        F.rms_norm(x, (W,), w, 1e-6) if variant == "torch" else HF_NORMS[variant](W, eps=1e-6).to(dtype)
-    )
-    if variant != "torch":
-        with torch.no_grad():
-            expected.weight.copy_(w)
-        expected = expected(x)
-    assert torch.equal(_ours_rms(variant)(x, w), expected)
+    module = _norm_module(variant).to(dtype)
+    with torch.no_grad():
+        next(module.parameters()).copy_(w)
+    assert torch.equal(_ours_rms(variant)(x, w), module(x))
 
 
 @pytest.mark.parametrize("dtype", ALL, ids=str)

@@ -1,24 +1,31 @@
 """Norm modules, recognised by value, and what each way of keeping less frees.
 
 A candidate is a leaf module without buffers whose parameters are a 1-D ``weight`` and/or a 1-D ``bias`` (or
-none, with a one-dim ``normalized_shape``), with at most one attribute whose name contains "eps" holding a
-float (or None: ``nn.RMSNorm``'s default; a module holding none, as OLMo's LayerNorm, is tried with the
-usual constants ``EPS_GUESSES``).  Its *form* is the first whose output equals the module's bitwise on random
-inputs (the class and its name are never read):
+none, with a one-dim ``normalized_shape``; or one 1-D parameter of another name, torchtune's ``scale``, taken
+as the weight where ``normalized_shape`` gives its size), with at most one attribute whose name contains
+"eps" holding a float (or None: ``nn.RMSNorm``'s default; a module holding none, as OLMo's LayerNorm, is
+tried with the usual constants ``EPS_GUESSES``).  Its *form* is the first whose output equals the module's
+bitwise on random inputs (the class and its name are never read):
 
-    "llama", "t5", "gemma"   an RMSNorm as ``actpatch.kernels.rms_norm`` computes it (weight only), checked in
-                             float32, bfloat16 and float16 with weights of the same dtype, and in bfloat16
-                             with float32 weights (autocast)
-    "torch"                  ``F.rms_norm`` (``nn.RMSNorm``; weight only), same-dtype checks
+    "llama", "t5", "gemma",  an RMSNorm as ``actpatch.kernels.rms_norm`` computes it (weight only; litgpt's,
+    "litgpt", "tune"         and torchtune's ``F.rms_norm`` on x.float() cast back), checked in float32,
+                             bfloat16 and float16 with weights of the same dtype, and in bfloat16 with
+                             float32 weights (autocast)
+    "torch"                  ``F.rms_norm`` (``nn.RMSNorm``, torchtitan's; weight only), same-dtype checks
     "layer"                  ``F.layer_norm`` over the last dim (``nn.LayerNorm`` and the families' own
                              classes; weight and bias, either or neither), same-dtype checks
 
-The check runs on the module's own device (CPU for a model on meta), where the kernels it runs are the ones
-it will train with.
+"torch" is tried only for a forward calling torch's ``rms_norm`` on x, "tune" for one calling it on x cast to
+another dtype, the others for one calling none: on the CPU all three round alike, on CUDA they differ.  The
+check runs on the module's own device (CPU for a model on meta), where the kernels it runs are the ones it
+will train with.
+
+A norm computed by a function inside another module's forward (``F.layer_norm``, ``F.rms_norm``) is no
+module to replace: :func:`functional_calls` names those calls, reported and left alone.
 
 A norm may keep its *output* (``actpatch.kernels.norm_output``: y, shared with the later op that saves it,
-and 4 bytes of 1/σ a row) or, an RMSNorm of the first three forms, its *input* (``actpatch.kernels.rms_norm``:
-x and 1/rms); :func:`keeps` says which a call allows and :func:`gain` what it frees.
+and 4 bytes of 1/σ a row) or, an RMSNorm of a form ``actpatch.kernels.rms_norm`` computes, its *input*
+(x and 1/rms); :func:`keeps` says which a call allows and :func:`gain` what it frees.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..kernels import norm_output, rms_norm
 from .evidence import Evidence
@@ -40,20 +48,22 @@ _CHECKS = (
     (torch.float16, torch.float16),
     (torch.bfloat16, torch.float32),
 )
-RMS_FORMS = (*rms_norm.VARIANTS, "torch")
+RMS_FORMS = norm_output.VARIANTS
 EPS_GUESSES = (1e-5, 1e-6, 1e-12)
 KEEPS_INPUT = rms_norm.VARIANTS  # the forms whose replacement can keep x and 1/rms
+FUNCTIONAL_NORMS = ("layer_norm", "rms_norm")  # torch functions computing a norm, by name
 
 
 @dataclass(frozen=True)
 class NormParts:
     """What a patched norm computes and keeps: its form, the attribute holding its eps ("": the constant
-    ``eps``), and "output" or "input"."""
+    ``eps``), "output" or "input", and the name of its weight parameter."""
 
     form: str
     eps_attr: str
     keeps: str
     eps: float | None = None
+    weight: str = "weight"
 
 
 def candidates(model: nn.Module) -> dict[int, tuple[str, str]]:
@@ -70,11 +80,32 @@ def candidates(model: nn.Module) -> dict[int, tuple[str, str]]:
     return out
 
 
+def roles(m: nn.Module) -> dict[str, str]:
+    """Role ("weight", "bias") -> the name of the parameter playing it: ``weight`` and ``bias`` by name, or a
+    lone parameter of another name as the weight where ``normalized_shape`` gives its size; {} when the
+    parameters are neither."""
+    named = dict(m.named_parameters(recurse=False))
+    if set(named) <= {"weight", "bias"}:
+        return {n: n for n in named}
+    shape = getattr(m, "normalized_shape", None)
+    if len(named) == 1 and isinstance(shape, tuple | list):
+        name, p = next(iter(named.items()))
+        if tuple(p.shape) == tuple(shape):
+            return {"weight": name}
+    return {}
+
+
+def weight_name(m: nn.Module) -> str:
+    """The name of the module's weight parameter ("weight" when it has none)."""
+    return roles(m).get("weight", "weight")
+
+
 def _width(m: nn.Module) -> int | None:
     """The normalised width of a norm-shaped module: its 1-D parameters' (weight, bias, of one size) or its
     one-dim ``normalized_shape``; None when it is not norm-shaped."""
-    params = dict(m.named_parameters(recurse=False))
-    if not set(params) <= {"weight", "bias"} or any(p.dim() != 1 for p in params.values()):
+    named = dict(m.named_parameters(recurse=False))
+    params = {role: named[name] for role, name in roles(m).items()}
+    if len(params) != len(named) or any(p.dim() != 1 for p in params.values()):
         return None
     sizes = {p.shape[0] for p in params.values()}
     shape = getattr(m, "normalized_shape", None)
@@ -92,32 +123,61 @@ def variant_of(module: nn.Module, eps_attr: str) -> str | None:
 def recognise(module: nn.Module, eps_attr: str) -> tuple[str, float | None] | None:
     """(form, eps) of what ``module`` computes bitwise (eps: its attribute's, or the guess that matched),
     or None (also when its forward fails)."""
-    width = _width(module)
-    params = dict(module.named_parameters(recurse=False))
-    first = next(iter(params.values()), None)
+    width, names = _width(module), roles(module)
+    first = next(module.parameters(recurse=False), None)
     device = "cpu" if first is None or first.is_meta else first.device
     gen = torch.Generator().manual_seed(0)
     x64 = (torch.randn(3, 2, width, generator=gen, dtype=torch.float64) * 3 + 0.5).to(device)
-    p64 = {n: (1 + torch.randn(width, generator=gen, dtype=torch.float64) / 4).to(device) for n in params}
+    p64 = {r: (1 + torch.randn(width, generator=gen, dtype=torch.float64) / 4).to(device) for r in names}
     outputs = []
     # the class's forward on a twin object: the module itself (FSDP's parameters, hooks) is never touched
     twin = object.__new__(type(module))
     twin.__dict__ = {k: v for k, v in module.__dict__.items() if k != "forward"}
     twin._parameters = dict(module._parameters)  # None entries too (nn.LayerNorm without affine)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _Called() as called:
         warnings.simplefilter("ignore")
         for x_dtype, w_dtype in _CHECKS:
-            x, ps = x64.to(x_dtype), {n: p.to(w_dtype) for n, p in p64.items()}
-            twin._parameters.update(ps)
+            x, ps = x64.to(x_dtype), {r: p.to(w_dtype) for r, p in p64.items()}
+            twin._parameters.update({names[r]: p for r, p in ps.items()})
+            called.x_dtype = x_dtype
             outputs.append((x, ps, _run(module, twin, x)))
     for eps in (getattr(module, eps_attr),) if eps_attr else EPS_GUESSES:
-        for form in (*RMS_FORMS, "layer"):
-            checks = outputs if form in rms_norm.VARIANTS else outputs[:3]
-            if _applies(form, params, eps) and all(
-                _same(y, _forward(form, x, ps, eps)) for x, ps, y in checks
-            ):
+        for form in (*called.rms_forms(), "layer"):
+            checks = outputs[:3] if form in ("torch", "layer") else outputs
+            if _applies(form, set(names), eps) and _matches(form, eps, checks):
                 return form, eps
     return None
+
+
+def _matches(form: str, eps: float | None, checks: list) -> bool:
+    """Whether ``form`` gives each check's output bitwise (False where it fails on those inputs)."""
+    try:
+        return all(_same(y, _forward(form, x, ps, eps)) for x, ps, y in checks)
+    except RuntimeError:  # a device's op refusing these dtypes
+        return False
+
+
+class _Called(TorchFunctionMode):
+    """Whether a forward calls torch's ``rms_norm``, and on what: x's own dtype (``x_dtype``, set before each
+    run) or another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.x_dtype: torch.dtype | None = None
+        self.given: set[tuple[torch.dtype | None, torch.dtype]] = set()  # (x's dtype, rms_norm's input's)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        x = args[0] if args else (kwargs or {}).get("input")
+        if getattr(func, "__name__", "") == "rms_norm" and isinstance(x, torch.Tensor):
+            self.given.add((self.x_dtype, x.dtype))
+        return func(*args, **(kwargs or {}))
+
+    def rms_forms(self) -> tuple[str, ...]:
+        """The RMSNorm forms to try: "torch" for ``rms_norm`` on x itself, "tune" on x cast to another
+        dtype, the forms written with torch's elementwise ops where it calls no ``rms_norm``."""
+        if not self.given:
+            return tuple(f for f in RMS_FORMS if f not in ("torch", "tune"))
+        return ("torch",) if all(a == b for a, b in self.given) else ("tune",)
 
 
 def _run(module: nn.Module, twin: nn.Module, x: torch.Tensor) -> object:
@@ -129,10 +189,10 @@ def _run(module: nn.Module, twin: nn.Module, x: torch.Tensor) -> object:
         return None
 
 
-def _applies(form: str, params: dict, eps: float | None) -> bool:
+def _applies(form: str, params: set[str], eps: float | None) -> bool:
     if form == "layer":
         return eps is not None
-    return set(params) == {"weight"} and (eps is not None or form == "torch")
+    return params == {"weight"} and (eps is not None or form == "torch")
 
 
 def _forward(form: str, x: torch.Tensor, ps: dict[str, torch.Tensor], eps: float | None) -> torch.Tensor:
@@ -179,3 +239,17 @@ def gain(probe: ProbeResult, call: Call, kept: str) -> Bytes:
     x_bytes = 0 if x_kept else call.input_nbytes
     added = Bytes(x_bytes, 4.0 * rows) if call.input_scalable else Bytes(0.0, x_bytes + 4.0 * rows)
     return Bytes(freed.scalable - added.scalable, freed.fixed - added.fixed)
+
+
+def functional_calls(probe: ProbeResult, modules: set[str]) -> list[tuple[str, str]]:
+    """(site, function) for each torch function computing a norm in the forward of a module not in
+    ``modules`` (the norm modules already sites): site "<module path>:<function>", as the probe names
+    functional activations (one site for every call of that function there)."""
+    found = {
+        (f"{path}:{event.what}", event.what)
+        for path, events in probe.events.items()
+        if path not in modules
+        for event in events
+        if not event.module and event.what in FUNCTIONAL_NORMS
+    }
+    return sorted(found)

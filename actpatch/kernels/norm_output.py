@@ -6,12 +6,13 @@ row.  The backward rebuilds the normalised tensor from y by dividing by the weig
 
 RMSNorm (``variant`` as ``rms_norm.py``, plus "torch": ``F.rms_norm`` / ``nn.RMSNorm``), r = 1/rms:
 
-    forward    bitwise the module's: ``rms_norm.forward`` (llama, t5, gemma), ``torch._fused_rms_norm``
+    forward    bitwise the module's: ``rms_norm.forward`` (llama, t5, gemma, litgpt, tune),
+               ``torch._fused_rms_norm`` (torch)
     "llama", "t5"  y = w · s, s = n rounded to s's dtype:   ŝ = y / w rounded to s's dtype (the s the forward
                    rounded, recovered exactly when y's rounding is below half of s's ulp), n̂ = ŝ,
                    dw = Σ dy · ŝ,  g = (dy · w) rounded as autograd rounds it
     "gemma"        y = n · (1 + w):  n̂ = y / (1 + w),  dw = Σ dy · n̂,  g = dy · (1 + w)
-    "torch"        y = n · w:        n̂ = y / w,        dw = Σ dy · n̂,  g = dy · w
+    else           y = n · w:        n̂ = y / w,        dw = Σ dy · n̂,  g = dy · w
     dx = r · (g − n̂ · mean(g · n̂))
 
 LayerNorm (``F.layer_norm`` over the last dim; w, b may be None), rstd = 1/σ:
@@ -62,11 +63,6 @@ def rms_norm_forward(
     return rms_norm.forward(x, w, eps, variant)
 
 
-def divisor(w: torch.Tensor, variant: str = "torch") -> torch.Tensor:
-    """c, the float32 tensor the forward multiplied the normalised row by: 1 + w (gemma), w otherwise."""
-    return 1.0 + w.float() if variant == "gemma" else w.float()
-
-
 def rms_norm_backward_from_output(
     dy: torch.Tensor,
     y: torch.Tensor,
@@ -77,7 +73,7 @@ def rms_norm_backward_from_output(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dw) from the kept output y, w and r; x_dtype: the input's dtype (default y's)."""
     x_dtype = x_dtype or y.dtype
-    n = y.float() / divisor(w, variant)
+    n = y.float() / rms_norm.factor(w, variant)
     if variant in _ROUNDED:
         sdt = rms_norm.scaled_dtype(x_dtype, w.dtype, variant)  # s's dtype
         s = n.to(sdt)
@@ -86,7 +82,7 @@ def rms_norm_backward_from_output(
         n = s.float()
     else:
         dyf = dy.float()
-        g = dyf * divisor(w, variant)
+        g = dyf * rms_norm.factor(w, variant)
         dw = (dyf * n).sum_to_size(w.shape).to(w.dtype)
     dx = r * (g - n * (g * n).mean(-1, keepdim=True))
     return dx.to(x_dtype), dw
@@ -140,7 +136,7 @@ def layer_norm_jvp(
 
 
 def safe_weight(c: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype) -> bool:
-    """Whether y of ``dtype`` divided by the divisor c (``divisor``) rebuilds x̂ within the bar:
+    """Whether y of ``dtype`` divided by the divisor c (``rms_norm.factor``) rebuilds x̂ within the bar:
     (|b| + tiny) ≤ K · |c| on every channel (module docstring).  Reads c and b: one host sync."""
     tiny = torch.finfo(dtype).tiny
     top = tiny if b is None else b.float().abs() + tiny
@@ -176,7 +172,7 @@ def keeps_output(
     hit = _CACHE.get(key)
     if hit is not None and _fresh(hit[0], w) and _fresh(hit[1], b):
         return hit[2]
-    c = torch.ones((), device=b.device) if w is None else divisor(w.detach(), variant)
+    c = torch.ones((), device=b.device) if w is None else rms_norm.factor(w.detach(), variant)
     answer = safe_weight(c, None if b is None else b.detach(), y_dtype)
     if len(_CACHE) >= _CACHE_SIZE:
         _CACHE.clear()

@@ -7,7 +7,7 @@ with n = x · r in float32:
 
     "llama", "t5"  s = n rounded to s's dtype,  g = dy · w rounded as autograd rounds it (to the
                    product's dtype, then to s's),  dw += dy · s rounded to the product's dtype
-    "gemma"        g = dy · (1 + w),  dw += dy · n
+    "gemma", "litgpt"  g = dy · c (c = 1 + w, or w: ``rms_norm.factor``),  dw += dy · n
     dx = r · (g - n · mean(g · n))
 
 dx and dw differ from ``rms_norm.backward``'s only by float32 summation order (mean and Σ over rows),
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .launch import launch
-from .rms_norm import scaled_dtype
+from .rms_norm import UNROUNDED, scaled_dtype
 from .triton import _kernel, _sum_combine
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -42,6 +42,7 @@ def _backward_kernel(
     width,
     rows_per_program,
     GEMMA: tl.constexpr,
+    ROUNDED: tl.constexpr,
     S_DTYPE: tl.constexpr,
     GW_DTYPE: tl.constexpr,
     DS_DTYPE: tl.constexpr,
@@ -61,13 +62,13 @@ def _backward_kernel(
         dy = tl.load(dy_ptr + at, mask=mask, other=0).to(tl.float32)
         r = tl.load(r_ptr + row, mask=mask, other=0)
         n = x * r
-        if GEMMA:
-            g = dy * (1.0 + w)
-            acc += dy * n
-        else:
+        if ROUNDED:
             s = n.to(S_DTYPE).to(tl.float32)
             g = (dy * w).to(GW_DTYPE).to(S_DTYPE).to(tl.float32)
             acc += (dy * s).to(DS_DTYPE).to(tl.float32)
+        else:
+            g = dy * (1.0 + w if GEMMA else w)
+            acc += dy * n
         dx = r * (g - n * (tl.reduce(g * n, 0, _sum_combine) / width))
         tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_ptr + pid * BLOCK + cols, acc, mask=in_row)
@@ -94,7 +95,9 @@ def backward(
     if n_rows == 0:
         return dx, torch.zeros_like(w)
     sdt = scaled_dtype(x.dtype, w.dtype, variant)
-    summed = torch.float32 if variant == "gemma" else torch.promote_types(dyc.dtype, sdt)  # dw's sum's dtype
+    summed = (
+        torch.float32 if variant in UNROUNDED else torch.promote_types(dyc.dtype, sdt)
+    )  # dw's sum's dtype
     kernel, compiled = _kernel(_backward_kernel, x.device)
     programs = min(_programs(x.device) if compiled else 4, n_rows)
     block = triton.next_power_of_2(width)
@@ -105,6 +108,7 @@ def backward(
         (dyc, xc, w, r.contiguous(), dx, partial, n_rows, width, -(-n_rows // programs)),
         {
             "GEMMA": variant == "gemma",
+            "ROUNDED": variant not in UNROUNDED,
             "S_DTYPE": _TL[sdt],
             "GW_DTYPE": _TL[torch.promote_types(dyc.dtype, w.dtype)],
             "DS_DTYPE": _TL[summed],

@@ -10,6 +10,8 @@ probe (:func:`~actpatch.analysis.norms.keeps`):
   afterwards;
 - else it is left as it is;
 - a module named and shaped as a norm that matches no form bitwise is reported, left as it is;
+- a norm computed by a function inside another module's forward (``F.layer_norm``, ``F.rms_norm``) is
+  reported, left as it is;
 
 patched when it ran with a float input and a gradient, under no other saved-tensor hooks, and frees more than
 it adds.  A weight with zeros or tiny entries (``actpatch.kernels.norm_output.safe_weight``) keeps the input:
@@ -38,7 +40,10 @@ from ..kernels import norm_output
 from ..report import Site
 
 _NAMED_NORM = re.compile("norm", re.IGNORECASE)  # the class name proposes; the value decides
-_UNRECOGNISED = "computes no norm actpatch's kernels reproduce bitwise (llama, t5, gemma, torch, layer)"
+_UNRECOGNISED = (
+    f"computes no norm actpatch's kernels reproduce bitwise ({', '.join((*norms.RMS_FORMS, 'layer'))})"
+)
+_FUNCTIONAL = "functional call: a norm computed by a function, not a module, is not replaced"
 
 
 @dataclass(frozen=True)
@@ -48,11 +53,12 @@ class InvertedNorm:
     variant: str
     eps_attr: str
     eps: float | None = None  # when eps_attr is ""
+    weight: str = "weight"
     entry = "forward"
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         eps = getattr(module, self.eps_attr) if self.eps_attr else self.eps
-        return F.rms_norm(x, module.weight, eps, self.variant)
+        return F.rms_norm(x, getattr(module, self.weight), eps, self.variant)
 
 
 @dataclass(frozen=True)
@@ -63,10 +69,11 @@ class NormFromOutput:
     form: str
     eps_attr: str
     eps: float | None = None  # when eps_attr is ""
+    weight: str = "weight"
     entry = "forward"
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        w = getattr(module, "weight", None)
+        w = getattr(module, self.weight, None)
         eps = getattr(module, self.eps_attr) if self.eps_attr else self.eps
         if self.form == "layer":
             return F.layer_norm(x, x.shape[-1:], w, getattr(module, "bias", None), eps)
@@ -107,8 +114,13 @@ class Norms:
                 gain = lambda p, c, kept=kept: norms.gain(p, c, kept)  # noqa: E731
                 decision = walk.watched_site(path, self, activation, gain, check)
                 decision.site.keeps = kept
-                decision.parts = norms.NormParts(form, eps_attr, kept, eps if not eps_attr else None)
+                weight = norms.weight_name(modules[path])
+                decision.parts = norms.NormParts(form, eps_attr, kept, eps if not eps_attr else None, weight)
             decided.append(decision)
+        sites = {d.site.path for d in decided if d.site.kind == self.name}
+        for path, function in norms.functional_calls(walk.probes[0], sites):
+            site = Site(path, function, None, False, _FUNCTIONAL, kind=self.name)
+            decided.append(Decision(site, [Bytes() for _ in walk.probes]))
 
     def _unrecognised(self, walk: Walk, path: str, module: nn.Module) -> Decision:
         """A module named as a norm and shaped as one that computes none of the forms bitwise (DeBERTa's
@@ -118,7 +130,8 @@ class Norms:
 
     def install(self, model: nn.Module, site: Site, parts: norms.NormParts) -> None:
         plan = NormFromOutput if parts.keeps == "output" else InvertedNorm
-        in_place.install(model.get_submodule(site.path), plan(parts.form, parts.eps_attr, parts.eps))
+        module = model.get_submodule(site.path)
+        in_place.install(module, plan(parts.form, parts.eps_attr, parts.eps, parts.weight))
 
     def owns(self, module: nn.Module) -> bool:
         return isinstance(in_place.plan_of(module), InvertedNorm | NormFromOutput)
@@ -127,7 +140,7 @@ class Norms:
 def _safe(module: nn.Module, form: str, calls: list[Call]) -> bool:
     """Whether the weight (and bias) allow rebuilding x̂ from y (``norm_output.keeps_output``; a model on
     meta has no values: assumed so)."""
-    w, b = getattr(module, "weight", None), getattr(module, "bias", None)
+    w, b = getattr(module, norms.weight_name(module), None), getattr(module, "bias", None)
     if any(t is not None and t.is_meta for t in (w, b)):
         return True
     return norm_output.keeps_output(w, b, calls[0].dtype, form)
