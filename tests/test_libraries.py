@@ -17,7 +17,7 @@ import actpatch
 # What each model's report must say: kind -> how many sites of it are patched
 PATCHED = {
     "litgpt-llama": {"gated": 2, "norm": 5},
-    "litgpt-pythia": {"activation": 2},
+    "litgpt-pythia": {"activation": 2, "norm": 5},
     "torchtitan-llama3": {"gated": 2, "norm": 5},
     "torchtune-llama3": {"gated": 2, "norm": 5},
     "torch-encoder-post-norm": {"activation": 2},

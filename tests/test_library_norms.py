@@ -52,7 +52,7 @@ class _TorchDecoder(nn.Module):
 # (patched, keeping it) or the start of its reason
 EXPECTED = {
     "litgpt-llama": {"norm_1": "output", "norm_2": "output", "ln_f": "output"},
-    "litgpt-pythia": {"norm_1": "input kept by", "norm_2": "input kept by", "ln_f": "output"},  # parallel
+    "litgpt-pythia": {"norm_1": "output", "norm_2": "output", "ln_f": "output"},  # parallel: x freed together
     "torchtitan-llama3": {"attention_norm": "output", "ffn_norm": "output", "norm": "output"},
     "torchtune-llama3": {"sa_norm": "output", "mlp_norm": "output", "norm": "output"},
     "torch": {"norm_none": "output", "norm_eps": "output", "ln": "output"},

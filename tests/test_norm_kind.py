@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import transformers as tf
-from tiny_models import tiny_model
+from tiny_models import saved_bytes, tiny_model
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.olmo.modeling_olmo import OlmoLayerNorm
@@ -285,3 +285,18 @@ def test_norms_no_kernel_reproduces_are_reported(family):
     own = {"NemotronLayerNorm1P", "DebertaLayerNorm"}
     found = [s for s in report.sites if s.kind == "norm" and s.activation in own]
     assert found and all(not s.patched and s.reason.startswith("computes no norm") for s in found)
+
+
+def test_norms_sharing_their_input_keep_their_outputs_together():
+    """GPT-NeoX's parallel residual: input_layernorm(x) and post_attention_layernorm(x) each keep x for the
+    other; keeping both outputs frees x, counted once in the projection."""
+    model = tiny_model("gpt_neox")
+    assert model.config.use_parallel_residual
+    _, kwargs = input_spec(model).make(2, 16)
+    report = actpatch.analyze(model, batch_size=2, seq_len=16)
+    layer_norms = [s for s in report.sites if s.kind == "norm" and ".layers." in s.path]
+    assert len(layer_norms) == 4 and all(s.patched and s.keeps == "output" for s in layer_norms)
+    patched = copy.deepcopy(model)
+    actpatch.patch_model(patched, batch_size=2, seq_len=16)
+    freed = saved_bytes(model, kwargs)[0] - saved_bytes(patched, kwargs)[0]
+    assert report.projection.saved_bytes == pytest.approx(freed, rel=0.02)

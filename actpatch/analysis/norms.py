@@ -212,11 +212,22 @@ def keeps(evidence: Evidence, calls: list[Call], form: str, held: frozenset[int]
     form that can; else None."""
 
     def input_kept(c: Call) -> bool:
-        return c.input_storage in held or bool(evidence.outside(c.input_storage, c))
+        group = {id(g) for g in input_group(evidence.probe, c)}
+        outside = evidence.outside(c.input_storage, c)
+        return c.input_storage in held or any(not s.inside & group for s in outside)
 
     if calls and all(output_saved(evidence.probe, c) and not input_kept(c) for c in calls):
         return "output"
     return "input" if form in KEEPS_INPUT else None
+
+
+def input_group(probe: ProbeResult, call: Call) -> list[Call]:
+    """The norm calls reading ``call``'s input whose outputs a later op saves, in call order (GPT-NeoX's and
+    Pythia's parallel residual: ln_1(x) and ln_2(x)): keeping their outputs together frees x, which each
+    alone would leave to the others."""
+    return [
+        c for c in probe.watched_calls if c.input_storage == call.input_storage and output_saved(probe, c)
+    ]
 
 
 def output_saved(probe: ProbeResult, call: Call) -> bool:
@@ -232,13 +243,24 @@ def gain(probe: ProbeResult, call: Call, kept: str) -> Bytes:
     keeps: 4 bytes of 1/σ per row, and (keeping its input) x unless it is saved anyway."""
     rows = call.numel // _width(call.module)
     if kept == "output":
-        freed = probe.freed_by(call)
+        freed = probe.freed_by(call) + _shared_input(probe, call)
         return Bytes(freed.scalable, freed.fixed - 4.0 * rows)
     freed = probe.freed_by(call, frozenset({call.input_storage}))
     x_kept = any(s.storage == call.input_storage for s in probe.saved)
     x_bytes = 0 if x_kept else call.input_nbytes
     added = Bytes(x_bytes, 4.0 * rows) if call.input_scalable else Bytes(0.0, x_bytes + 4.0 * rows)
     return Bytes(freed.scalable - added.scalable, freed.fixed - added.fixed)
+
+
+def _shared_input(probe: ProbeResult, call: Call) -> Bytes:
+    """x's bytes, counted once, for the first of an :func:`input_group` of several that alone keep x."""
+    group = input_group(probe, call)
+    ids = {id(c) for c in group}
+    savers = [s for s in probe.saved if s.storage == call.input_storage]
+    if len(group) < 2 or group[0] is not call or not savers or any(not s.inside & ids for s in savers):
+        return Bytes()
+    nbytes = savers[0].nbytes
+    return Bytes(nbytes, 0.0) if savers[0].scalable else Bytes(0.0, nbytes)
 
 
 def functional_calls(probe: ProbeResult, modules: set[str]) -> list[tuple[str, str]]:
