@@ -224,7 +224,9 @@ def keeps(evidence: Evidence, calls: list[Call], form: str, held: frozenset[int]
 def input_group(probe: ProbeResult, call: Call) -> list[Call]:
     """The norm calls reading ``call``'s input whose outputs a later op saves, in call order (GPT-NeoX's and
     Pythia's parallel residual: ln_1(x) and ln_2(x)): keeping their outputs together frees x, which each
-    alone would leave to the others."""
+    alone would leave to the others.  Each is credited an equal share of x (:func:`gain`); one left keeping
+    its input for another reason (a weight unsafe to divide by, include/exclude) leaves x kept, and the
+    projection then counts the others' shares too many."""
     return [
         c for c in probe.watched_calls if c.input_storage == call.input_storage and output_saved(probe, c)
     ]
@@ -253,14 +255,15 @@ def gain(probe: ProbeResult, call: Call, kept: str) -> Bytes:
 
 
 def _shared_input(probe: ProbeResult, call: Call) -> Bytes:
-    """x's bytes, counted once, for the first of an :func:`input_group` of several that alone keep x."""
+    """A share of x's bytes for each call of an :func:`input_group` of several, which alone keep x: freed
+    when they all keep their outputs, counted once over the group."""
     group = input_group(probe, call)
     ids = {id(c) for c in group}
     savers = [s for s in probe.saved if s.storage == call.input_storage]
-    if len(group) < 2 or group[0] is not call or not savers or any(not s.inside & ids for s in savers):
+    if len(group) < 2 or not savers or any(not s.inside & ids for s in savers):
         return Bytes()
-    nbytes = savers[0].nbytes
-    return Bytes(nbytes, 0.0) if savers[0].scalable else Bytes(0.0, nbytes)
+    share = savers[0].nbytes / len(group)
+    return Bytes(share, 0.0) if savers[0].scalable else Bytes(0.0, share)
 
 
 def functional_calls(probe: ProbeResult, modules: set[str]) -> list[tuple[str, str]]:
