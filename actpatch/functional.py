@@ -666,7 +666,8 @@ def rms_norm_from_output(
 ) -> torch.Tensor:
     """``rms_norm``'s RMSNorm (and ``variant="torch"``: ``F.rms_norm(x, x.shape[-1:], weight, eps)``, eps may
     be None), bitwise, keeping its output and 1/rms where ``keep_output`` (None: decided from the weight, see
-    ``_keeps_output``, or from ``weight_safe``, its check made by the caller); otherwise keeping x as ``rms_norm`` does (torch: ``F.rms_norm`` itself)."""
+    ``_keeps_output``, or from ``weight_safe``, its check made by the caller); otherwise keeping x as
+    ``rms_norm`` does (torch: ``F.rms_norm`` itself)."""
     if variant not in norm_output.VARIANTS:
         raise ValueError(f"rms_norm: variant is one of {', '.join(norm_output.VARIANTS)}, got {variant!r}")
     if keep_output is None:
