@@ -196,6 +196,7 @@ def keeps_output_by_dtype(
         return answers
     c = torch.ones((), device=b.device) if w is None else divisor(w.detach(), variant)
     safe = torch.stack([_safe_weight_on_device(c, None if b is None else b.detach(), dt) for dt in asked])
+    safe = safe.full_tensor() if hasattr(safe, "full_tensor") else safe  # a sharded weight's (FSDP2 DTensor)
     if len(_CACHE) + len(asked) > _CACHE_SIZE:
         _CACHE.clear()
     for dt, answer in zip(asked, safe.tolist(), strict=True):
