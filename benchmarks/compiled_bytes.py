@@ -24,43 +24,26 @@ VOCAB = 100
 MODES = ("eager", "eager patched", "compiled", "compiled patched")
 
 
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        intermediate_size=224,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(cfg), "ForCausalLM"
+# name: (config class, model class, loss type, config) of transformers
+LAYERS = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 128}
+GQA = {"intermediate_size": 224, "num_key_value_heads": 2}
+MODELS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "ForCausalLM", LAYERS | GQA),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", "ForCausalLM", {"n_layer": 2, "n_embd": 64, "n_head": 4}),
+    "bert": ("BertConfig", "BertForMaskedLM", "ForMaskedLM", LAYERS | {"intermediate_size": 256}),
+}
 
 
-def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
+def build(name: str):
+    """The tiny model, in training mode, its loss named (transformers' warning of an unnamed loss breaks
+    the graph)."""
+    import transformers
 
-    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=VOCAB)
-    return GPT2LMHeadModel(cfg), "ForCausalLM"
-
-
-def _bert():
-    from transformers import BertConfig, BertForMaskedLM
-
-    cfg = BertConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        intermediate_size=256,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-    )
-    return BertForMaskedLM(cfg), "ForMaskedLM"
-
-
-MODELS = {"llama": _llama, "gpt2": _gpt2, "bert": _bert}
+    config_class, model_class, loss, config = MODELS[name]
+    config = getattr(transformers, config_class)(**config, vocab_size=VOCAB)
+    model = getattr(transformers, model_class)(config)
+    model.loss_type = loss
+    return model.train()
 
 
 def saved(model, inputs: dict) -> int:
@@ -75,9 +58,7 @@ def saved(model, inputs: dict) -> int:
 
 def four_modes(name: str, backend: str) -> dict[str, int]:
     torch.manual_seed(0)
-    model, loss = MODELS[name]()
-    model.loss_type = loss  # named: transformers' warning of an unnamed loss breaks the graph
-    model.train()
+    model = build(name)
     ids = torch.randint(0, VOCAB, (2, 32))
     inputs = {"input_ids": ids, "labels": ids}
     out = {}
