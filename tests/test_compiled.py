@@ -5,6 +5,7 @@ weight outside the graph, again after every optimizer step."""
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 import actpatch
 from actpatch import in_place, measure
+from actpatch.kinds import norm as norm_kind
 
 LOSSES = {"llama": "ForCausalLM", "gpt2": "ForCausalLM", "bert": "ForMaskedLM"}
 
@@ -82,3 +84,15 @@ def test_compiled_norm_keeps_its_input_once_an_optimizer_step_makes_its_weight_u
     want = [x.grad, *(p.grad for p in ref.parameters())]
     for g, w in zip(got, want, strict=True):
         assert torch.isfinite(g).all() and torch.allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_norms_are_checked_after_optimizer_steps_until_collected():
+    """Each norm keeping its output is checked after every optimizer step while it lives, in patching
+    order (the same on every rank)."""
+    model = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 16))
+    actpatch.patch_model(model, example_inputs=torch.randn(2, 5, 16))
+    keys = [id(model[0]), id(model[2])]
+    assert [k for k in norm_kind._CHECKED if k in keys] == keys
+    del model
+    gc.collect()
+    assert not set(keys) & set(norm_kind._CHECKED)

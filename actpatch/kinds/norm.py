@@ -90,16 +90,18 @@ class NormFromOutput:
             self.safe.update(norm_output.keeps_output_by_dtype(w, b, self.form))
 
 
-_CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules installed with a NormFromOutput
+# modules installed with a NormFromOutput, in patching order: the same on every rank, whose sharded weights
+# (FSDP2) are gathered in that order
+_CHECKED: dict[int, weakref.ref[nn.Module]] = {}
 _STEP_HOOK: list = []  # the handle of the global optimizer step hook, once registered
 
 
 def check_weights(*_: object) -> None:
     """Every norm keeping its output checks its weight again, for torch.compile (``NormFromOutput.check``);
     run after every ``torch.optim`` optimizer step."""
-    for module in list(_CHECKED):
-        plan = in_place.plan_of(module)
-        if isinstance(plan, NormFromOutput):
+    for ref in list(_CHECKED.values()):
+        module = ref()
+        if module is not None and isinstance(plan := in_place.plan_of(module), NormFromOutput):
             plan.check(module)
 
 
@@ -107,7 +109,9 @@ def _checked_in_training(module: nn.Module) -> None:
     """Check ``module``'s weight now and after every optimizer step."""
     if not _STEP_HOOK:
         _STEP_HOOK.append(register_optimizer_step_post_hook(check_weights))
-    _CHECKED.add(module)
+    key = id(module)
+    if key not in _CHECKED:  # an entry leaves when its module is collected
+        _CHECKED[key] = weakref.ref(module, lambda _: _CHECKED.pop(key, None))
     in_place.plan_of(module).check(module)
 
 
