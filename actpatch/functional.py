@@ -636,15 +636,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "
     return _rms_norm.forward(x, weight, eps, variant)[0]
 
 
-def _keeps_output(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, variant: str) -> bool:
-    """Whether a norm keeps its output: gradient wanted, and ``norm_output.keeps_output`` (cached per weight).
-    Under torch.compile, where the weight cannot be read without breaking the graph, it keeps its input
-    unless ``keep_output=True`` is passed: a weight that becomes unsafe in training is never missed."""
+def _keeps_output(
+    x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, variant: str, weight_safe: bool | None
+) -> bool:
+    """Whether a norm keeps its output: gradient wanted, and ``weight_safe``, the answer of
+    ``norm_output.keeps_output`` (cached per weight) for x's dtype made by the caller outside a compiled graph
+    (``actpatch.kinds.norm``), or None: made here.  Under torch.compile, where the weight cannot be read
+    without breaking the graph, None keeps the input: a weight that becomes unsafe is never missed."""
     params = [t for t in (w, b) if t is not None]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))):
         return False
     if any(t.dtype != x.dtype or t.device != x.device for t in params) and variant not in ("llama", "t5"):
         return False
+    if weight_safe is not None:
+        return weight_safe
     if torch.compiler.is_compiling():
         return False
     return norm_output.keeps_output(w, b, x.dtype, variant)
@@ -657,14 +662,16 @@ def rms_norm_from_output(
     variant: str = "llama",
     *,
     keep_output: bool | None = None,
+    weight_safe: bool | None = None,
 ) -> torch.Tensor:
     """``rms_norm``'s RMSNorm (and ``variant="torch"``: ``F.rms_norm(x, x.shape[-1:], weight, eps)``, eps may
     be None), bitwise, keeping its output and 1/rms where ``keep_output`` (None: decided from the weight, see
-    ``_keeps_output``); otherwise keeping x as ``rms_norm`` does (torch: ``F.rms_norm`` itself)."""
+    ``_keeps_output``, or from ``weight_safe``, its check made by the caller); otherwise keeping x as
+    ``rms_norm`` does (torch: ``F.rms_norm`` itself)."""
     if variant not in norm_output.VARIANTS:
         raise ValueError(f"rms_norm: variant is one of {', '.join(norm_output.VARIANTS)}, got {variant!r}")
     if keep_output is None:
-        keep_output = x.is_floating_point() and _keeps_output(x, weight, None, variant)
+        keep_output = x.is_floating_point() and _keeps_output(x, weight, None, variant, weight_safe)
     if keep_output:
         if torch.compiler.is_compiling():
             return rms_norm_keep_output_op(x, weight, eps, variant)[0]
@@ -684,14 +691,15 @@ def layer_norm(
     eps: float = 1e-5,
     *,
     keep_output: bool | None = None,
+    weight_safe: bool | None = None,
 ) -> torch.Tensor:
     """``F.layer_norm``, bitwise: (x − mean) / √(var + eps) · w + b over the last dim, keeping its output and
-    1/σ where ``keep_output`` (None: decided from w and b, see ``_keeps_output``); otherwise ``F.layer_norm``
-    itself (also for a ``normalized_shape`` of more than the last dim)."""
+    1/σ where ``keep_output`` (None: decided from w and b, see ``_keeps_output``, or from ``weight_safe``);
+    otherwise ``F.layer_norm`` itself (also for a ``normalized_shape`` of more than the last dim)."""
     if tuple(normalized_shape) != tuple(x.shape[-1:]):
         keep_output = False
     elif keep_output is None:
-        keep_output = _keeps_output(x, weight, bias, "layer")
+        keep_output = _keeps_output(x, weight, bias, "layer", weight_safe)
     if not keep_output:
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     if torch.compiler.is_compiling():

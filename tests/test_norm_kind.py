@@ -233,8 +233,8 @@ def test_norms_patched_in_float32_train_under_autocast():
 
 
 def test_compiled_patched_norms_have_no_graph_breaks():
-    """Under torch.compile a norm keeps its input (its weight cannot be checked inside the graph without
-    breaking it): one graph, eager's values and gradients."""
+    """Under torch.compile a norm reads its weight check, made outside the graph: one graph, eager's values
+    and gradients."""
     model = _Block(nn.LayerNorm(16))
     ref = copy.deepcopy(model)
     actpatch.patch_model(model, example_inputs=torch.randn(2, 5, 16))

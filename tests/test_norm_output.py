@@ -183,9 +183,19 @@ def test_zero_weights_mid_training_keep_the_input_and_the_gradient_is_right():
     assert no.keeps_output(w, None, torch.float32, "llama")
 
 
+def test_the_decision_for_every_dtype_at_once_is_each_dtypes():
+    """``keeps_output_by_dtype`` (made outside a compiled graph) answers as ``keeps_output`` per dtype: 1e-5
+    is a normal number's weight in bfloat16 and float32, but gives subnormal y in float16."""
+    w = torch.ones(4)
+    w[1] = 1e-5
+    want = {torch.float32: True, torch.bfloat16: True, torch.float16: False}
+    assert no.keeps_output_by_dtype(w, None, "llama") == want
+    assert {dt: no.keeps_output(w, None, dt, "llama") for dt in want} == want
+
+
 def test_the_decision_is_cached_until_the_weight_changes(monkeypatch):
     w, calls = _w(torch.bfloat16, mean=1.0), []
-    monkeypatch.setattr(no, "safe_weight", lambda *a: calls.append(a) or True)
+    monkeypatch.setattr(no, "_safe_weight_on_device", lambda *a: calls.append(a) or torch.tensor(True))
     for _ in range(3):
         no.keeps_output(w, None, torch.bfloat16, "torch")
     w.add_(0.0)

@@ -38,7 +38,8 @@ such a norm keeps its input instead (apex clamps |w| to eps, silently giving a w
 ``keeps_output`` also refuses where y is coarser than the weight's gradient (gemma, torch, LayerNorm with
 half x and a float32 weight: n̂ would carry y's rounding into a float32 dw that eager computes from x).
 It caches its answer per weight (and bias), checked again only when a tensor's ``_version`` changes (an
-optimizer step, ``copy_``): one host sync per weight change, none per call.
+optimizer step, ``copy_``): one host sync per weight change, none per call; ``keeps_output_by_dtype``
+answers for every y dtype at once (one sync), for callers deciding outside a compiled graph.
 """
 
 from __future__ import annotations
@@ -138,9 +139,14 @@ def layer_norm_jvp(
 def safe_weight(c: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype) -> bool:
     """Whether y of ``dtype`` divided by the divisor c (``rms_norm.factor``) rebuilds x̂ within the bar:
     (|b| + tiny) ≤ K · |c| on every channel (module docstring).  Reads c and b: one host sync."""
+    return bool(_safe_weight_on_device(c, b, dtype))
+
+
+def _safe_weight_on_device(c: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``safe_weight``'s answer as a 0-dim bool tensor on c's device (no host sync)."""
     tiny = torch.finfo(dtype).tiny
     top = tiny if b is None else b.float().abs() + tiny
-    return bool((top <= AMPLIFICATION[dtype] * c.float().abs()).all())
+    return (top <= AMPLIFICATION[dtype] * c.float().abs()).all()
 
 
 _CACHE: dict[tuple, tuple] = {}
@@ -162,19 +168,40 @@ def keeps_output(
     """Whether a norm (``variant``: an RMSNorm's, or "layer") with weight w and bias b may keep its output y
     of ``y_dtype``: y fine enough for the weight's gradient and ``safe_weight``; cached per (w, b), recomputed
     when either's ``_version`` changes (one host sync per change)."""
-    if y_dtype not in AMPLIFICATION:
-        return False
-    if w is not None and variant not in _ROUNDED and torch.finfo(y_dtype).eps > torch.finfo(w.dtype).eps:
-        return False
+    return keeps_output_by_dtype(w, b, variant, (y_dtype,))[y_dtype]
+
+
+def keeps_output_by_dtype(
+    w: torch.Tensor | None,
+    b: torch.Tensor | None,
+    variant: str = "layer",
+    y_dtypes: tuple[torch.dtype, ...] = tuple(AMPLIFICATION),
+) -> dict[torch.dtype, bool]:
+    """``keeps_output`` for each of ``y_dtypes``, those not cached answered together: one host sync."""
+    answers = {dt: dt in AMPLIFICATION and _fine_enough(w, dt, variant) for dt in y_dtypes}
     if w is None and b is None:
-        return True
-    key = (id(w), id(b), y_dtype, variant)
-    hit = _CACHE.get(key)
-    if hit is not None and _fresh(hit[0], w) and _fresh(hit[1], b):
-        return hit[2]
+        return answers
+    asked = []
+    for dt in (dt for dt, ok in answers.items() if ok):
+        hit = _CACHE.get((id(w), id(b), dt, variant))
+        if hit is not None and _fresh(hit[0], w) and _fresh(hit[1], b):
+            answers[dt] = hit[2]
+        else:
+            asked.append(dt)
+    if not asked:
+        return answers
     c = torch.ones((), device=b.device) if w is None else rms_norm.factor(w.detach(), variant)
-    answer = safe_weight(c, None if b is None else b.detach(), y_dtype)
-    if len(_CACHE) >= _CACHE_SIZE:
+    safe = torch.stack([_safe_weight_on_device(c, None if b is None else b.detach(), dt) for dt in asked])
+    safe = safe.full_tensor() if hasattr(safe, "full_tensor") else safe  # a sharded weight's (FSDP2 DTensor)
+    if len(_CACHE) + len(asked) > _CACHE_SIZE:
         _CACHE.clear()
-    _CACHE[key] = (_stamp(w), _stamp(b), answer)
-    return answer
+    for dt, answer in zip(asked, safe.tolist(), strict=True):
+        answers[dt] = answer
+        _CACHE[(id(w), id(b), dt, variant)] = (_stamp(w), _stamp(b), answer)
+    return answers
+
+
+def _fine_enough(w: torch.Tensor | None, y_dtype: torch.dtype, variant: str) -> bool:
+    """Whether y of ``y_dtype`` is as fine as the weight's gradient needs (always, where the forward rounded
+    the normalised tensor before the weight multiplied it)."""
+    return w is None or variant in _ROUNDED or torch.finfo(y_dtype).eps <= torch.finfo(w.dtype).eps

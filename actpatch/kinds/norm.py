@@ -16,6 +16,11 @@ probe (:func:`~actpatch.analysis.norms.keeps`):
 patched when it ran with a float input and a gradient, under no other saved-tensor hooks, and frees more than
 it adds.  A weight with zeros or tiny entries (``actpatch.kernels.norm_output.safe_weight``) keeps the input:
 decided here for the projection, and again in training whenever the weight changes (its version counter).
+Under torch.compile, where reading the weight would break the graph, the check is made outside it, for every
+dtype y may have: at patching and after every step of a ``torch.optim`` optimizer (a global step hook); the
+graph reads the answer as a Python constant (Dynamo guards it: a weight turning unsafe recompiles the graph,
+which then keeps the input).  A weight changed otherwise (``load_state_dict``, ``copy_``) while compiled is
+checked at the next optimizer step, or by :func:`check_weights`.
 
 Replacement: the module's class becomes a same-name subclass running a plan (:mod:`actpatch.in_place`):
 :class:`NormFromOutput` (``actpatch.functional.rms_norm_from_output`` / ``layer_norm``) or
@@ -25,10 +30,12 @@ Replacement: the module's class becomes a same-name subclass running a plan (:mo
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import functional as F
 from .. import in_place
@@ -64,20 +71,55 @@ class InvertedNorm:
 @dataclass(frozen=True)
 class NormFromOutput:
     """A norm's plan keeping its output and 1/σ (``form`` "layer": ``actpatch.functional.layer_norm``, else
-    ``rms_norm_from_output``); where the weight is unsafe to divide by, its input instead."""
+    ``rms_norm_from_output``); where the weight is unsafe to divide by, its input instead.  ``safe``: the
+    weight check per dtype of y, made outside torch.compile's graph (``check``), read inside it."""
 
     form: str
     eps_attr: str
     eps: float | None = None  # when eps_attr is ""
     weight: str = "weight"
+    safe: dict[torch.dtype, bool] = field(default_factory=dict, compare=False, repr=False)
     entry = "forward"
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        w = getattr(module, self.weight, None)
+        w, b = getattr(module, self.weight, None), getattr(module, "bias", None)
         eps = getattr(module, self.eps_attr) if self.eps_attr else self.eps
+        safe = self.safe.get(x.dtype, False) if torch.compiler.is_compiling() else None
         if self.form == "layer":
-            return F.layer_norm(x, x.shape[-1:], w, getattr(module, "bias", None), eps)
-        return F.rms_norm_from_output(x, w, eps, self.form)
+            return F.layer_norm(x, x.shape[-1:], w, b, eps, weight_safe=safe)
+        return F.rms_norm_from_output(x, w, eps, self.form, weight_safe=safe)
+
+    def check(self, module: nn.Module) -> None:
+        """The weight check for every dtype of y (one host sync, none where the weight has not changed); a
+        weight on meta has no values: unchecked, a compiled graph keeps the input until it is."""
+        w, b = getattr(module, self.weight, None), getattr(module, "bias", None)
+        if not any(t is not None and t.is_meta for t in (w, b)):
+            self.safe.update(norm_output.keeps_output_by_dtype(w, b, self.form))
+
+
+# modules installed with a NormFromOutput, in patching order: the same on every rank, whose sharded weights
+# (FSDP2) are gathered in that order
+_CHECKED: dict[int, weakref.ref[nn.Module]] = {}
+_STEP_HOOK: list = []  # the handle of the global optimizer step hook, once registered
+
+
+def check_weights(*_: object) -> None:
+    """Every norm keeping its output checks its weight again, for torch.compile (``NormFromOutput.check``);
+    run after every ``torch.optim`` optimizer step."""
+    for ref in list(_CHECKED.values()):
+        module = ref()
+        if module is not None and isinstance(plan := in_place.plan_of(module), NormFromOutput):
+            plan.check(module)
+
+
+def _checked_in_training(module: nn.Module) -> None:
+    """Check ``module``'s weight now and after every optimizer step."""
+    if not _STEP_HOOK:
+        _STEP_HOOK.append(register_optimizer_step_post_hook(check_weights))
+    key = id(module)
+    if key not in _CHECKED:  # an entry leaves when its module is collected
+        _CHECKED[key] = weakref.ref(module, lambda _: _CHECKED.pop(key, None))
+    in_place.plan_of(module).check(module)
 
 
 class Norms:
@@ -132,6 +174,8 @@ class Norms:
         plan = NormFromOutput if parts.keeps == "output" else InvertedNorm
         module = model.get_submodule(site.path)
         in_place.install(module, plan(parts.form, parts.eps_attr, parts.eps, parts.weight))
+        if plan is NormFromOutput:
+            _checked_in_training(module)
 
     def owns(self, module: nn.Module) -> bool:
         return isinstance(in_place.plan_of(module), InvertedNorm | NormFromOutput)
