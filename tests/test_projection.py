@@ -83,3 +83,20 @@ def test_site_bytes_per_token_sum_to_the_saving():
     report = actpatch.analyze(tiny_model("gpt2"), batch_size=4, seq_len=32)
     per_token = sum(s.saved_bytes_per_token for s in report.sites)
     assert per_token * 4 * 32 == pytest.approx(report.projection.saved_bytes, abs=4 * 32 * len(report.sites))
+
+
+def test_a_dry_run_keeps_grouped_keys_and_values_as_given():
+    """SDPA with enable_gqa on meta: the fused kernel keeps k and v with their own 2 heads, as a GPU's does,
+    not repeated to q's 8 (Llama-3-8B: 12,288 bytes per token per layer)."""
+    from actpatch.analysis.probe import run_probe, storage_key
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    q = torch.randn(1, 8, 16, 4, device="meta", requires_grad=True)
+    k, v = (torch.randn(1, 2, 16, 4, device="meta", requires_grad=True) for _ in range(2))
+    probe = run_probe(Attention(), (q, k, v), {}, torch.float32)
+    kept = {s.storage: s.nbytes for s in probe.saved}
+    assert {storage_key(t) for t in (q, k, v)} <= set(kept)
+    assert sorted(kept.values()).count(q.numel() * 4) == 2  # q and the output; no k or v of 8 heads

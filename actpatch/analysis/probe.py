@@ -380,15 +380,37 @@ def fused_sdpa(
 
     On meta, ``F.scaled_dot_product_attention`` falls back to the math path, which keeps the
     [batch, heads, seq, seq] attention probabilities; a GPU training run uses a fused kernel that keeps
-    only q, k, v, the output and the log-sum-exp.  Dry runs assume the fused kernel.
+    only q, k, v, the output and the log-sum-exp.  Dry runs assume the fused kernel.  With ``enable_gqa``
+    (fewer k/v heads than q heads) the GPU keeps k and v as given, not repeated to q's heads
+    (:class:`_GroupedAttention`).
     """
     if enable_gqa and key.shape[-3] != query.shape[-3]:
-        groups = query.shape[-3] // key.shape[-3]
-        key, value = key.repeat_interleave(groups, -3), value.repeat_interleave(groups, -3)
+        return _GroupedAttention.apply(query, key, value, attn_mask, dropout_p, is_causal, scale)
     out = torch.ops.aten._scaled_dot_product_efficient_attention(
         query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale
     )
     return out[0]
+
+
+class _GroupedAttention(torch.autograd.Function):
+    """Grouped-query attention on meta tensors, keeping what the efficient kernel keeps with k and v as
+    given: the efficient kernel runs on k and v repeated to q's heads, autograd keeps q, k, v, the output,
+    the log-sum-exp and the philox state (a probe never runs the backward)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale):
+        groups = query.shape[-3] // key.shape[-3]
+        k, v = key.repeat_interleave(groups, -3), value.repeat_interleave(groups, -3)
+        out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, k, v, attn_mask, True, dropout_p, is_causal, scale=scale
+        )
+        mask = (attn_mask,) if isinstance(attn_mask, torch.Tensor) else ()
+        ctx.save_for_backward(query, key, value, out, lse, seed, offset, *mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("actpatch's probe forward keeps no tensors for backward; do not backpropagate it")
 
 
 def fused_dropout(input, p=0.5, training=True, inplace=False):
