@@ -212,3 +212,12 @@ def test_a_rebound_site_is_saved_in_the_manifest_and_reapplied(tmp_path):
     assert "lm_head:GELUActivation" in recorded
     loaded = manifest.load_patched(tmp_path / "out")
     assert isinstance(in_place.plan_of(loaded.lm_head), rebind.Rebinding)
+
+
+def test_a_relu_gating_a_product_is_not_taken_for_a_square():
+    class ReGlu(GptMlp):
+        def forward(self, x):
+            return self.proj(F.relu(self.fc(x)) * self.fc(x))
+
+    report = actpatch.analyze(ReGlu(), example_inputs=torch.randn(2, D))
+    assert [(s.path, s.reason) for s in report.sites] == [(":relu", "relu already keeps only its output")]

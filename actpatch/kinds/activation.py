@@ -90,7 +90,8 @@ class Activations:
             gains = [gain(e, calls_of(e.probe, site.path), site.activation) for e in walk.evidences]
             found = Site(site.path, site.activation, _consumer(evidence, site), reason is None, reason)
             holds = frozenset(c.output_storage for c in site.calls)
-            decided.append(Decision(found, gains, rebinding(site), source=site, holds=holds))
+            parts = rebinding(site) if reason is None else None
+            decided.append(Decision(found, gains, parts, source=site, holds=holds))
 
     def install(self, model: nn.Module, site: Site, parts: rebind.Rebinding | None) -> None:
         if parts is not None:
@@ -116,8 +117,8 @@ def site_paths(path: str, module: nn.Module) -> list[str]:
 
 
 def rebinding(site: ActivationSite) -> rebind.Rebinding | None:
-    """The plan rebinding a call by name (None for a module site, or one that cannot be rebound)."""
-    if site.kind == "module" or _by_name_reason(site) is not None:
+    """The plan rebinding a call by name, for a site to patch (None for a module site)."""
+    if site.kind == "module":
         return None
     target = site.target()
     by_formula = isinstance(target, nn.Module) and not runs_torch_op(target, site.activation)
@@ -197,9 +198,10 @@ def basic_reason(site: ActivationSite, by_name: bool = True) -> str | None:
 
 
 def _squared(call: Call) -> bool:
-    """A call whose output only a square (``square``, ``pow``, ``**``, ``x * x``) uses."""
+    """A call whose output only a square (``square``, ``pow``, ``**``) uses (not ``mul``: ReGLU's
+    relu(a) * b would pass for x * x)."""
     ops = [c.rpartition(" (")[2].rstrip(")") for c in call.consumers]
-    return bool(ops) and all(op in ("square", "pow", "mul") for op in ops)
+    return bool(ops) and all(op in ("square", "pow") for op in ops)
 
 
 def _by_name_reason(site: ActivationSite) -> str | None:
