@@ -26,6 +26,14 @@ keep that output (shared with the Linear after it) and 1/σ, where the weight al
 its mask as ceil(n/8) bytes of bits instead of a byte (CUDA) or a noise value (CPU) per element; its
 gradient is torch's, bitwise (``actpatch.kernels.dropout``).
 
+``autocast_input(x)`` returns x as autocast casts it for a lower-precision op (``linear``, ``matmul``) on x's
+device, and the same cast, bitwise and in the same storage, to every op given the same x (the same tensor
+object, not modified in place since): eager autocast casts x once per op, and each op keeps its own copy
+for backward (q, k and v projections of one hidden state: three).  Each call is a node of its own whose
+backward casts the gradient back to x's dtype, as autograd's own cast does, so the gradients summed into x
+are eager's, bitwise.  Outside autocast, without grad, under torch.compile (which merges the casts itself)
+or a torch.func transform, x is returned as it is (the op then casts it as usual).
+
 ``relu_squared(x)`` returns ``torch.square(F.relu(x))`` bitwise and keeps only its output y (shared with the
 Linear after it) where eager keeps relu's output too; its gradient, from r = √y rounded to x's dtype, is
 eager's bitwise wherever y is a normal number (``actpatch.kernels.relu_squared``).
@@ -39,6 +47,7 @@ from collections.abc import Callable, Hashable
 import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .activations import ACTIVATIONS
 from .activations.sigmoid_gated import QUICK_GELU_SCALE, quick_gelu_forward
@@ -720,3 +729,44 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Ten
             return ActpatchDropout.apply(x, float(p))[0]
         return ActpatchEagerDropout.apply(x, float(p))
     return F.dropout(x, p, training)
+
+
+@_eager
+class ActpatchCastOf(torch.autograd.Function):
+    """``cast``, x's cast made without autograd, as a new alias (its own node; the storage shared): backward
+    casts the gradient to x's dtype, as autograd's ToCopyBackward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cast: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = x.dtype
+        return cast.view_as(cast)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.to(ctx.dtype), None
+
+
+# x -> (x's version, weakref to its cast); the cast lives while an op keeps an alias of it for backward
+_CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x cast as autocast casts a lower-precision op's input on x's device, one cast per x for every op."""
+    device = x.device.type
+    if (
+        not torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or device not in ("cuda", "cpu", "xpu")
+        or not torch.is_autocast_enabled(device)
+        or _transformed(x)
+    ):
+        return x
+    dtype = torch.get_autocast_dtype(device)
+    if not x.is_floating_point() or x.dtype in (dtype, torch.float64):
+        return x
+    kept = _CASTS.get(x)
+    cast = kept[1]() if kept is not None and kept[0] == x._version else None
+    if cast is None or cast.dtype != dtype:
+        cast = x.detach().to(dtype)
+        _CASTS[x] = (x._version, weakref.ref(cast))
+    return ActpatchCastOf.apply(x, cast) if x.requires_grad else cast

@@ -96,13 +96,16 @@ def build_manifest(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
 ) -> Manifest:
-    """The manifest of ``model`` as patched according to ``report`` (a PatchReport)."""
+    """The manifest of ``model`` as patched according to ``report`` (a PatchReport); sites of a contextual
+    kind (shared autocast casts) are not recorded: ``patch_model`` under the same context finds them."""
     from . import __version__
+    from .kinds import KINDS
 
+    contextual = {k.name for k in KINDS if getattr(k, "contextual", False)}
     sites = [
         ManifestSite(s.path, s.activation, _module_class(model, s.path), s.kind)
         for s in report.sites
-        if s.patched
+        if s.patched and s.kind not in contextual
     ]
     return Manifest(
         sites=sites,

@@ -253,17 +253,21 @@ def input_group(probe: ProbeResult, call: Call) -> list[Call]:
     alone would leave to the others.  Each is credited an equal share of x (:func:`gain`); one left keeping
     its input for another reason (a weight unsafe to divide by, include/exclude) leaves x kept, and the
     projection then counts the others' shares too many."""
-    return [
-        c for c in probe.watched_calls if c.input_storage == call.input_storage and output_saved(probe, c)
-    ]
+    return [c for c in _norm_calls(probe) if c.input_storage == call.input_storage and output_saved(probe, c)]
 
 
 def output_saved(probe: ProbeResult, call: Call) -> bool:
     """Whether an op outside ``call`` and outside every other watched module (a norm that may come to keep
     its own output instead of this input, BLOOM's and CLIP's first norms feeding the next) saves its
     output."""
-    watched = {id(c) for c in probe.watched_calls}
+    watched = {id(c) for c in _norm_calls(probe)}
     return any(s.storage == call.output_storage and not (s.inside & watched) for s in probe.saved)
+
+
+def _norm_calls(probe: ProbeResult) -> list[Call]:
+    """The watched calls of modules that may be norms: not the Linears watched for their casts
+    (:mod:`actpatch.analysis.casts`), which save a norm's output as any later op does."""
+    return [c for c in probe.watched_calls if not isinstance(c.module, nn.Linear)]
 
 
 def gain(probe: ProbeResult, call: Call, kept: str) -> Bytes:

@@ -77,6 +77,9 @@ class SavedTensor:
     scalable: bool  # floating point in the model's dtype: scaled to the projection dtype
     where: str  # "<module path> (<op>)"
     inside: frozenset[int]  # ids of the activation calls open when it was saved (their own saves)
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype | None = None
+    of_parameter: bool = False  # a parameter's copy made with autograd (autocast's cast of a weight)
 
 
 @dataclass(eq=False)
@@ -99,6 +102,9 @@ class Call:
     parents: frozenset[int] = frozenset()  # ids of the calls open when this one started
     input_nbytes: int = 0  # its input's storage (norm calls)
     input_scalable: bool = False  # and whether that is in the model's dtype
+    input_id: int = 0  # the input tensor object (watched calls; alive while the probe runs)
+    input_shape: tuple[int, ...] = ()
+    input_dtype: torch.dtype | None = None
     function: Any = None  # the function a functional call ran (``F.gelu``)
 
 
@@ -208,6 +214,7 @@ class _Probe(TorchFunctionMode):
             self._open(call)
         elif isinstance(x, torch.Tensor) and x.is_floating_point() and id(module) in self.watched:
             call = Call(path, kind, module, None, storage_key(x), input_nbytes=storage_nbytes(x))
+            call.input_id, call.input_shape, call.input_dtype = id(x), tuple(x.shape), x.dtype
             call.input_scalable = x.dtype == self.model_dtype
             self.watched_inputs.append((call, x, x._version))
             self._open(call)
@@ -318,7 +325,9 @@ class _Probe(TorchFunctionMode):
         op = self.ops[-1].strip("_") if self.ops else "?"
         scalable = t.is_floating_point() and t.dtype == self.model_dtype
         inside = frozenset(id(c) for c in self.open)
-        self.saved.append(SavedTensor(storage_key(t), storage_nbytes(t), scalable, f"{here} ({op})", inside))
+        saved = SavedTensor(storage_key(t), storage_nbytes(t), scalable, f"{here} ({op})", inside)
+        saved.shape, saved.dtype, saved.of_parameter = tuple(t.shape), t.dtype, _parameter_copy(t)
+        self.saved.append(saved)
         self.keep.append(t)  # alive until finish(): no storage is reused (and re-keyed) mid-probe
         # Nothing for the graph to hold: a node saving its own output through a hook that returns the
         # tensor forms a cycle the garbage collector cannot see, which kept the whole probe graph (every
@@ -336,6 +345,19 @@ class _Probe(TorchFunctionMode):
         self.watched_inputs.clear()
         self.keep.clear()
         self.outputs.clear()
+
+
+def _parameter_copy(t: torch.Tensor) -> bool:
+    """Whether ``t`` was made from a parameter by a chain of one-input ops with autograd (autocast's cast of a
+    weight, or a transposed view of it)."""
+    fn = t.grad_fn
+    for _ in range(3):
+        if fn is None or len(fn.next_functions) != 1:
+            return False
+        fn = fn.next_functions[0][0]
+        if type(fn).__name__ == "AccumulateGrad":
+            return isinstance(fn.variable, nn.Parameter)
+    return False
 
 
 def stays_identity(module: nn.Module) -> bool:

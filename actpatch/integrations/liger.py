@@ -157,7 +157,10 @@ def settle(report: PatchReport, model: nn.Module, viewed: list[Viewed]) -> Patch
 
 
 def _leave_to_liger(site: Site, owner: Viewed) -> None:
-    """Decide one site of a viewed module: actpatch's where it keeps less, else Liger's."""
+    """Decide one site of a viewed module: actpatch's where it keeps less, else Liger's (a Linear sharing a
+    cast stays actpatch's: Liger's forward calls it as a module all the same)."""
+    if site.kind == "cast":
+        return
     if owner.added and site.path.startswith(f"{owner.path}.{owner.added}"):
         site.path = f"{owner.path}:{owner.name}"  # the view's act_fn is gone: the site is the fused kernel
     gated_less = site.kind == "gated" and site.consumer is not None  # Liger keeps gate, up and the product

@@ -31,6 +31,12 @@ def _training_dtype(args: TrainingArguments) -> torch.dtype | None:
     return None
 
 
+def _float32_master(model: torch.nn.Module) -> bool:
+    """Float32 weights under mixed precision: the forward runs under autocast (accelerate wraps it), so the
+    probe sees what the step keeps — float32 where it stays float32 — and the projection keeps its dtype."""
+    return all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
+
+
 def summarize(report: Any) -> str:
     """One line: sites patched and the projected activation memory before -> after."""
     patched = sum(1 for s in report.sites if s.patched)
@@ -58,7 +64,9 @@ class ActPatchCallback(TrainerCallback):
 
     Keyword arguments go to :func:`actpatch.patch_model` (``include``, ``exclude``, ``seq_len``, ...);
     ``batch_size`` defaults to ``args.per_device_train_batch_size`` and ``dtype`` to bf16/fp16 when the
-    TrainingArguments ask for mixed precision.
+    TrainingArguments ask for it and the weights are not float32 (with float32 weights the Trainer's
+    autocast runs the probe, which then sees the step as it is: the autocast casts, shared where several
+    Linears read one tensor).
     """
 
     def __init__(self, *, save_manifest: bool = True, **patch_kwargs: Any) -> None:
@@ -82,7 +90,7 @@ class ActPatchCallback(TrainerCallback):
         kw = dict(self.patch_kwargs)
         kw.setdefault("batch_size", args.per_device_train_batch_size)
         dtype = _training_dtype(args)
-        if dtype is not None:
+        if dtype is not None and not _float32_master(model):
             kw.setdefault("dtype", dtype)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):

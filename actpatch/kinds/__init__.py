@@ -5,7 +5,8 @@ protocol the walker loops over: ``watch``, ``decide``) and what it installs (``i
 recognise its own work; :mod:`actpatch.swap` or :mod:`actpatch.in_place` undo it).  Its ``option`` is the
 keyword of ``analyze``/``patch_model`` and the ``--option/--no-option`` flag of the CLI choosing it
 (``default`` when not given; "" for a kind always on), ``label`` names its sites in the report, ``help``
-describes the flag.
+describes the flag; a ``contextual`` kind's sites depend on the run's context (autocast), and manifests do
+not record them.
 
     KINDS                 in decision order: a kind may amend the decisions of those before it
     options()             option -> default, for every kind with one
@@ -20,11 +21,12 @@ from torch import nn
 from ..report import KIND_LABELS
 from .activation import Activations
 from .activation import site_paths as site_paths
+from .cast import Casts
 from .dropout import Dropouts
 from .gated import Gated
 from .norm import Norms
 
-KINDS = (Activations(), Gated(), Norms(), Dropouts())
+KINDS = (Activations(), Gated(), Norms(), Dropouts(), Casts())
 KIND_LABELS.update({k.name: k.label for k in KINDS})
 
 
