@@ -1,7 +1,7 @@
 """Fused Triton kernels vs torch's own activation kernels: time, bandwidth, >2^31 elements, accuracy on GPU.
 
     python benchmarks/kernels.py [--device cuda] [--shape 8192 14336] [--sweep] [--accuracy] [--large]
-                                 [--gated] [--input bf16-normal|normal2] [--rounds 3]
+                                 [--gated] [--sweep-gated] [--input bf16-normal|normal2] [--rounds 3]
     python benchmarks/kernels.py --device cpu --quick       # smoke test (Triton interpreter)
 
 The figure that counts, "public": forward + backward through the public path, ``torch.autograd.grad`` of
@@ -15,7 +15,9 @@ input: public minus kernel fwd+bwd is what the public path adds.
 
 Bytes the kernels must move, per element of size s bytes: forward reads x, writes y and 1/8 byte of bits
 (2s + 1/8); backward reads y, dy and the bits, writes dx (3s + 1/8).  "% copy" is that count over the time,
-divided by the device-to-device copy bandwidth measured in the same run (bytes read + written).
+divided by the device-to-device copy bandwidth measured in the same run (bytes read + written).  The gated
+products (``--gated``) move 4s + 1/4 bytes an element forward (read a, b; write m, k and two bit masks)
+and 5s + 1/4 backward (read dm, m, k, the masks; write da, db).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from actpatch.activations import ACTIVATIONS, inverse_table
 from actpatch.activations.sigmoid_gated import quick_gelu_forward
 from actpatch.kernels import reference
 from actpatch.kernels import triton as tk
+from actpatch.kernels import triton_gated as tg
 from actpatch.kernels.bits import packed_size
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -204,15 +207,55 @@ def sweep(args, copy_bw: float) -> dict:
     return out
 
 
+def gated_inputs(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, b, dm) for the gated products: bf16 standard normals, seeded."""
+    g = torch.Generator(device=args.device).manual_seed(0)
+    return tuple(
+        torch.randn(args.shape, device=args.device, generator=g).to(torch.bfloat16) for _ in range(3)
+    )
+
+
+def sweep_gated(args) -> dict:
+    """Rows per program x warps of the gated products' kernels on silu_mul and gelu_mul, forward and backward
+    apart (the shapes with the least total time in each direction are kept for the run)."""
+    a, b, dm = gated_inputs(args)
+    names = ("silu", "gelu")
+    saved = {name: tg.forward(a, b, name) for name in names}
+    out: dict = {"forward": [], "backward": []}
+    for rows, warps in ((64, 1), (64, 2), (128, 2), (128, 4), (256, 2), (256, 4), (256, 8), (512, 8)):
+        tg.FORWARD_ROWS, tg.FORWARD_WARPS = tg.BACKWARD_ROWS, tg.BACKWARD_WARPS = rows, warps
+        f = [bench(lambda name=name: tg.forward(a, b, name), args.device, args.quick) for name in names]
+        bw = [
+            bench(lambda name=name: tg.backward(dm, *saved[name], name), args.device, args.quick)
+            for name in names
+        ]
+        out["forward"].append((sum(f), rows, warps, f))
+        out["backward"].append((sum(bw), rows, warps, bw))
+        print(
+            f"sweep gated rows {rows:4d} warps {warps}: fwd silu {f[0]:.4f} gelu {f[1]:.4f}"
+            f" | bwd silu {bw[0]:.4f} gelu {bw[1]:.4f} ms",
+            flush=True,
+        )
+    (_, tg.FORWARD_ROWS, tg.FORWARD_WARPS, _), (_, tg.BACKWARD_ROWS, tg.BACKWARD_WARPS, _) = (
+        min(out["forward"]),
+        min(out["backward"]),
+    )
+    out["chosen"] = {
+        "forward": [tg.FORWARD_ROWS, tg.FORWARD_WARPS],
+        "backward": [tg.BACKWARD_ROWS, tg.BACKWARD_WARPS],
+    }
+    print(f"sweep gated chose (rows, warps): {out['chosen']}", flush=True)
+    return out
+
+
 def gated_table(args, copy_bw: float) -> list[dict]:
     """silu_mul / gelu_mul (triton_gated) against eager act(a) * b, forward and forward+backward, bf16."""
     from actpatch.kernels import gated
-    from actpatch.kernels import triton_gated as tg
 
     rows = []
-    g = torch.Generator(device=args.device).manual_seed(0)
-    a, b, dm = (torch.randn(args.shape, device=args.device, generator=g).to(torch.bfloat16) for _ in range(3))
+    a, b, dm = gated_inputs(args)
     n, s = a.numel(), a.element_size()
+    fwd_bytes, bwd_bytes = n * (4 * s + 1 / 4), n * (5 * s + 1 / 4)
     for name in gated.GATED:
         m, k, bits = tg.forward(a, b, name)
 
@@ -237,11 +280,13 @@ def gated_table(args, copy_bw: float) -> list[dict]:
             la, lb = a.clone(), b.clone()  # Liger's backward writes da, db over its a, b
             r["liger_fwdbwd_ms"] = bench(lambda: liger(la, lb, dm), args.device, args.quick)  # noqa: B023
             r["ratio_vs_liger"] = r["ours_fwdbwd_ms"] / r["liger_fwdbwd_ms"]
-        moved = n * (4 * s + 1 / 4) + n * (5 * s + 1 / 4)  # a, b -> m, k, bits; dm, m, k, bits -> da, db
-        r["fwdbwd_pct_copy"] = 100 * moved / (r["ours_fwdbwd_ms"] * 1e-3) / copy_bw
+        for key, moved in (("fwd", fwd_bytes), ("bwd", bwd_bytes), ("fwdbwd", fwd_bytes + bwd_bytes)):
+            r[f"{key}_pct_copy"] = 100 * moved / (r[f"ours_{key}_ms"] * 1e-3) / copy_bw
+        r["floor_fwdbwd_ms"] = (fwd_bytes + bwd_bytes) / copy_bw * 1e3
         print(
             f"{name + '_mul':<14} bf16 ours fwd {r['ours_fwd_ms']:.4f} bwd {r['ours_bwd_ms']:.4f} "
-            f"fwd+bwd {r['ours_fwdbwd_ms']:.4f} ms ({r['fwdbwd_pct_copy']:.0f}% copy) | eager fwd "
+            f"fwd+bwd {r['ours_fwdbwd_ms']:.4f} ms ({r['fwd_pct_copy']:.0f}/{r['bwd_pct_copy']:.0f}/"
+            f"{r['fwdbwd_pct_copy']:.0f}% copy; floor {r['floor_fwdbwd_ms']:.4f}) | eager fwd "
             f"{r['torch_fwd_ms']:.4f} fwd+bwd {r['torch_fwdbwd_ms']:.4f} | x{r['ratio_vs_torch']:.3f}"
             + (f" | Liger fwd+bwd {r['liger_fwdbwd_ms']:.4f} x{r['ratio_vs_liger']:.3f}" if liger else ""),
             flush=True,
@@ -336,6 +381,7 @@ def main() -> int:
     p.add_argument("--large", action="store_true", help="correctness on more than 2^31 elements")
     p.add_argument("--accuracy", action="store_true", help="accuracy criterion on this device's output")
     p.add_argument("--gated", action="store_true", help="the gated products' kernels against eager, bf16")
+    p.add_argument("--sweep-gated", action="store_true", help="launch shapes of the gated products' kernels")
     p.add_argument("--input", choices=list(INPUTS), default="bf16-normal", help="the activations' input")
     p.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds of public, torch, kernels fwd+bwd (medians)"
@@ -353,11 +399,15 @@ def main() -> int:
     print(f"{res['device']}: copy bandwidth {copy_bw / 1e12:.3f} TB/s (read + write)", flush=True)
     if args.sweep:
         res["sweep"] = sweep(args, copy_bw)
+    if args.sweep_gated:
+        res["sweep_gated"] = sweep_gated(args)
     res["launch"] = {
         "forward": [tk.FORWARD_ROWS, tk.FORWARD_WARPS],
         "backward": [tk.BACKWARD_ROWS, tk.BACKWARD_WARPS],
         "lookup_forward": [tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS],
         "lookup_backward": [tk.LOOKUP_BACKWARD_ROWS, tk.LOOKUP_BACKWARD_WARPS],
+        "gated_forward": [tg.FORWARD_ROWS, tg.FORWARD_WARPS],
+        "gated_backward": [tg.BACKWARD_ROWS, tg.BACKWARD_WARPS],
     }
     res["kernels"] = kernel_table(args, copy_bw)
     if args.gated:

@@ -7,10 +7,14 @@ backward(dm, m, k, bits)   reads them once; writes da and db once.
 The arithmetic is ``gated.py``'s, element by element, in float32 with the dtype's roundings where torch
 rounds: act(a) as torch's own CUDA kernels compute it (``act``), rounded to the dtype; the product of the
 rounded values, rounded; in backward, b = m / act(a) rounded to the dtype, clamped to its finite range,
-and act'(a) as torch's silu_backward / gelu_backward compute it (``act_grad``).  Tiles are [ROWS, 8] as
-in ``triton.py``, so each bit-mask byte belongs to one tile row.  Under Triton's interpreter (only with
-TRITON_INTERPRET=1, where nested kernels work) float32 and float16 match torch; bfloat16 is rounded by
-truncation there, so it is checked on the GPU only.
+and act'(a) as torch's silu_backward / gelu_backward compute it (``act_grad``).  Compiled, the backward
+takes b = m / act(a) and the sigmoid of SiLU' with the hardware's approximate reciprocal, and GELU's
+density exp(-a²/2) with its approximate exp (a few float32 ulp each, where torch divides and exponentiates
+to 0.5-1 ulp: the result is rounded to bf16/fp16, and float32 da stays within 1e-5 of its scale); act(a)
+itself, and so db = dm · act(a), stays torch's bitwise.  Tiles are [ROWS, 8] as in ``triton.py``, so each
+bit-mask byte belongs to one tile row; offsets are 32-bit below 2^31 elements.  Under Triton's interpreter
+(only with TRITON_INTERPRET=1, where nested kernels work) float32 and float16 match torch; bfloat16 is
+rounded by truncation there, so it is checked on the GPU only.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ from .gated import KEEP_B_BELOW
 from .triton import _kernel, _launch, libdevice
 
 GATED_CODES = {"gelu": 0, "gelu_tanh": 1, "silu": 2}
-ROWS, WARPS = 64, 2
+# Launch shapes, ROWS rows of 8 elements per program with this many warps (benchmarks/kernels.py
+# --sweep-gated, H200)
+FORWARD_ROWS, FORWARD_WARPS = 64, 2
+BACKWARD_ROWS, BACKWARD_WARPS = 64, 2
 
 
 @triton.jit
@@ -51,6 +58,16 @@ def _tanh(x, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
+def _rcp(x, LIBDEVICE: tl.constexpr):
+    """1 / x; compiled, the hardware's approximation (1 ulp; 0 past 2^126, as subnormals flush)."""
+    if LIBDEVICE:
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    return 1.0 / x
+
+
+@triton.jit
 def act(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr):
     """act(x) in float32, written as torch's CUDA kernels write it."""
     if ACT == 0:  # GELU: x * 0.5 * (1 + erf(x * M_SQRT1_2))
@@ -66,20 +83,21 @@ def act_grad(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr):
     """act'(x) in float32, written as torch's gelu_backward / silu_backward CUDA kernels write it."""
     if ACT == 0:  # cdf + x * pdf, pdf = exp(-x^2 / 2) / sqrt(2 pi)
         cdf = 0.5 * (1.0 + _erf(x * 0.7071067811865476, LIBDEVICE))
-        return cdf + x * (_exp(-0.5 * x * x, LIBDEVICE) * 0.3989422804014327)
+        return cdf + x * (tl.exp(-0.5 * x * x) * 0.3989422804014327)  # exp to a few ulp
     elif ACT == 1:
         inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
         t = _tanh(inner, LIBDEVICE)
         dinner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
         return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
-    else:  # sigmoid * (1 + x * (1 - sigmoid))
-        s = tl.math.div_rn(1.0, 1.0 + _exp(-x, LIBDEVICE))
+    else:  # sigmoid * (1 + x * (1 - sigmoid)), the sigmoid to 1 ulp
+        s = _rcp(1.0 + _exp(-x, LIBDEVICE), LIBDEVICE)
         return s * (1.0 + x * (1.0 - s))
 
 
 @triton.jit
 def _tile(n_elements, row_start, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr):
-    rows = row_start + tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    index = n_elements.dtype  # int32 below 2^31 elements (as Triton passes n), else int64
+    rows = row_start + tl.program_id(0).to(index) * ROWS + tl.arange(0, ROWS).to(index)
     cols = tl.arange(0, 8)
     offs = rows[:, None] * 8 + cols[None, :]
     if FULL_ROWS:  # one mask per row of 8: loads and stores stay vectors
@@ -127,7 +145,8 @@ def _backward_kernel(
     dmf = dm.to(tl.float32)
     a = tl.where(keep_b, 0.0, k)
     s = act(a, ACT, LIBDEVICE).to(dm.dtype).to(tl.float32)
-    ratio = tl.minimum(tl.maximum(tl.math.div_rn(m, s), -top), top)  # NaN stays NaN
+    # m / s to 2 ulp: |s| >= T, so s / 4 and 4 / s are normal (1 / s past 2^126 stays subnormal, not 0)
+    ratio = tl.minimum(tl.maximum(m * (_rcp(s * 0.25, LIBDEVICE) * 0.25), -top), top)  # NaN stays NaN
     b = tl.where(keep_b, k, ratio).to(dm.dtype).to(tl.float32)
     db = dmf * tl.where(keep_b, 0.0, s)
     grad_s = (dmf * b).to(dm.dtype).to(tl.float32)
@@ -146,7 +165,10 @@ def forward(a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, 
         kernel, compiled = _kernel(_forward_kernel, a.device)
         args = (a, b, m, k, bits, n, packed_size(n))
         keep = KEEP_B_BELOW[a.dtype]
-        _launch(kernel, n, ROWS, WARPS, args, keep_below=keep, ACT=GATED_CODES[name], LIBDEVICE=compiled)
+        _launch(
+            kernel, n, FORWARD_ROWS, FORWARD_WARPS, args, keep_below=keep, ACT=GATED_CODES[name],
+            LIBDEVICE=compiled,
+        )  # fmt: skip
     return m, k, bits
 
 
@@ -161,5 +183,7 @@ def backward(
         kernel, compiled = _kernel(_backward_kernel, dm.device)
         top = float(torch.finfo(dm.dtype).max)
         args = (dm, m.contiguous(), k.contiguous(), bits, da, db, n, packed_size(n))
-        _launch(kernel, n, ROWS, WARPS, args, top=top, ACT=GATED_CODES[name], LIBDEVICE=compiled)
+        _launch(
+            kernel, n, BACKWARD_ROWS, BACKWARD_WARPS, args, top=top, ACT=GATED_CODES[name], LIBDEVICE=compiled
+        )  # fmt: skip
     return da, db
