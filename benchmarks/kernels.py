@@ -222,7 +222,7 @@ def sweep_gated(args) -> dict:
     names = ("silu", "gelu")
     saved = {name: tg.forward(a, b, name) for name in names}
     out: dict = {"forward": [], "backward": []}
-    for rows, warps in ((64, 1), (64, 2), (128, 2), (128, 4), (256, 2), (256, 4), (256, 8), (512, 8)):
+    for rows, warps in ((32, 2), (64, 1), (64, 2), (64, 4), (128, 4), (128, 8), (256, 4), (256, 8)):
         tg.FORWARD_ROWS, tg.FORWARD_WARPS = tg.BACKWARD_ROWS, tg.BACKWARD_WARPS = rows, warps
         f = [bench(lambda name=name: tg.forward(a, b, name), args.device, args.quick) for name in names]
         bw = [
@@ -376,7 +376,13 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     p.add_argument("--shape", type=int, nargs="+", default=[8192, 14336])
-    p.add_argument("--dtypes", nargs="+", default=list(DTYPES))
+    p.add_argument(
+        "--dtypes",
+        nargs="*",
+        choices=list(DTYPES),
+        default=list(DTYPES),
+        help="the activations' (none: none)",
+    )
     p.add_argument("--sweep", action="store_true", help="launch shapes and table sizes, first of --dtypes")
     p.add_argument("--large", action="store_true", help="correctness on more than 2^31 elements")
     p.add_argument("--accuracy", action="store_true", help="accuracy criterion on this device's output")
@@ -388,6 +394,8 @@ def main() -> int:
     )
     p.add_argument("--json", help="write all results here")
     args = p.parse_args()
+    if args.sweep and not args.dtypes:
+        p.error("--sweep sweeps the first of --dtypes: name one")
     if args.quick:
         args.shape = [37, 129]
     ok = True

@@ -19,8 +19,7 @@ torch's own op's bitwise, and dx the reference's.  The arithmetic above runs for
 float16 forwards of ``ARITHMETIC_FLOAT16`` where it is checked to give torch's y on every float16 value.
 
 Each program handles ROWS × 8 elements as a [ROWS, 8] tile, so one bits byte belongs to one tile row:
-the forward packs a row with an in-register sum, the backward loads one byte per row.  Offsets are
-32-bit below 2^31 elements, 64-bit above.
+the forward packs a row with an in-register sum, the backward loads one byte per row.  Offsets are 64-bit.
 
 Importing this module raises ImportError when Triton is missing (ops.py then keeps the PyTorch path).
 """
@@ -85,8 +84,8 @@ def _forward_kernel(
     BF16_BY_HAND: tl.constexpr,
 ):
     """y = f(x) in float32 (rounded once, or as torch's eager ops round); bits = pack([x >= x*])."""
-    index = n_elements.dtype  # int32 below 2^31 elements (as Triton passes n), else int64
-    rows = row_start + tl.program_id(0).to(index) * ROWS + tl.arange(0, ROWS).to(index)
+    pid = tl.program_id(0).to(tl.int64)
+    rows = row_start + pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = tl.arange(0, 8)
     offs = rows[:, None] * 8 + cols[None, :]
     if FULL_ROWS:  # one mask per row of 8: loads and stores stay 16-byte vectors
@@ -182,8 +181,8 @@ def _backward_kernel(
     BF16_BY_HAND: tl.constexpr,
 ):
     """dx = dy · g_b(y); coef: the [DEG + 1, STRIDE] float32 table (power j of interval i at j STRIDE + i)."""
-    index = n_elements.dtype  # int32 below 2^31 elements (as Triton passes n), else int64
-    rows = row_start + tl.program_id(0).to(index) * ROWS + tl.arange(0, ROWS).to(index)
+    pid = tl.program_id(0).to(tl.int64)
+    rows = row_start + pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = tl.arange(0, 8)
     offs = rows[:, None] * 8 + cols[None, :]
     if FULL_ROWS:  # one mask per row of 8: loads and stores stay 16-byte vectors
@@ -267,8 +266,8 @@ def _forward_lookup_kernel(
     FP16: tl.constexpr,
 ):
     """16-bit x and y as int16: y = table[x's bits]; bits = pack([x >= x*]), x read as bf16 or fp16."""
-    index = n_elements.dtype  # int32 below 2^31 elements (as Triton passes n), else int64
-    rows = row_start + tl.program_id(0).to(index) * ROWS + tl.arange(0, ROWS).to(index)
+    pid = tl.program_id(0).to(tl.int64)
+    rows = row_start + pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = tl.arange(0, 8)
     offs = rows[:, None] * 8 + cols[None, :]
     if FULL_ROWS:  # one mask per row of 8: loads and stores stay 16-byte vectors
@@ -302,8 +301,8 @@ def _backward_lookup_kernel(
     BF16_BY_HAND: tl.constexpr,
 ):
     """dx = dy · table[branch · 65536 + y's bits] (y as int16; table: float32 g of lookup.backward_table)."""
-    index = n_elements.dtype  # int32 below 2^31 elements (as Triton passes n), else int64
-    rows = row_start + tl.program_id(0).to(index) * ROWS + tl.arange(0, ROWS).to(index)
+    pid = tl.program_id(0).to(tl.int64)
+    rows = row_start + pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = tl.arange(0, 8)
     offs = rows[:, None] * 8 + cols[None, :]
     if FULL_ROWS:  # one mask per row of 8: loads and stores stay 16-byte vectors

@@ -8,13 +8,13 @@ The arithmetic is ``gated.py``'s, element by element, in float32 with the dtype'
 rounds: act(a) as torch's own CUDA kernels compute it (``act``), rounded to the dtype; the product of the
 rounded values, rounded; in backward, b = m / act(a) rounded to the dtype, clamped to its finite range,
 and act'(a) as torch's silu_backward / gelu_backward compute it (``act_grad``).  Compiled, the backward
-takes b = m / act(a) and the sigmoid of SiLU' with the hardware's approximate reciprocal, and GELU's
-density exp(-a²/2) with its approximate exp (a few float32 ulp each, where torch divides and exponentiates
-to 0.5-1 ulp: the result is rounded to bf16/fp16, and float32 da stays within 1e-5 of its scale); act(a)
-itself, and so db = dm · act(a), stays torch's bitwise.  Tiles are [ROWS, 8] as in ``triton.py``, so each
-bit-mask byte belongs to one tile row; offsets are 32-bit below 2^31 elements.  Under Triton's interpreter
-(only with TRITON_INTERPRET=1, where nested kernels work) float32 and float16 match torch; bfloat16 is
-rounded by truncation there, so it is checked on the GPU only.
+takes b = m / act(a) and the sigmoid in SiLU' from the hardware's approximate reciprocal (1 ulp), and
+GELU's density exp(-a²/2) from its approximate exp (1e-6 relative for |a| <= 4, where it counts), where
+torch divides and exponentiates to 0.5-1 ulp: da is rounded to bf16/fp16, and in float32 stays within 1e-5
+of its scale.  act(a) itself, and so db = dm · act(a), stays torch's bitwise (SiLU's division on
+``_div_rn``'s fast path).  Tiles are [ROWS, 8] as in ``triton.py``, so each bit-mask byte belongs to one
+tile row.  Under Triton's interpreter (only with TRITON_INTERPRET=1, where nested kernels work) float32
+and float16 match torch; bfloat16 is rounded by truncation there, so it is checked on the GPU only.
 """
 
 from __future__ import annotations
@@ -68,14 +68,31 @@ def _rcp(x, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
-def act(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr):
-    """act(x) in float32, written as torch's CUDA kernels write it."""
+def _div_rn(x, d, IN_RANGE: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """x / d correctly rounded.  IN_RANGE (compiled): div.rn.f32's own fast path (Markstein's correction of
+    x times a refined reciprocal) without its range check and slow path, which hold registers; it gives
+    div.rn's result for d in [1, 2^126) and x / d normal or 0 (and for x = +inf), as SiLU's backward has."""
+    if IN_RANGE and LIBDEVICE:
+        return tl.inline_asm_elementwise(
+            """{ .reg .f32 r, e, q, t, nd; .reg .pred p;
+            neg.f32 nd, $2; rcp.approx.ftz.f32 r, $2; fma.rn.f32 e, nd, r, 0f3F800000; fma.rn.f32 r, e, r, r;
+            mul.rn.f32 q, $1, r; fma.rn.f32 t, nd, q, $1; fma.rn.f32 $0, t, r, q;
+            testp.notanumber.f32 p, t; @p mov.f32 $0, q; }""",
+            "=r,r,r", [x, d], dtype=tl.float32, is_pure=True, pack=1,
+        )  # fmt: skip
+    return tl.math.div_rn(x, d)
+
+
+@triton.jit
+def act(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr, IN_RANGE: tl.constexpr = False):
+    """act(x) in float32, written as torch's CUDA kernels write it; IN_RANGE: only for x = 0 or |act(x)| >= T
+    (``_div_rn``)."""
     if ACT == 0:  # GELU: x * 0.5 * (1 + erf(x * M_SQRT1_2))
         return x * 0.5 * (1.0 + _erf(x * 0.7071067811865476, LIBDEVICE))
     elif ACT == 1:  # GELU tanh: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))
         return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * (x * x * x)), LIBDEVICE))
     else:  # SiLU: x / (1 + exp(-x))
-        return tl.math.div_rn(x, 1.0 + _exp(-x, LIBDEVICE))
+        return _div_rn(x, 1.0 + _exp(-x, LIBDEVICE), IN_RANGE, LIBDEVICE)
 
 
 @triton.jit
@@ -83,7 +100,7 @@ def act_grad(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr):
     """act'(x) in float32, written as torch's gelu_backward / silu_backward CUDA kernels write it."""
     if ACT == 0:  # cdf + x * pdf, pdf = exp(-x^2 / 2) / sqrt(2 pi)
         cdf = 0.5 * (1.0 + _erf(x * 0.7071067811865476, LIBDEVICE))
-        return cdf + x * (tl.exp(-0.5 * x * x) * 0.3989422804014327)  # exp to a few ulp
+        return cdf + x * (tl.exp(-0.5 * x * x) * 0.3989422804014327)  # the fast exp
     elif ACT == 1:
         inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
         t = _tanh(inner, LIBDEVICE)
@@ -96,8 +113,7 @@ def act_grad(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr):
 
 @triton.jit
 def _tile(n_elements, row_start, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr):
-    index = n_elements.dtype  # int32 below 2^31 elements (as Triton passes n), else int64
-    rows = row_start + tl.program_id(0).to(index) * ROWS + tl.arange(0, ROWS).to(index)
+    rows = row_start + tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = tl.arange(0, 8)
     offs = rows[:, None] * 8 + cols[None, :]
     if FULL_ROWS:  # one mask per row of 8: loads and stores stay vectors
@@ -138,19 +154,19 @@ def _backward_kernel(
     u = tl.load(bits_ptr + rows, mask=row_mask, other=0).to(tl.int32)
     z = tl.load(bits_ptr + n_bytes + rows, mask=row_mask, other=0).to(tl.int32)
     keep_b = ((u[:, None] >> cols[None, :]) & 1) != 0
-    near_zero = ((z[:, None] >> cols[None, :]) & 1) != 0
+    kept_far = (((u & ~z)[:, None] >> cols[None, :]) & 1) != 0  # u and not z: da = 0
     dm = tl.load(dm_ptr + offs, mask=mask, other=0)
     m = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32)
     k = tl.load(k_ptr + offs, mask=mask, other=0).to(tl.float32)
     dmf = dm.to(tl.float32)
     a = tl.where(keep_b, 0.0, k)
-    s = act(a, ACT, LIBDEVICE).to(dm.dtype).to(tl.float32)
+    s = act(a, ACT, LIBDEVICE, IN_RANGE=True).to(dm.dtype).to(tl.float32)
     # m / s to 2 ulp: |s| >= T, so s / 4 and 4 / s are normal (1 / s past 2^126 stays subnormal, not 0)
     ratio = tl.minimum(tl.maximum(m * (_rcp(s * 0.25, LIBDEVICE) * 0.25), -top), top)  # NaN stays NaN
     b = tl.where(keep_b, k, ratio).to(dm.dtype).to(tl.float32)
-    db = dmf * tl.where(keep_b, 0.0, s)
+    db = dmf * s  # s = act(0) = 0 under u
     grad_s = (dmf * b).to(dm.dtype).to(tl.float32)
-    da = tl.where(keep_b, tl.where(near_zero, 0.5 * grad_s, 0.0), grad_s * act_grad(a, ACT, LIBDEVICE))
+    da = tl.where(kept_far, 0.0, grad_s * act_grad(a, ACT, LIBDEVICE))  # act'(0) = 1/2 under u and z
     tl.store(da_ptr + offs, da.to(dm.dtype), mask=mask)
     tl.store(db_ptr + offs, db.to(dm.dtype), mask=mask)
 
