@@ -159,44 +159,53 @@ def kernel_table(args, copy_bw: float) -> list[dict]:
     return rows
 
 
+def sweep_shapes(shapes, apply, forward, backward, names: tuple[str, ...], label: str) -> dict:
+    """Times ``forward()`` and ``backward()`` (ms, one per activation of ``names``) under each (rows, warps)
+    of ``shapes``, set by ``apply(rows, warps, rows, warps)``; then applies the forward's and the backward's
+    shapes of least total time (``apply(forward rows, warps, backward rows, warps)``): kept for the run."""
+    out: dict = {"forward": [], "backward": []}
+    for rows, warps in shapes:
+        apply(rows, warps, rows, warps)
+        f, b = forward(), backward()
+        out["forward"].append((sum(f), rows, warps, f))
+        out["backward"].append((sum(b), rows, warps, b))
+        fs, bs = (" ".join(f"{n} {t:.4f}" for n, t in zip(names, ts, strict=True)) for ts in (f, b))
+        print(f"sweep{label} rows {rows:5d} warps {warps:2d}: fwd {fs} | bwd {bs} ms", flush=True)
+    (_, fr, fw, _), (_, br, bw, _) = min(out["forward"]), min(out["backward"])
+    apply(fr, fw, br, bw)
+    out["chosen"] = {"forward": [fr, fw], "backward": [br, bw]}
+    print(f"sweep{label} chose (rows, warps): {out['chosen']}", flush=True)
+    return out
+
+
+def _activation_shapes(fr: int, fw: int, br: int, bw: int) -> None:
+    """The activation kernels' launch shapes, the lookups' with the arithmetic's."""
+    tk.FORWARD_ROWS, tk.FORWARD_WARPS = tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS = fr, fw
+    tk.BACKWARD_ROWS, tk.BACKWARD_WARPS = tk.LOOKUP_BACKWARD_ROWS, tk.LOOKUP_BACKWARD_WARPS = br, bw
+
+
+def _gated_shapes(fr: int, fw: int, br: int, bw: int) -> None:
+    tg.FORWARD_ROWS, tg.FORWARD_WARPS, tg.BACKWARD_ROWS, tg.BACKWARD_WARPS = fr, fw, br, bw
+
+
 def sweep(args, copy_bw: float) -> dict:
-    """Rows per program x warps on GELU and SiLU in the first of --dtypes (the shapes with the least total
-    time are kept for the run), then the backward with inverse tables of other sizes (intervals per branch
-    x degree)."""
-    out: dict = {"forward": [], "backward": [], "tables": [], "dtype": args.dtypes[0]}
+    """Rows per program x warps on GELU and SiLU in the first of --dtypes (``sweep_shapes``), then the
+    backward with inverse tables of other sizes (intervals per branch x degree)."""
     x = (torch.randn(args.shape, device=args.device) * 2).to(DTYPES[args.dtypes[0]])
     dy = torch.randn_like(x)
     acts = [ACTIVATIONS["gelu"], ACTIVATIONS["silu"]]
     saved = [tk.forward(x, act) for act in acts]
-    for rows, warps in ((64, 2), (128, 4), (128, 8), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8)):
-        tk.FORWARD_ROWS, tk.FORWARD_WARPS = tk.BACKWARD_ROWS, tk.BACKWARD_WARPS = rows, warps
-        tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS = (
-            tk.LOOKUP_BACKWARD_ROWS,
-            tk.LOOKUP_BACKWARD_WARPS,
-        ) = rows, warps
-        f = [bench(lambda a=a: tk.forward(x, a), args.device, args.quick) for a in acts]
-        b = [
+    out = sweep_shapes(
+        ((64, 2), (128, 4), (128, 8), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8)),
+        _activation_shapes,
+        lambda: [bench(lambda a=a: tk.forward(x, a), args.device, args.quick) for a in acts],
+        lambda: [
             bench(lambda a=a, yb=yb: tk.backward(dy, *yb, a), args.device, args.quick)
             for a, yb in zip(acts, saved, strict=True)
-        ]
-        out["forward"].append((sum(f), rows, warps, f))
-        out["backward"].append((sum(b), rows, warps, b))
-        print(
-            f"sweep rows {rows:5d} warps {warps:2d}: fwd gelu {f[0]:.4f} silu {f[1]:.4f}"
-            f" | bwd gelu {b[0]:.4f} silu {b[1]:.4f} ms",
-            flush=True,
-        )
-    (_, tk.FORWARD_ROWS, tk.FORWARD_WARPS, _), (_, tk.BACKWARD_ROWS, tk.BACKWARD_WARPS, _) = (
-        min(out["forward"]),
-        min(out["backward"]),
-    )
-    tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS = tk.FORWARD_ROWS, tk.FORWARD_WARPS
-    tk.LOOKUP_BACKWARD_ROWS, tk.LOOKUP_BACKWARD_WARPS = tk.BACKWARD_ROWS, tk.BACKWARD_WARPS
-    out["chosen"] = {
-        "forward": [tk.FORWARD_ROWS, tk.FORWARD_WARPS],
-        "backward": [tk.BACKWARD_ROWS, tk.BACKWARD_WARPS],
-    }
-    print(f"sweep chose (rows, warps): {out['chosen']}", flush=True)
+        ],
+        ("gelu", "silu"),
+        "",
+    ) | {"tables": [], "dtype": args.dtypes[0]}
     for n, deg in ((10, 6), (10, 4), (8, 7), (16, 4), (16, 6)):
         times = []
         for act, (y, bits) in zip(acts, saved, strict=True):
@@ -217,35 +226,21 @@ def gated_inputs(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def sweep_gated(args) -> dict:
     """Rows per program x warps of the gated products' kernels on silu_mul and gelu_mul, forward and backward
-    apart (the shapes with the least total time in each direction are kept for the run)."""
+    apart (``sweep_shapes``)."""
     a, b, dm = gated_inputs(args)
     names = ("silu", "gelu")
     saved = {name: tg.forward(a, b, name) for name in names}
-    out: dict = {"forward": [], "backward": []}
-    for rows, warps in ((32, 2), (64, 1), (64, 2), (64, 4), (128, 4), (128, 8), (256, 4), (256, 8)):
-        tg.FORWARD_ROWS, tg.FORWARD_WARPS = tg.BACKWARD_ROWS, tg.BACKWARD_WARPS = rows, warps
-        f = [bench(lambda name=name: tg.forward(a, b, name), args.device, args.quick) for name in names]
-        bw = [
+    return sweep_shapes(
+        ((32, 2), (64, 1), (64, 2), (64, 4), (128, 4), (128, 8), (256, 4), (256, 8)),
+        _gated_shapes,
+        lambda: [bench(lambda name=name: tg.forward(a, b, name), args.device, args.quick) for name in names],
+        lambda: [
             bench(lambda name=name: tg.backward(dm, *saved[name], name), args.device, args.quick)
             for name in names
-        ]
-        out["forward"].append((sum(f), rows, warps, f))
-        out["backward"].append((sum(bw), rows, warps, bw))
-        print(
-            f"sweep gated rows {rows:4d} warps {warps}: fwd silu {f[0]:.4f} gelu {f[1]:.4f}"
-            f" | bwd silu {bw[0]:.4f} gelu {bw[1]:.4f} ms",
-            flush=True,
-        )
-    (_, tg.FORWARD_ROWS, tg.FORWARD_WARPS, _), (_, tg.BACKWARD_ROWS, tg.BACKWARD_WARPS, _) = (
-        min(out["forward"]),
-        min(out["backward"]),
+        ],
+        names,
+        " gated",
     )
-    out["chosen"] = {
-        "forward": [tg.FORWARD_ROWS, tg.FORWARD_WARPS],
-        "backward": [tg.BACKWARD_ROWS, tg.BACKWARD_WARPS],
-    }
-    print(f"sweep gated chose (rows, warps): {out['chosen']}", flush=True)
-    return out
 
 
 def gated_table(args, copy_bw: float) -> list[dict]:
