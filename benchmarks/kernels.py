@@ -1,7 +1,7 @@
 """Fused Triton kernels vs torch's own activation kernels: time, bandwidth, >2^31 elements, accuracy on GPU.
 
     python benchmarks/kernels.py [--device cuda] [--shape 8192 14336] [--sweep] [--accuracy] [--large]
-                                 [--gated] [--input bf16-normal|normal2] [--rounds 3]
+                                 [--gated] [--sweep-gated] [--input bf16-normal|normal2] [--rounds 3]
     python benchmarks/kernels.py --device cpu --quick       # smoke test (Triton interpreter)
 
 The figure that counts, "public": forward + backward through the public path, ``torch.autograd.grad`` of
@@ -15,7 +15,9 @@ input: public minus kernel fwd+bwd is what the public path adds.
 
 Bytes the kernels must move, per element of size s bytes: forward reads x, writes y and 1/8 byte of bits
 (2s + 1/8); backward reads y, dy and the bits, writes dx (3s + 1/8).  "% copy" is that count over the time,
-divided by the device-to-device copy bandwidth measured in the same run (bytes read + written).
+divided by the device-to-device copy bandwidth measured in the same run (bytes read + written).  The gated
+products (``--gated``) move 4s + 1/4 bytes an element forward (read a, b; write m, k and two bit masks)
+and 5s + 1/4 backward (read dm, m, k, the masks; write da, db).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from actpatch.activations import ACTIVATIONS, inverse_table
 from actpatch.activations.sigmoid_gated import quick_gelu_forward
 from actpatch.kernels import reference
 from actpatch.kernels import triton as tk
+from actpatch.kernels import triton_gated as tg
 from actpatch.kernels.bits import packed_size
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -156,44 +159,53 @@ def kernel_table(args, copy_bw: float) -> list[dict]:
     return rows
 
 
+def sweep_shapes(shapes, apply, forward, backward, names: tuple[str, ...], label: str) -> dict:
+    """Times ``forward()`` and ``backward()`` (ms, one per activation of ``names``) under each (rows, warps)
+    of ``shapes``, set by ``apply(rows, warps, rows, warps)``; then applies the forward's and the backward's
+    shapes of least total time (``apply(forward rows, warps, backward rows, warps)``): kept for the run."""
+    out: dict = {"forward": [], "backward": []}
+    for rows, warps in shapes:
+        apply(rows, warps, rows, warps)
+        f, b = forward(), backward()
+        out["forward"].append((sum(f), rows, warps, f))
+        out["backward"].append((sum(b), rows, warps, b))
+        fs, bs = (" ".join(f"{n} {t:.4f}" for n, t in zip(names, ts, strict=True)) for ts in (f, b))
+        print(f"sweep{label} rows {rows:5d} warps {warps:2d}: fwd {fs} | bwd {bs} ms", flush=True)
+    (_, fr, fw, _), (_, br, bw, _) = min(out["forward"]), min(out["backward"])
+    apply(fr, fw, br, bw)
+    out["chosen"] = {"forward": [fr, fw], "backward": [br, bw]}
+    print(f"sweep{label} chose (rows, warps): {out['chosen']}", flush=True)
+    return out
+
+
+def _activation_shapes(fr: int, fw: int, br: int, bw: int) -> None:
+    """The activation kernels' launch shapes, the lookups' with the arithmetic's."""
+    tk.FORWARD_ROWS, tk.FORWARD_WARPS = tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS = fr, fw
+    tk.BACKWARD_ROWS, tk.BACKWARD_WARPS = tk.LOOKUP_BACKWARD_ROWS, tk.LOOKUP_BACKWARD_WARPS = br, bw
+
+
+def _gated_shapes(fr: int, fw: int, br: int, bw: int) -> None:
+    tg.FORWARD_ROWS, tg.FORWARD_WARPS, tg.BACKWARD_ROWS, tg.BACKWARD_WARPS = fr, fw, br, bw
+
+
 def sweep(args, copy_bw: float) -> dict:
-    """Rows per program x warps on GELU and SiLU in the first of --dtypes (the shapes with the least total
-    time are kept for the run), then the backward with inverse tables of other sizes (intervals per branch
-    x degree)."""
-    out: dict = {"forward": [], "backward": [], "tables": [], "dtype": args.dtypes[0]}
+    """Rows per program x warps on GELU and SiLU in the first of --dtypes (``sweep_shapes``), then the
+    backward with inverse tables of other sizes (intervals per branch x degree)."""
     x = (torch.randn(args.shape, device=args.device) * 2).to(DTYPES[args.dtypes[0]])
     dy = torch.randn_like(x)
     acts = [ACTIVATIONS["gelu"], ACTIVATIONS["silu"]]
     saved = [tk.forward(x, act) for act in acts]
-    for rows, warps in ((64, 2), (128, 4), (128, 8), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8)):
-        tk.FORWARD_ROWS, tk.FORWARD_WARPS = tk.BACKWARD_ROWS, tk.BACKWARD_WARPS = rows, warps
-        tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS = (
-            tk.LOOKUP_BACKWARD_ROWS,
-            tk.LOOKUP_BACKWARD_WARPS,
-        ) = rows, warps
-        f = [bench(lambda a=a: tk.forward(x, a), args.device, args.quick) for a in acts]
-        b = [
+    out = sweep_shapes(
+        ((64, 2), (128, 4), (128, 8), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8)),
+        _activation_shapes,
+        lambda: [bench(lambda a=a: tk.forward(x, a), args.device, args.quick) for a in acts],
+        lambda: [
             bench(lambda a=a, yb=yb: tk.backward(dy, *yb, a), args.device, args.quick)
             for a, yb in zip(acts, saved, strict=True)
-        ]
-        out["forward"].append((sum(f), rows, warps, f))
-        out["backward"].append((sum(b), rows, warps, b))
-        print(
-            f"sweep rows {rows:5d} warps {warps:2d}: fwd gelu {f[0]:.4f} silu {f[1]:.4f}"
-            f" | bwd gelu {b[0]:.4f} silu {b[1]:.4f} ms",
-            flush=True,
-        )
-    (_, tk.FORWARD_ROWS, tk.FORWARD_WARPS, _), (_, tk.BACKWARD_ROWS, tk.BACKWARD_WARPS, _) = (
-        min(out["forward"]),
-        min(out["backward"]),
-    )
-    tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS = tk.FORWARD_ROWS, tk.FORWARD_WARPS
-    tk.LOOKUP_BACKWARD_ROWS, tk.LOOKUP_BACKWARD_WARPS = tk.BACKWARD_ROWS, tk.BACKWARD_WARPS
-    out["chosen"] = {
-        "forward": [tk.FORWARD_ROWS, tk.FORWARD_WARPS],
-        "backward": [tk.BACKWARD_ROWS, tk.BACKWARD_WARPS],
-    }
-    print(f"sweep chose (rows, warps): {out['chosen']}", flush=True)
+        ],
+        ("gelu", "silu"),
+        "",
+    ) | {"tables": [], "dtype": args.dtypes[0]}
     for n, deg in ((10, 6), (10, 4), (8, 7), (16, 4), (16, 6)):
         times = []
         for act, (y, bits) in zip(acts, saved, strict=True):
@@ -204,15 +216,41 @@ def sweep(args, copy_bw: float) -> dict:
     return out
 
 
+def gated_inputs(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, b, dm) for the gated products: bf16 standard normals, seeded."""
+    g = torch.Generator(device=args.device).manual_seed(0)
+    return tuple(
+        torch.randn(args.shape, device=args.device, generator=g).to(torch.bfloat16) for _ in range(3)
+    )
+
+
+def sweep_gated(args) -> dict:
+    """Rows per program x warps of the gated products' kernels on silu_mul and gelu_mul, forward and backward
+    apart (``sweep_shapes``)."""
+    a, b, dm = gated_inputs(args)
+    names = ("silu", "gelu")
+    saved = {name: tg.forward(a, b, name) for name in names}
+    return sweep_shapes(
+        ((32, 2), (64, 1), (64, 2), (64, 4), (128, 4), (128, 8), (256, 4), (256, 8)),
+        _gated_shapes,
+        lambda: [bench(lambda name=name: tg.forward(a, b, name), args.device, args.quick) for name in names],
+        lambda: [
+            bench(lambda name=name: tg.backward(dm, *saved[name], name), args.device, args.quick)
+            for name in names
+        ],
+        names,
+        " gated",
+    )
+
+
 def gated_table(args, copy_bw: float) -> list[dict]:
     """silu_mul / gelu_mul (triton_gated) against eager act(a) * b, forward and forward+backward, bf16."""
     from actpatch.kernels import gated
-    from actpatch.kernels import triton_gated as tg
 
     rows = []
-    g = torch.Generator(device=args.device).manual_seed(0)
-    a, b, dm = (torch.randn(args.shape, device=args.device, generator=g).to(torch.bfloat16) for _ in range(3))
+    a, b, dm = gated_inputs(args)
     n, s = a.numel(), a.element_size()
+    fwd_bytes, bwd_bytes = n * (4 * s + 1 / 4), n * (5 * s + 1 / 4)
     for name in gated.GATED:
         m, k, bits = tg.forward(a, b, name)
 
@@ -237,11 +275,13 @@ def gated_table(args, copy_bw: float) -> list[dict]:
             la, lb = a.clone(), b.clone()  # Liger's backward writes da, db over its a, b
             r["liger_fwdbwd_ms"] = bench(lambda: liger(la, lb, dm), args.device, args.quick)  # noqa: B023
             r["ratio_vs_liger"] = r["ours_fwdbwd_ms"] / r["liger_fwdbwd_ms"]
-        moved = n * (4 * s + 1 / 4) + n * (5 * s + 1 / 4)  # a, b -> m, k, bits; dm, m, k, bits -> da, db
-        r["fwdbwd_pct_copy"] = 100 * moved / (r["ours_fwdbwd_ms"] * 1e-3) / copy_bw
+        for key, moved in (("fwd", fwd_bytes), ("bwd", bwd_bytes), ("fwdbwd", fwd_bytes + bwd_bytes)):
+            r[f"{key}_pct_copy"] = 100 * moved / (r[f"ours_{key}_ms"] * 1e-3) / copy_bw
+        r["floor_fwdbwd_ms"] = (fwd_bytes + bwd_bytes) / copy_bw * 1e3
         print(
             f"{name + '_mul':<14} bf16 ours fwd {r['ours_fwd_ms']:.4f} bwd {r['ours_bwd_ms']:.4f} "
-            f"fwd+bwd {r['ours_fwdbwd_ms']:.4f} ms ({r['fwdbwd_pct_copy']:.0f}% copy) | eager fwd "
+            f"fwd+bwd {r['ours_fwdbwd_ms']:.4f} ms ({r['fwd_pct_copy']:.0f}/{r['bwd_pct_copy']:.0f}/"
+            f"{r['fwdbwd_pct_copy']:.0f}% copy; floor {r['floor_fwdbwd_ms']:.4f}) | eager fwd "
             f"{r['torch_fwd_ms']:.4f} fwd+bwd {r['torch_fwdbwd_ms']:.4f} | x{r['ratio_vs_torch']:.3f}"
             + (f" | Liger fwd+bwd {r['liger_fwdbwd_ms']:.4f} x{r['ratio_vs_liger']:.3f}" if liger else ""),
             flush=True,
@@ -331,17 +371,26 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     p.add_argument("--shape", type=int, nargs="+", default=[8192, 14336])
-    p.add_argument("--dtypes", nargs="+", default=list(DTYPES))
+    p.add_argument(
+        "--dtypes",
+        nargs="*",
+        choices=list(DTYPES),
+        default=list(DTYPES),
+        help="the activations' (none: none)",
+    )
     p.add_argument("--sweep", action="store_true", help="launch shapes and table sizes, first of --dtypes")
     p.add_argument("--large", action="store_true", help="correctness on more than 2^31 elements")
     p.add_argument("--accuracy", action="store_true", help="accuracy criterion on this device's output")
     p.add_argument("--gated", action="store_true", help="the gated products' kernels against eager, bf16")
+    p.add_argument("--sweep-gated", action="store_true", help="launch shapes of the gated products' kernels")
     p.add_argument("--input", choices=list(INPUTS), default="bf16-normal", help="the activations' input")
     p.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds of public, torch, kernels fwd+bwd (medians)"
     )
     p.add_argument("--json", help="write all results here")
     args = p.parse_args()
+    if args.sweep and not args.dtypes:
+        p.error("--sweep sweeps the first of --dtypes: name one")
     if args.quick:
         args.shape = [37, 129]
     ok = True
@@ -353,11 +402,15 @@ def main() -> int:
     print(f"{res['device']}: copy bandwidth {copy_bw / 1e12:.3f} TB/s (read + write)", flush=True)
     if args.sweep:
         res["sweep"] = sweep(args, copy_bw)
+    if args.sweep_gated:
+        res["sweep_gated"] = sweep_gated(args)
     res["launch"] = {
         "forward": [tk.FORWARD_ROWS, tk.FORWARD_WARPS],
         "backward": [tk.BACKWARD_ROWS, tk.BACKWARD_WARPS],
         "lookup_forward": [tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS],
         "lookup_backward": [tk.LOOKUP_BACKWARD_ROWS, tk.LOOKUP_BACKWARD_WARPS],
+        "gated_forward": [tg.FORWARD_ROWS, tg.FORWARD_WARPS],
+        "gated_backward": [tg.BACKWARD_ROWS, tg.BACKWARD_WARPS],
     }
     res["kernels"] = kernel_table(args, copy_bw)
     if args.gated:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -104,3 +105,27 @@ def test_gpu_silu_mul_matches_eager():
     assert close_at_scale(db, dbr, 2**-8) and close_at_scale(da, dar, 2**-8)
     same = (m == mr).float().mean().item()
     assert same > 0.99, f"{same:.4%} of the product bitwise equal to eager's"
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", NAMES)
+def test_gpu_backward_recomputes_the_forwards_act_bitwise(name, dtype):
+    """db = dm · act(a) with the backward's act(a) bitwise the forward's (SiLU's division there on div.rn's
+    fast path alone) wherever |act(a)| >= T: on every 16-bit gate, in float32 on 2^22 at scale 8 and ±inf."""
+    from actpatch.kernels import triton_gated
+
+    if dtype == torch.float32:
+        a = torch.cat(
+            [torch.randn(2**22, device="cuda") * 8, torch.tensor([math.inf, -math.inf], device="cuda")]
+        )
+    else:
+        a = torch.arange(-(2**15), 2**15, dtype=torch.int32, device="cuda").to(torch.int16).view(dtype)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, dm = (torch.randn(a.shape, device="cuda", generator=g).to(dtype) for _ in range(2))
+    s = triton_gated.forward(a, torch.ones_like(a), name)[0]  # act(a) · 1
+    _, db = triton_gated.backward(dm, *triton_gated.forward(a, b, name), name)
+    kept_gate = s.float().abs() >= gated.KEEP_B_BELOW[dtype]
+    got, ref = db[kept_gate], (dm * s)[kept_gate]
+    assert ((got == ref) | (got.isnan() & ref.isnan())).all(), (name, dtype)

@@ -7,10 +7,14 @@ backward(dm, m, k, bits)   reads them once; writes da and db once.
 The arithmetic is ``gated.py``'s, element by element, in float32 with the dtype's roundings where torch
 rounds: act(a) as torch's own CUDA kernels compute it (``act``), rounded to the dtype; the product of the
 rounded values, rounded; in backward, b = m / act(a) rounded to the dtype, clamped to its finite range,
-and act'(a) as torch's silu_backward / gelu_backward compute it (``act_grad``).  Tiles are [ROWS, 8] as
-in ``triton.py``, so each bit-mask byte belongs to one tile row.  Under Triton's interpreter (only with
-TRITON_INTERPRET=1, where nested kernels work) float32 and float16 match torch; bfloat16 is rounded by
-truncation there, so it is checked on the GPU only.
+and act'(a) as torch's silu_backward / gelu_backward compute it (``act_grad``).  Compiled, the backward
+takes b = m / act(a) and the sigmoid in SiLU' from the hardware's approximate reciprocal (1 ulp), and
+GELU's density exp(-a²/2) from its approximate exp (1e-6 relative for |a| <= 4, where it counts), where
+torch divides and exponentiates to 0.5-1 ulp: da is rounded to bf16/fp16, and in float32 stays within 1e-5
+of its scale.  act(a) itself, and so db = dm · act(a), stays torch's bitwise (SiLU's division on
+``_div_rn``'s fast path).  Tiles are [ROWS, 8] as in ``triton.py``, so each bit-mask byte belongs to one
+tile row.  Under Triton's interpreter (only with TRITON_INTERPRET=1, where nested kernels work) float32
+and float16 match torch; bfloat16 is rounded by truncation there, so it is checked on the GPU only.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ from .gated import KEEP_B_BELOW
 from .triton import _kernel, _launch, libdevice
 
 GATED_CODES = {"gelu": 0, "gelu_tanh": 1, "silu": 2}
-ROWS, WARPS = 64, 2
+# Launch shapes, ROWS rows of 8 elements per program with this many warps, the fastest in the H200 sweep
+# (benchmarks/kernels.py --sweep-gated, silu_mul + gelu_mul, bf16 8192 x 14336):
+FORWARD_ROWS, FORWARD_WARPS = 64, 2  # 0.2414 + 0.2550 ms against 0.2428 + 0.2548 at 128 x 4
+BACKWARD_ROWS, BACKWARD_WARPS = 64, 4  # 0.3073 + 0.3626 ms against 0.3092 + 0.3730 at 64 x 2
 
 
 @triton.jit
@@ -51,14 +58,41 @@ def _tanh(x, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
-def act(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr):
-    """act(x) in float32, written as torch's CUDA kernels write it."""
+def _rcp(x, LIBDEVICE: tl.constexpr):
+    """1 / x; compiled, the hardware's approximation (1 ulp; 0 past 2^126, as subnormals flush)."""
+    if LIBDEVICE:
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    return 1.0 / x
+
+
+@triton.jit
+def _div_rn(x, d, IN_RANGE: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """x / d correctly rounded.  IN_RANGE (compiled): div.rn.f32's own fast path (Markstein's correction of
+    x times a refined reciprocal) without its range check and slow path, which hold registers; it gives
+    div.rn's result for d in [1, 2^126) and x / d normal or 0 (and for x = +inf), as SiLU's backward has."""
+    if IN_RANGE and LIBDEVICE:
+        return tl.inline_asm_elementwise(
+            """{ .reg .f32 r, e, q, t, nd; .reg .pred p;
+            neg.f32 nd, $2; rcp.approx.ftz.f32 r, $2; fma.rn.f32 e, nd, r, 0f3F800000; fma.rn.f32 r, e, r, r;
+            mul.rn.f32 q, $1, r; fma.rn.f32 t, nd, q, $1; fma.rn.f32 $0, t, r, q;
+            testp.notanumber.f32 p, t; @p mov.f32 $0, q; }""",
+            "=r,r,r", [x, d], dtype=tl.float32, is_pure=True, pack=1,
+        )  # fmt: skip
+    return tl.math.div_rn(x, d)
+
+
+@triton.jit
+def act(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr, IN_RANGE: tl.constexpr = False):
+    """act(x) in float32, written as torch's CUDA kernels write it; IN_RANGE: only for x = 0 or |act(x)| >= T
+    (``_div_rn``)."""
     if ACT == 0:  # GELU: x * 0.5 * (1 + erf(x * M_SQRT1_2))
         return x * 0.5 * (1.0 + _erf(x * 0.7071067811865476, LIBDEVICE))
     elif ACT == 1:  # GELU tanh: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))
         return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * (x * x * x)), LIBDEVICE))
     else:  # SiLU: x / (1 + exp(-x))
-        return tl.math.div_rn(x, 1.0 + _exp(-x, LIBDEVICE))
+        return _div_rn(x, 1.0 + _exp(-x, LIBDEVICE), IN_RANGE, LIBDEVICE)
 
 
 @triton.jit
@@ -66,14 +100,14 @@ def act_grad(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr):
     """act'(x) in float32, written as torch's gelu_backward / silu_backward CUDA kernels write it."""
     if ACT == 0:  # cdf + x * pdf, pdf = exp(-x^2 / 2) / sqrt(2 pi)
         cdf = 0.5 * (1.0 + _erf(x * 0.7071067811865476, LIBDEVICE))
-        return cdf + x * (_exp(-0.5 * x * x, LIBDEVICE) * 0.3989422804014327)
+        return cdf + x * (tl.exp(-0.5 * x * x) * 0.3989422804014327)  # the fast exp
     elif ACT == 1:
         inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
         t = _tanh(inner, LIBDEVICE)
         dinner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
         return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
-    else:  # sigmoid * (1 + x * (1 - sigmoid))
-        s = tl.math.div_rn(1.0, 1.0 + _exp(-x, LIBDEVICE))
+    else:  # sigmoid * (1 + x * (1 - sigmoid)), the sigmoid to 1 ulp
+        s = _rcp(1.0 + _exp(-x, LIBDEVICE), LIBDEVICE)
         return s * (1.0 + x * (1.0 - s))
 
 
@@ -120,18 +154,19 @@ def _backward_kernel(
     u = tl.load(bits_ptr + rows, mask=row_mask, other=0).to(tl.int32)
     z = tl.load(bits_ptr + n_bytes + rows, mask=row_mask, other=0).to(tl.int32)
     keep_b = ((u[:, None] >> cols[None, :]) & 1) != 0
-    near_zero = ((z[:, None] >> cols[None, :]) & 1) != 0
+    kept_far = (((u & ~z)[:, None] >> cols[None, :]) & 1) != 0  # u and not z: da = 0
     dm = tl.load(dm_ptr + offs, mask=mask, other=0)
     m = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32)
     k = tl.load(k_ptr + offs, mask=mask, other=0).to(tl.float32)
     dmf = dm.to(tl.float32)
     a = tl.where(keep_b, 0.0, k)
-    s = act(a, ACT, LIBDEVICE).to(dm.dtype).to(tl.float32)
-    ratio = tl.minimum(tl.maximum(tl.math.div_rn(m, s), -top), top)  # NaN stays NaN
+    s = act(a, ACT, LIBDEVICE, IN_RANGE=True).to(dm.dtype).to(tl.float32)
+    # m / s to 2 ulp: |s| >= T, so s / 4 and 4 / s are normal (1 / s past 2^126 stays subnormal, not 0)
+    ratio = tl.minimum(tl.maximum(m * (_rcp(s * 0.25, LIBDEVICE) * 0.25), -top), top)  # NaN stays NaN
     b = tl.where(keep_b, k, ratio).to(dm.dtype).to(tl.float32)
-    db = dmf * tl.where(keep_b, 0.0, s)
+    db = dmf * s  # s = act(0) = 0 under u
     grad_s = (dmf * b).to(dm.dtype).to(tl.float32)
-    da = tl.where(keep_b, tl.where(near_zero, 0.5 * grad_s, 0.0), grad_s * act_grad(a, ACT, LIBDEVICE))
+    da = tl.where(kept_far, 0.0, grad_s * act_grad(a, ACT, LIBDEVICE))  # act'(0) = 1/2 under u and z
     tl.store(da_ptr + offs, da.to(dm.dtype), mask=mask)
     tl.store(db_ptr + offs, db.to(dm.dtype), mask=mask)
 
@@ -146,7 +181,10 @@ def forward(a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, 
         kernel, compiled = _kernel(_forward_kernel, a.device)
         args = (a, b, m, k, bits, n, packed_size(n))
         keep = KEEP_B_BELOW[a.dtype]
-        _launch(kernel, n, ROWS, WARPS, args, keep_below=keep, ACT=GATED_CODES[name], LIBDEVICE=compiled)
+        _launch(
+            kernel, n, FORWARD_ROWS, FORWARD_WARPS, args, keep_below=keep, ACT=GATED_CODES[name],
+            LIBDEVICE=compiled,
+        )  # fmt: skip
     return m, k, bits
 
 
@@ -161,5 +199,7 @@ def backward(
         kernel, compiled = _kernel(_backward_kernel, dm.device)
         top = float(torch.finfo(dm.dtype).max)
         args = (dm, m.contiguous(), k.contiguous(), bits, da, db, n, packed_size(n))
-        _launch(kernel, n, ROWS, WARPS, args, top=top, ACT=GATED_CODES[name], LIBDEVICE=compiled)
+        _launch(
+            kernel, n, BACKWARD_ROWS, BACKWARD_WARPS, args, top=top, ACT=GATED_CODES[name], LIBDEVICE=compiled
+        )  # fmt: skip
     return da, db
