@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 
-def saved_bytes(model: nn.Module, kwargs: dict) -> tuple[int, Any]:
-    """(bytes of the unique storages autograd saves in ``model(**kwargs)``, parameters and buffers
+def saved_bytes(model: nn.Module, kwargs: dict, args: tuple = ()) -> tuple[int, Any]:
+    """(bytes of the unique storages autograd saves in ``model(*args, **kwargs)``, parameters and buffers
     excluded, and the model's output).  Storages are counted once however many ops save them."""
     params = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     storages: dict[int, int] = {}
@@ -21,5 +21,5 @@ def saved_bytes(model: nn.Module, kwargs: dict) -> tuple[int, Any]:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(**kwargs)
+        out = model(*args, **kwargs)
     return sum(storages.values()), out

@@ -3,9 +3,9 @@
 Contract::
 
     analyze(model, *, batch_size=None, seq_len=None, dtype=None, example_inputs=None,
-            include=None, exclude=None, **options) -> PatchReport
+            include=None, exclude=None, compiled=None, **options) -> PatchReport
     patch_model(model, *, include=None, exclude=None, example_inputs=None, batch_size=None, seq_len=None,
-                dtype=None, **options) -> PatchReport                                      # in place
+                dtype=None, compiled=None, **options) -> PatchReport                       # in place
     unpatch_model(model) -> list[str]                                          # paths restored
 
 - ``include``/``exclude``: fnmatch patterns on module paths ("*.mlp.act_fn", "model.layers.0.*");
@@ -17,7 +17,7 @@ Contract::
 - ``example_inputs``: a dict of forward keyword arguments, a tuple of positional ones, or one tensor;
   None synthesizes inputs from the model's config (see :mod:`actpatch.analysis.inputs`).
 - ``options``: one bool per site kind with an option (:mod:`actpatch.kinds`; any other keyword is a
-  TypeError): ``gated=True``, ``norms=True``, ``dropouts=False`` by default.
+  TypeError): ``gated=True``, ``norms=True``, ``dropouts=False``, ``casts=True`` by default.
 - ``gated``: fuse gated MLPs, down(act(gate(x)) * up(x)), keeping the product and the gate (site kind
   "gated"); ``norms``: RMSNorms keep x and 1/rms instead of float32 copies (site kind "norm").  Either
   changes no forward value (bitwise) and is decided by the same evidence; False leaves those sites alone.
@@ -25,6 +25,11 @@ Contract::
   "dropout"): the same random draws, outputs and gradients, bitwise.  Off by default: under
   ``torch.compile`` the opaque op keeps the compiler from fusing dropout with its neighbours (GPT-2
   medium: 1.23 times the compiled step; docs/benchmarks.md).
+- ``casts``: under autocast, Linears given one tensor share one cast of it (site kind "cast",
+  :mod:`actpatch.kinds.cast`): the same outputs and gradients, bitwise.
+- ``compiled``: decide for training under ``torch.compile``: a kind's sites are kept only where the
+  compiled graph keeps less with them, dropouts are left to the compiler (:mod:`actpatch.compiled`); None
+  (default): whether ``model`` is what ``torch.compile`` returned (its own module is then patched).
 - Works on models on the meta device (``accelerate.init_empty_weights``): nothing is allocated and the
   report has ``dry_run=True``; patching a meta model swaps the modules all the same.
 
@@ -53,10 +58,13 @@ from torch import nn
 from . import in_place, kinds, swap
 from .analysis.evidence import SiteKind
 from .analysis.walker import walk
+from .compiled import is_compiled
+from .compiled import settle as settle_compiled
 from .integrations import liger
-from .report import PatchReport
+from .report import PatchReport, Site
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_FUSED = frozenset({"dropout"})  # kinds left to the compiler under torch.compile, unmeasured
 
 
 def analyze(
@@ -68,12 +76,16 @@ def analyze(
     example_inputs: object = None,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
+    compiled: bool | None = None,
     **options: bool,
 ) -> PatchReport:
     """Find the sites of ``model`` (activations, and those of the kinds chosen by ``options``: gated MLPs,
-    norms, dropouts) and project the memory patching saves; changes nothing."""
+    norms, dropouts, casts) and project the memory patching saves; changes nothing.  ``compiled``: decide
+    for training under torch.compile (:mod:`actpatch.compiled`); None: whether ``model`` is compiled."""
     _check_module(model)
     chosen = _options(options, "analyze")
+    compiled = is_compiled(model) if compiled is None else compiled
+    model = _inner(model)
     if any(n is not None and n < 1 for n in (batch_size, seq_len)):
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
@@ -94,7 +106,24 @@ def analyze(
             options={o: on or o in present for o, on in chosen.items()},
             kept_only=frozenset(o for o in present if not chosen[o]),
         )
-    return liger.settle(report, model, liger_modules)
+    report = liger.settle(report, model, liger_modules)
+    if compiled and not report.dry_run:
+        _settle_compiled(model, report, example_inputs)
+    return report
+
+
+def _settle_compiled(model: nn.Module, report: PatchReport, example_inputs: object) -> None:
+    """The sites of the kinds that free nothing under torch.compile left out (:mod:`actpatch.compiled`)."""
+
+    def install(site: Site) -> None:
+        kinds.by_name(site.kind).install(model, site, report.parts.get(site.path))
+
+    def uninstall(site: Site) -> None:
+        _unpatch(model, site.path, model.get_submodule(site.path))
+
+    with _originals_restored(model):
+        order = [k.name for k in kinds.KINDS]
+        settle_compiled(model, report, example_inputs, install, uninstall, order=order, no_measure=_FUSED)
 
 
 def patch_model(
@@ -106,14 +135,17 @@ def patch_model(
     batch_size: int | None = None,
     seq_len: int | None = None,
     dtype: torch.dtype | str | None = None,
+    compiled: bool | None = None,
     **options: bool,
 ) -> PatchReport:
     """Swap in place every activation the evidence says is worth inverting, and patch the sites of the
-    kinds chosen by ``options`` (``gated``, ``norms``, ``dropouts``); returns the report."""
+    kinds chosen by ``options`` (``gated``, ``norms``, ``dropouts``, ``casts``); returns the report.
+    ``compiled``: as for :func:`analyze`; a compiled model's own module is patched."""
     _check_module(model)
     _options(options, "patch_model")
     report = analyze(
         model,
+        compiled=compiled,
         batch_size=batch_size,
         seq_len=seq_len,
         dtype=dtype,
@@ -122,6 +154,7 @@ def patch_model(
         exclude=exclude,
         **options,
     )
+    model = _inner(model)
     current = patched_modules(model)
     for site in report.sites:
         if site.patched and site.path not in current:
@@ -135,6 +168,7 @@ def unpatch_model(model: nn.Module) -> list[str]:
     """Put every patched site back as it was (the original modules, classes and methods); returns the
     paths restored."""
     _check_module(model)
+    model = _inner(model)
     patched = patched_modules(model)
     for path, module in patched.items():
         _unpatch(model, path, module)
@@ -190,6 +224,11 @@ def _options(given: dict[str, object], caller: str) -> dict[str, bool]:
         if not isinstance(value, bool):
             raise TypeError(f"{caller}(): {name} must be True or False, got {value!r}")
     return known | given
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (its sites are patched there), else ``model``."""
+    return model._orig_mod if is_compiled(model) else model
 
 
 def _check_module(model: object) -> None:

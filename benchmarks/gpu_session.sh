@@ -8,6 +8,10 @@
 #   bash benchmarks/gpu_session.sh reliability  # GPU tests, CPU cost per call, GPT-2 / Llama-layer steps
 #   bash benchmarks/gpu_session.sh norms      # GPU tests, projection, norm kernels, steps of patch_model's defaults
 #   bash benchmarks/gpu_session.sh norm_steps # the same steps with dropouts as bits
+#   bash benchmarks/gpu_session.sh stack      # GPU tests; whole steps of Llama-3.2-1B and GPT-2 medium (with
+#                                             # liger_kernel installed); the gated kernels
+#   bash benchmarks/gpu_session.sh stack2     # whole steps of the 8-layer Llama-3-8B; the Llama layer against
+#                                             # Liger's; the SiLU alone decided for torch.compile
 # Logs and JSON go to $OUT (default gpu-results/).  Each step has a time limit; its exit status is logged.
 set -u
 OUT=${OUT:-gpu-results}
@@ -71,8 +75,25 @@ norm_steps)
     step train_step 560 python3 benchmarks/train_step.py --models gpt2-medium-actpatch-dropouts \
         bert-base-actpatch-dropouts gpt2-medium-actpatch bert-base-actpatch --rounds 3 --json "$OUT/norm_steps.json"
     ;;
+stack)
+    step pytest_gpu 120 python3 -m pytest tests/test_casts.py tests/test_liger.py tests/test_triton_gated.py \
+        tests/test_gated.py tests/test_compiled.py -m gpu -q -rs -p no:cacheprovider
+    step whole_1b 300 python3 benchmarks/whole_step.py --models llama3.2-1b --repeats 2 --steps 4 \
+        --json "$OUT/whole_step_llama1b.json"
+    step whole_gpt2 80 python3 benchmarks/whole_step.py --models gpt2-medium --repeats 1 --steps 4 \
+        --json "$OUT/whole_step_gpt2.json"
+    step kernels 60 python3 benchmarks/kernels.py --gated --dtypes --json "$OUT/kernels_gated.json"
+    ;;
+stack2)
+    step whole_8b 200 python3 benchmarks/whole_step.py --models llama3-8b-8l --repeats 1 --steps 3 \
+        --json "$OUT/whole_step_8b.json"
+    step layer_vs_liger 120 python3 benchmarks/train_step.py --models llama3-8b-layer-actpatch \
+        llama3-8b-layer-liger-norm --rounds 3 --json "$OUT/layer_vs_liger.json"
+    step compiled_decisions 220 python3 benchmarks/train_step.py --models llama3-8b-layer-silu-actpatch \
+        llama3-8b-layer-silu-actpatch-compiled --compiled --json "$OUT/compiled_decisions.json"
+    ;;
 *)
-    echo "usage: gpu_session.sh kernels|models|launch|compiled|dropouts|reliability|norms|norm_steps" >&2
+    echo "usage: gpu_session.sh kernels|models|launch|compiled|dropouts|reliability|norms|norm_steps|stack|stack2" >&2
     exit 2
     ;;
 esac

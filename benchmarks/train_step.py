@@ -11,7 +11,9 @@ llama3-8b-layer-gated: Llama's MLP computes down(silu_mul(gate(x), up(x))), as p
 llama3-8b-layer-liger: Liger-Kernel's SwiGLU (LigerSiLUMulFunction, as LigerSwiGLUMLP) instead, CUDA only;
 llama3-8b-layer-liger-norm: Liger's SwiGLU and LigerRMSNorm (llama casting mode), CUDA only;
 llama3-8b-layer-actpatch, gpt2-medium-actpatch, bert-base-actpatch: actpatch.patch_model with its defaults
-(gated MLPs fused, norms keep their output where the next op saves it); -actpatch-dropouts: and dropouts=True.
+(gated MLPs fused, norms keep their output where the next op saves it); -actpatch-dropouts: and dropouts=True;
+llama3-8b-layer-silu-actpatch: patch_model(gated=False, norms=False), the SiLU inverted alone; a -compiled
+suffix: patch_model(..., compiled=True), decisions made for training under torch.compile.
 gpt2-medium-dropouts, bert-base-dropouts: the activation swap, and every nn.Dropout -> PackedDropout (its mask
 kept as bits, as patch_model(dropouts=True) does; GPT-2 and BERT train with dropout 0.1).
 bert-base-no-attention-dropout: bert-base with its attention-probability dropout at 0 (hidden dropout 0.1).
@@ -150,20 +152,16 @@ def _swap_llama_liger_norm(model, patched: dict) -> None:
             _swap(layer, name, new, patched)
 
 
-def _patch_model(model, patched: dict) -> None:
-    """actpatch's own decision: patch_model with its defaults (probed at a short sequence)."""
-    import actpatch
+def _patch_with(**options):
+    """actpatch's own decision: patch_model with ``options`` (probed at a short sequence)."""
 
-    actpatch.patch_model(model, batch_size=1, seq_len=256)
-    patched["actpatch"] = lambda: actpatch.unpatch_model(model)
+    def patch(model, patched: dict) -> None:
+        import actpatch
 
+        actpatch.patch_model(model, batch_size=1, seq_len=256, **options)
+        patched["actpatch"] = lambda: actpatch.unpatch_model(model)
 
-def _patch_model_dropouts(model, patched: dict) -> None:
-    """patch_model with its defaults and dropouts=True (masks as bits)."""
-    import actpatch
-
-    actpatch.patch_model(model, batch_size=1, seq_len=256, dropouts=True)
-    patched["actpatch"] = lambda: actpatch.unpatch_model(model)
+    return patch
 
 
 def _swap(parent, attr: str, new, patched: dict) -> None:
@@ -188,11 +186,20 @@ MODELS = {
     "llama3-8b-layer-gated": (_llama, 2, 4096, 4, _swap_llama_gated),
     "llama3-8b-layer-liger": (_llama, 2, 4096, 4, _swap_llama_liger),
     "llama3-8b-layer-liger-norm": (_llama, 2, 4096, 4, _swap_llama_liger_norm),
-    "llama3-8b-layer-actpatch": (_llama, 2, 4096, 4, _patch_model),
-    "gpt2-medium-actpatch": (_gpt2, 8, 1024, 12, _patch_model),
-    "gpt2-medium-actpatch-dropouts": (_gpt2, 8, 1024, 12, _patch_model_dropouts),
-    "bert-base-actpatch": (_bert, 32, 512, 12, _patch_model),
-    "bert-base-actpatch-dropouts": (_bert, 32, 512, 12, _patch_model_dropouts),
+    "llama3-8b-layer-actpatch": (_llama, 2, 4096, 4, _patch_with()),
+    "llama3-8b-layer-silu-actpatch": (_llama, 2, 4096, 4, _patch_with(gated=False, norms=False)),
+    "llama3-8b-layer-silu-actpatch-compiled": (
+        _llama,
+        2,
+        4096,
+        4,
+        _patch_with(gated=False, norms=False, compiled=True),
+    ),
+    "gpt2-medium-actpatch": (_gpt2, 8, 1024, 12, _patch_with()),
+    "gpt2-medium-actpatch-dropouts": (_gpt2, 8, 1024, 12, _patch_with(dropouts=True)),
+    "gpt2-medium-actpatch-dropouts-compiled": (_gpt2, 8, 1024, 12, _patch_with(dropouts=True, compiled=True)),
+    "bert-base-actpatch": (_bert, 32, 512, 12, _patch_with()),
+    "bert-base-actpatch-dropouts": (_bert, 32, 512, 12, _patch_with(dropouts=True)),
 }
 QUICK = {name: (2, 64, 2) for name in MODELS}
 

@@ -96,3 +96,36 @@ def test_norms_are_checked_after_optimizer_steps_until_collected():
     del model
     gc.collect()
     assert not set(keys) & set(norm_kind._CHECKED)
+
+
+def test_compiled_decisions_leave_out_a_silu_the_compiler_recomputes():
+    """A Llama MLP's SiLU inverted alone (gated=False): compiled, the partition keeps gate and up and
+    recomputes the SiLU, so inverting it only adds its bits; with compiled=True it is left out, with the
+    measured bytes, and the projection frees nothing for it."""
+    model = tiny_model("llama", attn="sdpa").train()
+    model.loss_type = LOSSES["llama"]
+    options = dict(example_inputs=_batch(), gated=False, norms=False)
+    eager = actpatch.analyze(model, **options)
+    assert [s.path for s in eager.patched_sites] == ["model.layers.0.mlp.act_fn", "model.layers.1.mlp.act_fn"]
+    report = actpatch.patch_model(model, compiled=True, **options)
+    assert not report.patched_sites and report.projection.saved_bytes == 0
+    reasons = {s.reason for s in report.sites if s.path.endswith("act_fn")}
+    assert len(reasons) == 1 and reasons.pop().startswith(
+        "under torch.compile the compiled graph keeps no less"
+    )
+    assert not actpatch.patching.patched_modules(model)
+
+
+def test_a_compiled_model_is_patched_in_its_module_with_dropouts_left_to_the_compiler():
+    model = tiny_model("gpt2", attn="sdpa").train()
+    model.loss_type = LOSSES["gpt2"]
+    compiled = torch.compile(model, backend="aot_eager")
+    report = actpatch.patch_model(compiled, example_inputs=_batch(), dropouts=True)  # compiled: detected
+    dropouts = [s for s in report.sites if s.kind == "dropout"]
+    assert dropouts and all(not s.patched and "left to the compiler" in s.reason for s in dropouts)
+    assert {s.kind for s in report.patched_sites} == {"activation", "norm"}
+    patched = actpatch.patching.patched_modules(model)
+    assert sorted(patched) == sorted(s.path for s in report.patched_sites)
+    torch._dynamo.reset()
+    compiled(**_batch()).loss.backward()
+    assert sorted(actpatch.unpatch_model(compiled)) == sorted(patched)

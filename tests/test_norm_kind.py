@@ -150,7 +150,7 @@ def test_every_kind_option_is_a_keyword_and_a_flag():
     from actpatch.cli.app import app
 
     options = kinds.options()
-    assert options == {"gated": True, "norms": True, "dropouts": False}
+    assert options == {"gated": True, "norms": True, "dropouts": False, "casts": True}
     help_text = CliRunner().invoke(app, ["convert", "--help"], env={"COLUMNS": "200"}).output
     assert all(f"--no-{o}" in help_text for o in options)
     with pytest.raises(TypeError, match="unexpected keyword argument 'norm'"):
