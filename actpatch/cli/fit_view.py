@@ -10,7 +10,8 @@ from rich.text import Text
 
 from .render import format_bytes
 
-OPTIMIZER_NAMES = {"adamw": "AdamW", "adamw-8bit": "8-bit AdamW", "sgd": "SGD (momentum)", "none": "none"}
+OPTIMIZER_NAMES = {"adamw": "AdamW", "adamw-fused": "fused AdamW", "adamw-8bit": "8-bit AdamW",
+                   "sgd": "SGD (momentum)", "none": "none"}  # fmt: skip
 
 
 def fit_table(fit: Any, dtype: str) -> Table:
@@ -18,6 +19,7 @@ def fit_table(fit: Any, dtype: str) -> Table:
     peak there, before and after patching."""
     lora = f", LoRA r={fit.lora_rank}" if fit.lora_rank else ""
     shape = f"seq {fit.seq_len}" if fit.mode == "batch" else f"batch {fit.batch_size}"
+    dtype = "float32 weights, bf16 autocast" if fit.precision == "mixed" else dtype
     title = (
         f"Training memory on a {format_bytes(fit.gpu_memory_bytes)} GPU "
         f"({OPTIMIZER_NAMES[fit.optimizer]}{lora}, {dtype}, {shape})"
