@@ -1,6 +1,7 @@
 """CUDA's bf16 autocast on the meta device, for dry runs: meta tensors have no autocast dispatch.
 
-Within :class:`MetaAutocast`, as ``torch.autocast("cuda", torch.bfloat16)`` does:
+Within :class:`MetaAutocast`, meta tensors (standing for CUDA ones: tensors on other devices, such as the
+inputs a norm is recognised on, are left alone) are cast as ``torch.autocast("cuda", torch.bfloat16)`` does:
 
 - the ops autocast runs in bf16 (``LOWER``: matmuls, Linear, convolutions, attention) get their floating
   arguments cast to bf16; a parameter's cast (a leaf that requires grad) is made once and reused until the
@@ -70,7 +71,7 @@ class MetaAutocast(TorchFunctionMode):
         return func(*_map(cast, args), **dict(zip(kwargs, _map(cast, tuple(kwargs.values())), strict=True)))
 
     def _lower(self, t: torch.Tensor) -> torch.Tensor:
-        if t.dtype != torch.float32:
+        if t.dtype != torch.float32 or not t.is_meta:
             return t
         if not (t.is_leaf and t.requires_grad):
             return t.to(torch.bfloat16)
@@ -80,7 +81,7 @@ class MetaAutocast(TorchFunctionMode):
 
 
 def _float32(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in _LOW else t
+    return t.float() if t.dtype in _LOW and t.is_meta else t
 
 
 def _map(cast: Any, values: tuple) -> tuple:

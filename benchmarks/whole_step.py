@@ -44,6 +44,7 @@ import torch
 VARIANTS = ("eager", "actpatch", "liger-flce", "actpatch+liger-flce", "liger", "actpatch+liger")
 SHAPES = {"llama3.2-1b": (4, 4096), "llama3-8b-8l": (1, 8192), "gpt2-medium": (8, 1024)}
 LIGER_MODELS = ("llama3.2-1b", "llama3-8b-8l")
+PLANNED = ("report", "running", "dry_run")  # the fit planner's predictions (planned_peaks)
 
 
 def build(name: str, quick: bool) -> torch.nn.Module:
@@ -82,12 +83,16 @@ def apply(variant: str, model: torch.nn.Module, batch: int, seq: int, device: st
         return summarize(actpatch.patch_model(model, batch_size=batch, seq_len=seq))
 
 
-def planned_peaks(variant: str, model: torch.nn.Module, batch: int, seq: int, device: str) -> dict:
+def planned_peaks(
+    variant: str, name: str, model: torch.nn.Module, batch: int, seq: int, device: str, quick: bool
+) -> dict:
     """The fit planner's peak (GiB) for this step: float32 weights, bf16 autocast, AdamW (fused on CUDA),
     the loss head as the variant runs it, activations probed under the step's autocast — from the actpatch
     report (``actpatch.analyze``: "after" for the actpatch variants, "before" for the others, where a
-    Liger module counts as the eager one it replaced), and from the model as it runs
-    (``fit.running_activations``)."""
+    Liger module counts as the eager one it replaced), from the model as it runs
+    (``fit.running_activations``), and from a dry run of the model on meta under
+    :class:`~actpatch.meta_autocast.MetaAutocast` (``convert --dry-run --mixed-precision``; None for the
+    Liger variants: Liger's kernels do not run on meta)."""
     import actpatch
     from actpatch import fit
 
@@ -101,9 +106,22 @@ def planned_peaks(variant: str, model: torch.nn.Module, batch: int, seq: int, de
     by_running = fit.training_memory(model, running, **kw)
     gib = lambda m: m.peak(batch, seq, patched) / 2**30
     return {"report": gib(by_report), "running": gib(by_running),
+            "dry_run": None if "liger" in variant else gib(dry_run(name, batch, seq, quick, kw)),
             "activations_report": by_report.activations(batch, seq, patched) / 2**30,
             "activations_running": by_running.activations(batch, seq, True) / 2**30,
             "loss_head": by_report.loss(batch, seq) / 2**30}  # fmt: skip
+
+
+def dry_run(name: str, batch: int, seq: int, quick: bool, kw: dict) -> object:
+    """The TrainingMemory of model ``name`` built on meta and probed under MetaAutocast."""
+    import actpatch
+    from actpatch import fit
+    from actpatch.meta_autocast import MetaAutocast
+
+    with torch.device("meta"):
+        model = build(name, quick)
+    with MetaAutocast():
+        return fit.training_memory(model, actpatch.analyze(model, batch_size=batch, seq_len=seq), **kw)
 
 
 def phase_peaks(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, device: str) -> dict:
@@ -131,7 +149,7 @@ def phase_peaks(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Ten
 def with_prediction(result: dict, planned: dict, phases: dict) -> dict:
     """``result`` with the planner's peaks, their ratios to the measured peak, and the phases' peaks."""
     peak = result["peak_gib"]
-    ratios = {f"ratio_{k}": planned[k] / peak if peak else None for k in ("report", "running")}
+    ratios = {f"ratio_{k}": planned[k] / peak if peak and planned[k] else None for k in PLANNED}
     return {**result, "predicted_gib": planned, **ratios, "phase_peaks_gib": phases}
 
 
@@ -144,7 +162,7 @@ def run_one(args: argparse.Namespace) -> dict:
     model.train()
     batch, seq = (2, 32) if args.quick else SHAPES[args.models[0]]
     summary = apply(args.one, model, batch, seq, device)
-    planned = planned_peaks(args.one, model, batch, seq, device)
+    planned = planned_peaks(args.one, args.models[0], model, batch, seq, device, args.quick)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     x = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
     x = x.to(device)
@@ -217,7 +235,7 @@ def table(results: dict) -> str:
     for model, rows in results.items():
         batch, seq = SHAPES[model]
         lines += [f"\n{model}, batch {batch} x seq {seq}",
-                  "| stack | peak GiB | step ms | first loss | planned GiB: report, running (x peak) |",
+                  "| stack | peak GiB | step ms | first loss | planned GiB: report, running, dry (x peak) |",
                   "|---|---|---|---|---|"]  # fmt: skip
         for v, r in rows.items():
             lines.append(f"| {v} | {r['peak_gib']:.2f} | {r['step_ms']:.1f} | {r['loss']:.4f} | "
@@ -228,7 +246,7 @@ def table(results: dict) -> str:
 def planned(predicted: dict, peak: float) -> str:
     """The planner's two peaks, each with its ratio to the measured one (none on a CPU)."""
     ratio = lambda k: f" ({predicted[k] / peak:.3f})" if peak else ""
-    return ", ".join(f"{predicted[k]:.2f}{ratio(k)}" for k in ("report", "running"))
+    return ", ".join(f"{predicted[k]:.2f}{ratio(k)}" if predicted[k] else "-" for k in PLANNED)
 
 
 def plot(results_file: str, png: str) -> None:
