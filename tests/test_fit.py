@@ -228,3 +228,17 @@ def test_fused_loss_head_holds_its_input_a_logit_chunk_and_two_bf16_weight_copie
     best, per = plan.max_batch_size_after, plan.activation_bytes_per_sample_after
     assert best > 0 and plan.static_bytes + best * per <= gpu < plan.static_bytes + (best + 1) * per
     assert plan.peak_bytes_after == round(mixed.peak(best, SEQ, True))
+
+
+def test_whole_step_records_the_planners_peak_next_to_the_measured_one() -> None:
+    """benchmarks/whole_step.py's hook, CPU and tiny: the report's and the running model's peaks agree for
+    an eager model, the dry run's is there, and the ratios are to the measured peak."""
+    spec = importlib.util.spec_from_file_location("whole_step", ROOT / "benchmarks" / "whole_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = bench.build("llama3.2-1b", True)
+    planned = bench.planned_peaks("eager", "llama3.2-1b", model, 2, 32, "cpu", True)
+    assert planned["report"] == pytest.approx(planned["running"]) and planned["dry_run"] > 0
+    assert planned["loss_head"] == pytest.approx(8 * 2 * 32 * 1024 / 2**30)
+    result = bench.with_prediction({"peak_gib": 2 * planned["report"]}, planned, {})
+    assert result["ratio_report"] == pytest.approx(0.5) and result["predicted_gib"] is planned

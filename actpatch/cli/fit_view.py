@@ -35,7 +35,8 @@ def fit_table(fit: Any, dtype: str) -> Table:
     table.add_row("optimizer step buffer", *both(fit.optimizer_step_bytes))
     per_sample = (fit.activation_bytes_per_sample_before, fit.activation_bytes_per_sample_after)
     table.add_row("activations / sample", *(format_bytes(n - fit.loss_bytes_per_sample) for n in per_sample))
-    table.add_row("float32 logit gradients / sample", *both(fit.loss_bytes_per_sample))
+    loss = "float32 logit gradients" if fit.loss == "eager" else "fused loss head"
+    table.add_row(f"{loss} / sample", *both(fit.loss_bytes_per_sample))
     table.add_row("reserved (CUDA context, fragmentation)", *both(fit.reserved_bytes))
     if fit.mode == "batch":
         best = (fit.max_batch_size_before, fit.max_batch_size_after)
