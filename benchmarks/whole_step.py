@@ -91,8 +91,9 @@ def planned_peaks(
     report (``actpatch.analyze``: "after" for the actpatch variants, "before" for the others, where a
     Liger module counts as the eager one it replaced), from the model as it runs
     (``fit.running_activations``), and from a dry run of the model on meta under
-    :class:`~actpatch.meta_autocast.MetaAutocast` (``convert --dry-run --mixed-precision``; None for the
-    Liger variants: Liger's kernels do not run on meta)."""
+    :class:`~actpatch.meta_autocast.MetaAutocast` and, for Liger's loss, :class:`~actpatch.meta_fused_loss.
+    MetaFusedLoss` (``convert --dry-run --mixed-precision [--loss fused]``; None for Liger's full patch:
+    its RoPE, RMSNorm and SwiGLU kernels have no meta stand-in)."""
     import actpatch
     from actpatch import fit
 
@@ -106,21 +107,26 @@ def planned_peaks(
     by_running = fit.training_memory(model, running, **kw)
     gib = lambda m: m.peak(batch, seq, patched) / 2**30
     return {"report": gib(by_report), "running": gib(by_running),
-            "dry_run": None if "liger" in variant else gib(dry_run(name, batch, seq, quick, kw)),
+            "dry_run": None if variant.endswith("liger") else gib(dry_run(name, batch, seq, quick, kw)),
             "activations_report": by_report.activations(batch, seq, patched) / 2**30,
             "activations_running": by_running.activations(batch, seq, True) / 2**30,
             "loss_head": by_report.loss(batch, seq) / 2**30}  # fmt: skip
 
 
 def dry_run(name: str, batch: int, seq: int, quick: bool, kw: dict) -> object:
-    """The TrainingMemory of model ``name`` built on meta and probed under MetaAutocast."""
+    """The TrainingMemory of model ``name`` built on meta and probed under MetaAutocast (and MetaFusedLoss
+    for the fused loss)."""
+    import contextlib
+
     import actpatch
     from actpatch import fit
     from actpatch.meta_autocast import MetaAutocast
+    from actpatch.meta_fused_loss import MetaFusedLoss
 
     with torch.device("meta"):
         model = build(name, quick)
-    with MetaAutocast():
+    head = model.get_output_embeddings().weight
+    with MetaAutocast(), MetaFusedLoss(head) if kw["loss"] == "fused" else contextlib.nullcontext():
         return fit.training_memory(model, actpatch.analyze(model, batch_size=batch, seq_len=seq), **kw)
 
 

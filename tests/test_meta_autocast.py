@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,3 +57,38 @@ def test_probes_grouped_sdpa_keeps_bf16_q_k_v() -> None:
     attention = {(s.where, s.nbytes) for s in saved if "scaled_dot_product_attention" in s.where}
     assert (" (scaled_dot_product_attention)", 2 * 4 * 16 * 8 * 2) in attention  # q in bf16
     assert not any(n == 2 * 4 * 16 * 8 * 4 for _, n in attention)  # no float32 q
+
+
+_LIGER_VS_META = """
+import torch, actpatch
+from accelerate import init_empty_weights
+from liger_kernel.transformers import apply_liger_kernel_to_llama
+from tiny_models import tiny_model
+from actpatch import fit
+from actpatch.meta_autocast import MetaAutocast
+from actpatch.meta_fused_loss import MetaFusedLoss
+
+real = tiny_model("llama")
+apply_liger_kernel_to_llama(model=real, rope=False, rms_norm=False, swiglu=False)
+with torch.autocast("cpu", torch.bfloat16):
+    liger = fit.running_activations(real, 2)
+with init_empty_weights():
+    meta = tiny_model("llama")
+with MetaAutocast(), MetaFusedLoss(meta.get_output_embeddings().weight):
+    dry = actpatch.analyze(meta, batch_size=2, seq_len=16).projector
+with MetaAutocast():
+    eager = actpatch.analyze(meta, batch_size=2, seq_len=16).projector
+for shape in ((2, 16), (4, 40)):
+    assert round(dry(*shape)[0]) == round(liger(*shape)[0]) != round(eager(*shape)[0]), shape
+print("ok")
+"""
+
+
+def test_meta_fused_loss_saves_what_ligers_fused_linear_cross_entropy_saves() -> None:
+    """Liger's fused linear cross entropy (run by Triton's interpreter on a CPU, in a fresh process) under
+    CPU autocast, against the tiny Llama's eager loss head on meta under MetaFusedLoss: the same bytes."""
+    pytest.importorskip("liger_kernel")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{root}{os.pathsep}{root / 'tests'}")
+    proc = subprocess.run([sys.executable, "-c", _LIGER_VS_META], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

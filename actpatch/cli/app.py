@@ -48,6 +48,11 @@ class Optimizer(str, Enum):
     none = "none"
 
 
+class LossHead(str, Enum):
+    eager = "eager"
+    fused = "fused"
+
+
 class UsageProblem(Exception):
     """A combination of arguments that cannot work (exit code 2)."""
 
@@ -280,6 +285,14 @@ def convert(
             "autocast (probed on meta with autocast's casts).",
         ),
     ] = False,
+    loss: Annotated[
+        LossHead,
+        typer.Option(
+            case_sensitive=False,
+            help="With --gpu-memory: the loss head, eager (float32 logits) or fused (Liger-Kernel's fused "
+            "linear cross entropy: no logits).",
+        ),
+    ] = LossHead.eager,
     lora_rank: Annotated[
         int | None,
         typer.Option(
@@ -317,7 +330,7 @@ def convert(
             options=options or {},
             trust_remote_code=trust_remote_code,
             debug=debug,
-            training=_training(gpu_memory, optimizer, lora_rank, plot, dry_run, mixed_precision, dtype),
+            training=_training(gpu_memory, optimizer, lora_rank, plot, dry_run, mixed_precision, dtype, loss),
         )
 
 
@@ -329,6 +342,7 @@ def _training(
     dry_run: bool,
     mixed: bool,
     dtype: DType | None,
+    loss: LossHead,
 ) -> Any:
     """The --gpu-memory request, checked before any work (None without --gpu-memory)."""
     from .fit_command import TrainingRequest
@@ -342,6 +356,7 @@ def _training(
         UsageProblem,
         mixed,
         dtype.value if dtype else None,
+        loss.value,
     )
 
 
@@ -403,7 +418,7 @@ def _convert(
     probing = f"Probing {type(model).__name__} ({at}) ..."
     with _status(err, probing, progress):
         if dry_run:
-            with training.probing() if training is not None else contextlib.nullcontext():
+            with training.probing(model) if training is not None else contextlib.nullcontext():
                 report = actpatch.analyze(model, **shape)
         elif verify:
             from .verify import verify as run_verify
