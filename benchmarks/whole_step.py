@@ -44,6 +44,7 @@ import torch
 VARIANTS = ("eager", "actpatch", "liger-flce", "actpatch+liger-flce", "liger", "actpatch+liger")
 SHAPES = {"llama3.2-1b": (4, 4096), "llama3-8b-8l": (1, 8192), "gpt2-medium": (8, 1024)}
 LIGER_MODELS = ("llama3.2-1b", "llama3-8b-8l")
+PLANNED = ("report", "running", "dry_run")  # the fit planner's predictions (planned_peaks)
 
 
 def build(name: str, quick: bool) -> torch.nn.Module:
@@ -82,6 +83,82 @@ def apply(variant: str, model: torch.nn.Module, batch: int, seq: int, device: st
         return summarize(actpatch.patch_model(model, batch_size=batch, seq_len=seq))
 
 
+def planned_peaks(
+    variant: str, name: str, model: torch.nn.Module, batch: int, seq: int, device: str, quick: bool
+) -> dict:
+    """The fit planner's peak (GiB) for this step: float32 weights, bf16 autocast, AdamW (fused on CUDA),
+    the loss head as the variant runs it, activations probed under the step's autocast — from the actpatch
+    report (``actpatch.analyze``: "after" for the actpatch variants, "before" for the others, where a
+    Liger module counts as the eager one it replaced), from the model as it runs
+    (``fit.running_activations``), and from a dry run of the model on meta under
+    :class:`~actpatch.meta_autocast.MetaAutocast` and, for Liger's loss, :class:`~actpatch.meta_fused_loss.
+    MetaFusedLoss` (``convert --dry-run --mixed-precision [--loss fused]``; None for Liger's full patch:
+    its RoPE, RMSNorm and SwiGLU kernels have no meta stand-in)."""
+    import actpatch
+    from actpatch import fit
+
+    kw = dict(optimizer="adamw-fused" if device == "cuda" else "adamw", precision="mixed",
+              loss="fused" if "liger" in variant else "eager")  # fmt: skip
+    with torch.autocast(device, torch.bfloat16):
+        report = actpatch.analyze(model, batch_size=batch, seq_len=seq)
+        running = fit.running_activations(model, batch)
+    patched = variant.startswith("actpatch")
+    by_report = fit.training_memory(model, report, **kw)
+    by_running = fit.training_memory(model, running, **kw)
+    gib = lambda m: m.peak(batch, seq, patched) / 2**30
+    return {"report": gib(by_report), "running": gib(by_running),
+            "dry_run": None if variant.endswith("liger") else gib(dry_run(name, batch, seq, quick, kw)),
+            "activations_report": by_report.activations(batch, seq, patched) / 2**30,
+            "activations_running": by_running.activations(batch, seq, True) / 2**30,
+            "loss_head": by_report.loss(batch, seq) / 2**30}  # fmt: skip
+
+
+def dry_run(name: str, batch: int, seq: int, quick: bool, kw: dict) -> object:
+    """The TrainingMemory of model ``name`` built on meta and probed under MetaAutocast (and MetaFusedLoss
+    for the fused loss)."""
+    import contextlib
+
+    import actpatch
+    from actpatch import fit
+    from actpatch.meta_autocast import MetaAutocast
+    from actpatch.meta_fused_loss import MetaFusedLoss
+
+    with torch.device("meta"):
+        model = build(name, quick)
+    head = model.get_output_embeddings().weight
+    with MetaAutocast(), MetaFusedLoss(head) if kw["loss"] == "fused" else contextlib.nullcontext():
+        return fit.training_memory(model, actpatch.analyze(model, batch_size=batch, seq_len=seq), **kw)
+
+
+def phase_peaks(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, device: str) -> dict:
+    """Peak GiB of each phase of one more step (CUDA): the forward with its loss, the backward, the
+    optimizer step."""
+    peaks = {}
+
+    def phase(name: str) -> None:
+        peaks[name] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+
+    torch.cuda.reset_peak_memory_stats()
+    with torch.autocast(device, torch.bfloat16):
+        loss = model(input_ids=x, labels=x).loss
+    phase("forward")
+    loss.backward()
+    del loss
+    phase("backward")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    phase("optimizer")
+    return peaks
+
+
+def with_prediction(result: dict, planned: dict, phases: dict) -> dict:
+    """``result`` with the planner's peaks, their ratios to the measured peak, and the phases' peaks."""
+    peak = result["peak_gib"]
+    ratios = {f"ratio_{k}": planned[k] / peak if peak and planned[k] else None for k in PLANNED}
+    return {**result, "predicted_gib": planned, **ratios, "phase_peaks_gib": phases}
+
+
 def run_one(args: argparse.Namespace) -> dict:
     """One variant in this process: its median step (ms), peak memory (GiB) and first loss."""
     device = args.device
@@ -91,6 +168,7 @@ def run_one(args: argparse.Namespace) -> dict:
     model.train()
     batch, seq = (2, 32) if args.quick else SHAPES[args.models[0]]
     summary = apply(args.one, model, batch, seq, device)
+    planned = planned_peaks(args.one, args.models[0], model, batch, seq, device, args.quick)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     x = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
     x = x.to(device)
@@ -116,6 +194,7 @@ def run_one(args: argparse.Namespace) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     result = {"variant": args.one, "step_ms": statistics.median(times), "peak_gib": peak,
               "loss": losses[0], "actpatch": summary}  # fmt: skip
+    result = with_prediction(result, planned, phase_peaks(model, opt, x, device) if cuda else {})
     if args.profile:
         from profile_step import profile_mode
 
@@ -153,18 +232,27 @@ def summarize_runs(runs: list[dict]) -> dict:
     return {"step_ms": statistics.median(r["step_ms"] for r in runs),
             "peak_gib": statistics.median(r["peak_gib"] for r in runs), "loss": runs[0]["loss"],
             "step_ms_runs": [r["step_ms"] for r in runs], "actpatch": runs[0]["actpatch"],
-            "kernels_us": runs[0].get("kernels_us", {})}  # fmt: skip
+            "kernels_us": runs[0].get("kernels_us", {}), "predicted_gib": runs[0]["predicted_gib"],
+            "phase_peaks_gib": runs[0]["phase_peaks_gib"]}  # fmt: skip
 
 
 def table(results: dict) -> str:
     lines = []
     for model, rows in results.items():
         batch, seq = SHAPES[model]
-        lines += [f"\n{model}, batch {batch} x seq {seq}", "| stack | peak GiB | step ms | first loss |",
-                  "|---|---|---|---|"]  # fmt: skip
+        lines += [f"\n{model}, batch {batch} x seq {seq}",
+                  "| stack | peak GiB | step ms | first loss | planned GiB: report, running, dry (x peak) |",
+                  "|---|---|---|---|---|"]  # fmt: skip
         for v, r in rows.items():
-            lines.append(f"| {v} | {r['peak_gib']:.2f} | {r['step_ms']:.1f} | {r['loss']:.4f} |")
+            lines.append(f"| {v} | {r['peak_gib']:.2f} | {r['step_ms']:.1f} | {r['loss']:.4f} | "
+                         f"{planned(r['predicted_gib'], r['peak_gib'])} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def planned(predicted: dict, peak: float) -> str:
+    """The planner's two peaks, each with its ratio to the measured one (none on a CPU)."""
+    ratio = lambda k: f" ({predicted[k] / peak:.3f})" if peak else ""
+    return ", ".join(f"{predicted[k]:.2f}{ratio(k)}" if predicted[k] else "-" for k in PLANNED)
 
 
 def plot(results_file: str, png: str) -> None:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_models import TINY_LLAMA
 
 from actpatch.cli import main
@@ -106,6 +107,10 @@ def test_missing_matplotlib_names_the_extra(capsys, model_dir, tmp_path: Path, m
         (["--gpu-memory", "8", "--plot", "{tmp}/fit.jpg"], "unknown extension '.jpg'; use .png or .svg"),
         (["--gpu-memory", "8", "--plot", "{tmp}/no/such/dir/fit.png"], "cannot write there"),
         (["--lora-rank", "4"], "need --gpu-memory"),
+        (["--mixed-precision"], "--mixed-precision and --loss need --gpu-memory"),
+        (["--loss", "fused"], "--mixed-precision and --loss need --gpu-memory"),
+        (["--gpu-memory", "8", "--loss", "chunked"], "Invalid value for '--loss'"),
+        (["--gpu-memory", "8", "--mixed-precision", "--dtype", "bfloat16"], "keeps float32 weights"),
     ],
 )
 def test_bad_input_exits_2_in_one_line(capsys, model_dir, tmp_path: Path, args: list, message: str) -> None:
@@ -119,3 +124,44 @@ def test_bad_input_exits_2_in_one_line(capsys, model_dir, tmp_path: Path, args: 
 def test_gpu_memory_needs_dry_run(capsys, model_dir) -> None:
     code, _, err = run(capsys, model_dir, "--gpu-memory", "8")
     assert code == 2 and "use it with --dry-run" in err and err.count("\n") == 1
+
+
+def test_mixed_precision_counts_float32_weights_and_probes_under_autocast(capsys, tmp_path: Path) -> None:
+    """A bf16 config: 2 bytes a parameter without --mixed-precision, 4 with it (the master weights), and
+    the probe sees autocast's casts (the bf16 copies of the weights, the float32 residual stream)."""
+    d = tmp_path / "bf16"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({**TINY_LLAMA, "torch_dtype": "bfloat16"}))
+    common = [str(d), "--dry-run", "--gpu-memory", "2", "--seq-len", "32", "--json"]
+    code, out, _ = run(capsys, *common, "--optimizer", "adamw-fused")
+    plain = json.loads(out)["fit"]
+    code_mixed, out, _ = run(capsys, *common, "--mixed-precision", "--optimizer", "adamw-fused")
+    mixed = json.loads(out)["fit"]
+    assert code == code_mixed == 0 and (plain["precision"], mixed["precision"]) == ("model", "mixed")
+    n = mixed["parameters"]
+    assert plain["gradient_bytes"] == 2 * n and mixed["gradient_bytes"] == 4 * n
+    assert mixed["optimizer_bytes"] == 8 * n and mixed["optimizer_step_bytes"] == 0
+    assert mixed["activation_bytes_per_sample_before"] > plain["activation_bytes_per_sample_before"]
+    assert "under bf16 autocast" in mixed["assumptions"]
+
+
+def test_fused_loss_keeps_no_logits(capsys, model_dir) -> None:
+    common = [model_dir, "--dry-run", "--gpu-memory", "2", "--seq-len", "32", "--mixed-precision", "--json"]
+    code, out, _ = run(capsys, *common)
+    eager = json.loads(out)["fit"]
+    code_fused, out, _ = run(capsys, *common, "--loss", "fused")
+    fused = json.loads(out)["fit"]
+    assert code == code_fused == 0 and (eager["loss"], fused["loss"]) == ("eager", "fused")
+    assert eager["loss_bytes_per_sample"] == 8 * 32 * TINY_LLAMA["vocab_size"]
+    # its float32 input, and chunks of pow2(⌈b·32 / ⌈128/32⌉⌉) rows of bf16 logits: 16 at batch 2, 32 at 3
+    assert fused["loss_bytes_per_sample"] == 32 * TINY_LLAMA["hidden_size"] * 4 + (32 - 16) * 128 * 2
+    logits = 4 * 32 * TINY_LLAMA["vocab_size"]  # the float32 log-probabilities, no longer saved
+    assert fused["activation_bytes_per_sample_before"] < eager["activation_bytes_per_sample_before"] - logits
+
+
+def test_fused_loss_needs_a_language_modelling_head() -> None:
+    from actpatch.cli.fit_command import TrainingRequest
+
+    request = TrainingRequest.checked(8.0, "adamw", None, None, True, RuntimeError, loss="fused")
+    with pytest.raises(RuntimeError, match="--loss fused needs a model with a language-modelling head"):
+        request.probing(torch.nn.Linear(2, 2))

@@ -12,7 +12,7 @@ import torch
 from tiny_models import tiny_model
 
 import actpatch
-from actpatch import fit
+from actpatch import fit, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 16
@@ -136,3 +136,109 @@ def test_gpu_benchmark_cpu_mode_matches_the_tensors(name: str, lora: bool) -> No
     assert row["trained"] and row["next_predicted_not_to_fit"]
     assert row["error"] == {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0, "activations": 0.0}
     assert "| yes | yes |" in bench.table([row])
+
+
+def test_mixed_precision_counts_float32_master_weights_whatever_the_models_dtype(llama) -> None:
+    half = tiny_model("llama").to(torch.bfloat16)
+    report = actpatch.analyze(half, batch_size=2, seq_len=SEQ)
+    n = sum(p.numel() for p in half.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in half.buffers())
+    model = fit.training_memory(half, report)
+    assert model.weights == 2 * n + buffers and model.gradients == 2 * n and model.optimizer == 4 * n
+    mixed = fit.training_memory(half, report, "adamw-fused", precision="mixed")
+    assert mixed.weights == 4 * n + buffers and mixed.gradients == 4 * n and mixed.optimizer == 8 * n
+    assert mixed.step == 0 and fit.training_memory(half, report, precision="mixed").step == 4 * n
+
+
+def test_unknown_precision_or_loss_is_refused(llama) -> None:
+    report = actpatch.analyze(llama, batch_size=2, seq_len=SEQ)
+    with pytest.raises(fit.FitError, match="unknown precision 'fp8': use one of model, mixed"):
+        fit.training_memory(llama, report, precision="fp8")
+    with pytest.raises(fit.FitError, match="unknown loss 'chunked': use one of eager, fused"):
+        fit.training_memory(llama, report, loss="chunked")
+
+
+def _saved_under_autocast(model: torch.nn.Module, batch: int, seq: int) -> list[torch.Tensor]:
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    saved: list[torch.Tensor] = []
+    keep = lambda t: saved.append(t) or t
+    with torch.autocast("cpu", torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return saved
+
+
+def test_eager_loss_under_autocast_saves_float32_log_probabilities(llama) -> None:
+    """HF's loss upcasts autocast's bf16 logits to float32: the log-softmax saves a float32 [b·s, V]
+    output (in A), so the backward's two logit gradients are float32 too (loss = 2·b·s·V·4)."""
+    vocab = llama.config.vocab_size
+    saved = _saved_under_autocast(llama, 3, SEQ)
+    logits = [t for t in saved if t.shape == (3 * SEQ, vocab)]
+    assert logits and {t.dtype for t in logits} == {torch.float32}
+    memory = fit.training_memory(llama, actpatch.analyze(llama, batch_size=2, seq_len=SEQ), precision="mixed")
+    assert memory.loss(3, SEQ) == 2 * 3 * SEQ * vocab * 4
+
+
+def test_autocast_probe_holds_the_bf16_weight_copies_and_what_autograd_saves() -> None:
+    """Under autocast the probe's A is what autograd saves at another shape, bf16 copies of the Linear
+    weights included: before patching from analyze, after from running_activations on the patched model."""
+    model = tiny_model("llama")
+    linears = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    saved = {t.untyped_storage()._cdata: t for t in _saved_under_autocast(model, 2, SEQ)}
+    copies = [
+        t for t in saved.values() if t.dtype == torch.bfloat16 and t.dim() == 2 and t.numel() >= 32 * 32
+    ]
+    assert sum(t.untyped_storage().nbytes() for t in copies) >= 2 * linears  # each Linear's cast, once
+
+    def measured(m: torch.nn.Module) -> int:
+        ids = torch.randint(0, m.config.vocab_size, (4, 40))
+        with torch.autocast("cpu", torch.bfloat16):
+            n, out = measure.saved_bytes(m, {"input_ids": ids, "labels": ids})
+        return n
+
+    with torch.autocast("cpu", torch.bfloat16):
+        before = actpatch.analyze(model, batch_size=2, seq_len=SEQ).projector(4, 40)[0]
+        assert fit.running_activations(model, 2)(4, 40)[0] == pytest.approx(before)
+        report = actpatch.patch_model(model, batch_size=2, seq_len=SEQ)
+        running = fit.running_activations(model, 2)(4, 40)
+    assert before == pytest.approx(measured(tiny_model("llama")), abs=1)
+    assert running[0] == pytest.approx(measured(model), abs=1) and running[1] == 0
+    assert running[0] == pytest.approx(before - report.projector(4, 40)[1], abs=1)
+
+
+def test_fused_loss_head_holds_its_input_a_logit_chunk_and_two_bf16_weight_copies(llama, memory) -> None:
+    """Tiny Llama: V = 96, H = 32; 2 x 16 tokens in chunks of pow2(⌈32 / ⌈96/32⌉⌉) = 16 rows."""
+    v, h = llama.config.vocab_size, llama.config.hidden_size
+    assert (v, h) == (96, 32)
+    report = actpatch.analyze(llama, batch_size=2, seq_len=SEQ)
+    mixed = fit.training_memory(llama, report, precision="mixed", loss="fused")
+    assert mixed.loss(2, SEQ) == 32 * h * 4 + 16 * v * 2 + 2 * 2 * v * h
+    half = fit.training_memory(llama.to(torch.bfloat16), report, loss="fused")
+    llama.float()
+    assert half.loss(2, SEQ) == 32 * h * 2 + 16 * v * 2  # no casts: the weights are bf16 already
+    static = mixed.weights + mixed.optimizer
+    big = mixed.activations(64, SEQ, True) + mixed.loss(64, SEQ)
+    assert mixed.peak(64, SEQ, True) == pytest.approx(static + big)
+    gpu = (1 << 30) + (64 << 20)
+    plan = fit.plan(mixed, gpu, seq_len=SEQ)
+    assert (
+        plan.loss == "fused"
+        and plan.precision == "mixed"
+        and "fused linear cross entropy" in plan.assumptions
+    )
+    best, per = plan.max_batch_size_after, plan.activation_bytes_per_sample_after
+    assert best > 0 and plan.static_bytes + best * per <= gpu < plan.static_bytes + (best + 1) * per
+    assert plan.peak_bytes_after == round(mixed.peak(best, SEQ, True))
+
+
+def test_whole_step_records_the_planners_peak_next_to_the_measured_one() -> None:
+    """benchmarks/whole_step.py's hook, CPU and tiny: the report's and the running model's peaks agree for
+    an eager model, the dry run's is there, and the ratios are to the measured peak."""
+    spec = importlib.util.spec_from_file_location("whole_step", ROOT / "benchmarks" / "whole_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = bench.build("llama3.2-1b", True)
+    planned = bench.planned_peaks("eager", "llama3.2-1b", model, 2, 32, "cpu", True)
+    assert planned["report"] == pytest.approx(planned["running"]) and planned["dry_run"] > 0
+    assert planned["loss_head"] == pytest.approx(8 * 2 * 32 * 1024 / 2**30)
+    result = bench.with_prediction({"peak_gib": 2 * planned["report"]}, planned, {})
+    assert result["ratio_report"] == pytest.approx(0.5) and result["predicted_gib"] is planned

@@ -42,9 +42,15 @@ class DType(str, Enum):
 
 class Optimizer(str, Enum):
     adamw = "adamw"
+    adamw_fused = "adamw-fused"
     adamw_8bit = "adamw-8bit"
     sgd = "sgd"
     none = "none"
+
+
+class LossHead(str, Enum):
+    eager = "eager"
+    fused = "fused"
 
 
 class UsageProblem(Exception):
@@ -271,6 +277,22 @@ def convert(
         Optimizer,
         typer.Option(case_sensitive=False, help="With --gpu-memory: the optimizer."),
     ] = Optimizer.adamw,
+    mixed_precision: Annotated[
+        bool,
+        typer.Option(
+            "--mixed-precision",
+            help="With --gpu-memory: float32 weights, gradients and optimizer states, the forward under bf16 "
+            "autocast (probed on meta with autocast's casts).",
+        ),
+    ] = False,
+    loss: Annotated[
+        LossHead,
+        typer.Option(
+            case_sensitive=False,
+            help="With --gpu-memory: the loss head, eager (float32 logits) or fused (Liger-Kernel's fused "
+            "linear cross entropy: no logits).",
+        ),
+    ] = LossHead.eager,
     lora_rank: Annotated[
         int | None,
         typer.Option(
@@ -308,17 +330,34 @@ def convert(
             options=options or {},
             trust_remote_code=trust_remote_code,
             debug=debug,
-            training=_training(gpu_memory, optimizer, lora_rank, plot, dry_run),
+            training=_training(gpu_memory, optimizer, lora_rank, plot, dry_run, mixed_precision, dtype, loss),
         )
 
 
 def _training(
-    gpu_memory: float | None, optimizer: Optimizer, lora_rank: int | None, plot: Path | None, dry_run: bool
+    gpu_memory: float | None,
+    optimizer: Optimizer,
+    lora_rank: int | None,
+    plot: Path | None,
+    dry_run: bool,
+    mixed: bool,
+    dtype: DType | None,
+    loss: LossHead,
 ) -> Any:
     """The --gpu-memory request, checked before any work (None without --gpu-memory)."""
     from .fit_command import TrainingRequest
 
-    return TrainingRequest.checked(gpu_memory, optimizer.value, lora_rank, plot, dry_run, UsageProblem)
+    return TrainingRequest.checked(
+        gpu_memory,
+        optimizer.value,
+        lora_rank,
+        plot,
+        dry_run,
+        UsageProblem,
+        mixed,
+        dtype.value if dtype else None,
+        loss.value,
+    )
 
 
 def _convert(
@@ -357,6 +396,8 @@ def _convert(
     what = "config (meta device, no weights)" if dry_run else "model"
     with _status(err, f"Loading {what} of {name} ...", progress):
         torch_dtype = getattr(torch, dtype) if dtype else None
+        if training is not None and training.mixed:
+            torch_dtype = torch.float32  # the master weights; the probe runs under autocast's casts
         loaded = _load(name, dry_run, torch_dtype, trust_remote_code, random_init or output is None)
     for note in loaded.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
@@ -377,7 +418,8 @@ def _convert(
     probing = f"Probing {type(model).__name__} ({at}) ..."
     with _status(err, probing, progress):
         if dry_run:
-            report = actpatch.analyze(model, **shape)
+            with training.probing(model) if training is not None else contextlib.nullcontext():
+                report = actpatch.analyze(model, **shape)
         elif verify:
             from .verify import verify as run_verify
 

@@ -3,6 +3,7 @@ sees, the fit computed (actpatch.fit) and drawn (actpatch.plot).  No memory arit
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,15 +11,21 @@ from typing import Any
 
 from torch import nn
 
+from ..analysis.inputs import unwrap
+
 
 @dataclass
 class TrainingRequest:
-    """What ``--gpu-memory``, ``--optimizer``, ``--lora-rank`` and ``--plot`` ask for."""
+    """What ``--gpu-memory``, ``--optimizer``, ``--lora-rank``, ``--plot``, ``--mixed-precision`` and
+    ``--loss`` ask for."""
 
     gpu_bytes: int
     optimizer: str
     lora_rank: int | None
     plot: Path | None
+    mixed: bool = False
+    loss: str = "eager"
+    problem: type[Exception] = ValueError
     memory: Any = field(default=None, repr=False)
 
     @classmethod
@@ -30,14 +37,21 @@ class TrainingRequest:
         plot: Path | None,
         dry_run: bool,
         problem: type[Exception],
+        mixed: bool = False,
+        dtype: str | None = None,
+        loss: str = "eager",
     ) -> TrainingRequest | None:
         """The request, or None without --gpu-memory; ``problem`` (exit 2) for what cannot work."""
         from .. import plot as plotting
 
         if gpu_memory is None:
-            if lora_rank is not None or plot is not None or optimizer != "adamw":
-                raise problem("--optimizer, --lora-rank and --plot need --gpu-memory")
+            if lora_rank is not None or plot is not None or optimizer != "adamw" or mixed or loss != "eager":
+                raise problem(
+                    "--optimizer, --lora-rank, --plot, --mixed-precision and --loss need --gpu-memory"
+                )
             return None
+        if mixed and dtype not in (None, "float32"):
+            raise problem(f"--mixed-precision keeps float32 weights: leave out --dtype {dtype}")
         if not math.isfinite(gpu_memory) or gpu_memory <= 0:
             raise problem(f"--gpu-memory must be a positive number of GiB, got {gpu_memory:g}")
         if not dry_run:
@@ -49,7 +63,23 @@ class TrainingRequest:
                 plotting.check_target(plot)
             except plotting.PlotError as e:
                 raise problem(str(e)) from None
-        return cls(round(gpu_memory * (1 << 30)), optimizer, lora_rank, plot)
+        return cls(round(gpu_memory * (1 << 30)), optimizer, lora_rank, plot, mixed, loss, problem)
+
+    def probing(self, model: nn.Module) -> contextlib.ExitStack:
+        """The context the probe runs in on meta: bf16 autocast's casts with --mixed-precision, Liger's
+        fused linear cross entropy with --loss fused."""
+        from ..meta_autocast import MetaAutocast
+        from ..meta_fused_loss import MetaFusedLoss
+
+        stack = contextlib.ExitStack()
+        if self.mixed:
+            stack.enter_context(MetaAutocast())
+        if self.loss == "fused":
+            head = getattr(unwrap(model), "get_output_embeddings", lambda: None)()
+            if head is None:
+                raise self.problem("--loss fused needs a model with a language-modelling head")
+            stack.enter_context(MetaFusedLoss(head.weight))
+        return stack
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """The model the probe should see: with LoRA adapters when asked."""
@@ -74,8 +104,10 @@ class TrainingRequest:
 
         seq_mode = seq_len is None and batch_size is not None
         if not (seq_mode or report.projector.batched):
-            report = actpatch.analyze(model, **{**shape, "batch_size": 2})
-        self.memory = fit.training_memory(model, report, self.optimizer)
+            with self.probing(model):
+                report = actpatch.analyze(model, **{**shape, "batch_size": 2})
+        precision = "mixed" if self.mixed else "model"
+        self.memory = fit.training_memory(model, report, self.optimizer, precision=precision, loss=self.loss)
         return fit.plan(
             self.memory, self.gpu_bytes, seq_len=seq_len, batch_size=batch_size, lora_rank=self.lora_rank
         )

@@ -10,7 +10,8 @@ from rich.text import Text
 
 from .render import format_bytes
 
-OPTIMIZER_NAMES = {"adamw": "AdamW", "adamw-8bit": "8-bit AdamW", "sgd": "SGD (momentum)", "none": "none"}
+OPTIMIZER_NAMES = {"adamw": "AdamW", "adamw-fused": "fused AdamW", "adamw-8bit": "8-bit AdamW",
+                   "sgd": "SGD (momentum)", "none": "none"}  # fmt: skip
 
 
 def fit_table(fit: Any, dtype: str) -> Table:
@@ -18,6 +19,7 @@ def fit_table(fit: Any, dtype: str) -> Table:
     peak there, before and after patching."""
     lora = f", LoRA r={fit.lora_rank}" if fit.lora_rank else ""
     shape = f"seq {fit.seq_len}" if fit.mode == "batch" else f"batch {fit.batch_size}"
+    dtype = "float32 weights, bf16 autocast" if fit.precision == "mixed" else dtype
     title = (
         f"Training memory on a {format_bytes(fit.gpu_memory_bytes)} GPU "
         f"({OPTIMIZER_NAMES[fit.optimizer]}{lora}, {dtype}, {shape})"
@@ -33,7 +35,8 @@ def fit_table(fit: Any, dtype: str) -> Table:
     table.add_row("optimizer step buffer", *both(fit.optimizer_step_bytes))
     per_sample = (fit.activation_bytes_per_sample_before, fit.activation_bytes_per_sample_after)
     table.add_row("activations / sample", *(format_bytes(n - fit.loss_bytes_per_sample) for n in per_sample))
-    table.add_row("float32 logit gradients / sample", *both(fit.loss_bytes_per_sample))
+    loss = "float32 logit gradients" if fit.loss == "eager" else "fused loss head"
+    table.add_row(f"{loss} / sample", *both(fit.loss_bytes_per_sample))
     table.add_row("reserved (CUDA context, fragmentation)", *both(fit.reserved_bytes))
     if fit.mode == "batch":
         best = (fit.max_batch_size_before, fit.max_batch_size_after)
