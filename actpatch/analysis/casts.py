@@ -8,7 +8,7 @@ object in one forward; the probe shows each call's cast as a tensor it saved of 
 dimension in another dtype and storage, not made from a parameter (``cast_of``).  Sharing one cast among a
 group frees every cast but the first's (``shares``).  Whether autocast is on is read off these casts, so a
 forward that enters autocast itself (accelerate wraps a model's forward so under mixed precision) is seen
-as it runs.
+as it runs, and so is a dry run on meta under :class:`actpatch.meta_autocast.MetaAutocast`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,7 @@ from .probe import Call, ProbeResult, SavedTensor
 
 
 def candidates(model: nn.Module) -> dict[int, str]:
-    """id(module) -> path for every ``nn.Linear`` running ``nn.Linear.forward`` (none on meta, where nothing
-    runs under autocast)."""
-    if any(p.is_meta for p in model.parameters()):
-        return {}
+    """id(module) -> path for every ``nn.Linear`` running ``nn.Linear.forward``."""
     return {
         id(m): path
         for path, m in model.named_modules()
