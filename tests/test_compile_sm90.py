@@ -42,11 +42,12 @@ LOOKUP_BACKWARD = {
 }  # fmt: skip
 GATED_FORWARD = {
     "a_ptr": "*{t}", "b_ptr": "*{t}", "m_ptr": "*{t}", "k_ptr": "*{t}", "bits_ptr": "*u8",
-    "n_elements": "i64", "n_bytes": "i64", "row_start": "i64", "keep_below": "fp32",
+    "table_ptr": "*i16", "n_elements": "i64", "n_bytes": "i64", "row_start": "i64", "keep_below": "fp32",
 }  # fmt: skip
 GATED_BACKWARD = {
-    "dm_ptr": "*{t}", "m_ptr": "*{t}", "k_ptr": "*{t}", "bits_ptr": "*u8", "da_ptr": "*{t}", "db_ptr": "*{t}",
-    "n_elements": "i64", "n_bytes": "i64", "row_start": "i64", "top": "fp32",
+    "dm_ptr": "*{t}", "m_ptr": "*{t}", "k_ptr": "*{t}", "bits_ptr": "*u8", "table_ptr": "*i16",
+    "da_ptr": "*{t}", "db_ptr": "*{t}", "n_elements": "i64", "n_bytes": "i64", "row_start": "i64",
+    "top": "fp32",
 }  # fmt: skip
 NORM_BACKWARD = {
     "dy_ptr": "*{t}", "x_ptr": "*{t}", "w_ptr": "*{t}", "r_ptr": "*fp32", "dx_ptr": "*{t}", "dw_ptr": "*fp32",
@@ -78,8 +79,10 @@ CASES = {
     "activation backward": (tk._backward_kernel, ACTIVATION_BACKWARD, {"N": 10, "DEG": 6, "STRIDE": 32}),
     "lookup forward": (tk._forward_lookup_kernel, LOOKUP_FORWARD, {"FP16": False}),
     "lookup backward": (tk._backward_lookup_kernel, LOOKUP_BACKWARD, {}),
-    "gated forward": (tg._forward_kernel, GATED_FORWARD, {"ACT": 2}),
-    "gated backward": (tg._backward_kernel, GATED_BACKWARD, {"ACT": 0}),
+    "gated forward": (tg._forward_kernel, GATED_FORWARD, {"ACT": 2, "TABLE": False}),
+    "gated backward": (tg._backward_kernel, GATED_BACKWARD, {"ACT": 0, "TABLE": False}),
+    "gated forward, act from the table": (tg._forward_kernel, GATED_FORWARD, {"ACT": 0, "TABLE": True}),
+    "gated backward, act from the table": (tg._backward_kernel, GATED_BACKWARD, {"ACT": 0, "TABLE": True}),
     "dropout pack": (td._pack_kernel, DROPOUT_PACK, {}),
     "dropout backward": (td._backward_kernel, DROPOUT_BACKWARD, {}),
     "relu_squared forward": (trs._forward_kernel, RELU_SQUARED_FORWARD, {}),
@@ -120,6 +123,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_compiles_for_sm90_without_float64(case, dtype):
     kernel, signature, constexprs = CASES[case]
+    if constexprs.get("TABLE") and dtype == "fp32":
+        pytest.skip("16-bit tensors only")
     names = list(kernel.arg_names)
     const = {k: v for k, v in (BASE | constexprs).items() if k in names}
     sig = {k: v.format(t=dtype) for k, v in signature.items()} | {k: "constexpr" for k in const}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from actpatch.kernels import gated
+from actpatch.kernels import gated, lookup
 
 NAMES = list(gated.GATED)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -59,22 +59,50 @@ def check_overflow(name: str, dtype: torch.dtype, device: str, kernels) -> None:
     assert close_at_scale(db, dbr, rel) and close_at_scale(da, dar, rel), (name, dtype)
 
 
-def test_under_triton_interpret_env():
-    """TRITON_INTERPRET=1 before Triton's import: the kernels run on CPU tensors (bf16 rounds by
-    truncation in the interpreter, so bf16 is left to the GPU test)."""
+def check_eagers_bitwise(name: str, dtype: torch.dtype, device: str, kernels) -> None:
+    """On every value a of a 16-bit dtype (b, dm random): m equals eager's act(a) · b bitwise, and
+    db = dm · act(a) eager's product backward wherever |act(a)| >= T (any NaN for NaN)."""
+    a = lookup.every_value(dtype, device)
+    g = torch.Generator().manual_seed(0)
+    b, dm = (torch.randn(a.shape, generator=g).to(dtype).to(device) for _ in range(2))
+    s = gated.act_forward(name, a)  # torch's own op
+    m, k, bits = kernels.forward(a, b, name)
+    _, db = kernels.backward(dm, m, k, bits, name)
+    kept = s.float().abs() >= gated.KEEP_B_BELOW[dtype]
+    for what, got, ref in (("m", m, s * b), ("db", db[kept], (dm * s)[kept])):
+        same = (got.view(torch.int16) == ref.view(torch.int16)) | (got.isnan() & ref.isnan())
+        assert same.all(), f"{name} {dtype} {what}: {same.float().mean().item():.4%} bitwise eager's"
+
+
+def run_interpreted(lines: str) -> None:
+    """``lines`` in a fresh Python with TRITON_INTERPRET=1 before Triton's import (the kernels run on CPU
+    tensors), with ``t`` this module and ``k`` triton_gated."""
     code = (
         "import torch, test_triton_gated as t\n"
         "from actpatch.kernels import triton_gated as k\n"
         "assert type(k._forward_kernel).__name__ == 'InterpretedFunction'\n"
-        "for name in t.NAMES:\n"
-        "    for dt in (torch.float32, torch.float16):\n"
-        "        t.check(name, dt, 'cpu', k)\n"
-        "        t.check_overflow(name, dt, 'cpu', k)\n"
+        f"{lines}"
         "print('ok')\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parent))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_under_triton_interpret_env():
+    """The kernels against gated.py under the interpreter (bf16 rounds by truncation there, so bf16 is
+    left to the GPU tests)."""
+    run_interpreted(
+        "for name in t.NAMES:\n"
+        "    for dt in (torch.float32, torch.float16):\n"
+        "        t.check(name, dt, 'cpu', k)\n"
+        "        t.check_overflow(name, dt, 'cpu', k)\n"
+    )
+
+
+def test_interpreted_gelu_mul_is_eagers_bitwise_on_every_float16():
+    """GELU (erf) reads torch's act(a) from the device's table (here the CPU's) in forward and backward."""
+    run_interpreted("t.check_eagers_bitwise('gelu', torch.float16, 'cpu', k)\n")
 
 
 @pytest.mark.gpu
@@ -86,6 +114,15 @@ def test_gpu_kernels_match_the_reference(name, dtype):
 
     check(name, dtype, "cuda", triton_gated)
     check_overflow(name, dtype, "cuda", triton_gated)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_gelu_mul_is_eagers_bitwise_on_every_value(dtype):
+    from actpatch.kernels import triton_gated
+
+    check_eagers_bitwise("gelu", dtype, "cuda", triton_gated)
 
 
 @pytest.mark.gpu

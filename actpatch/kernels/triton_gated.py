@@ -11,10 +11,14 @@ and act'(a) as torch's silu_backward / gelu_backward compute it (``act_grad``). 
 takes b = m / act(a) and the sigmoid in SiLU' from the hardware's approximate reciprocal (1 ulp), and
 GELU's density exp(-a²/2) from its approximate exp (1e-6 relative for |a| <= 4, where it counts), where
 torch divides and exponentiates to 0.5-1 ulp: da is rounded to bf16/fp16, and in float32 stays within 1e-5
-of its scale.  act(a) itself, and so db = dm · act(a), stays torch's bitwise (SiLU's division on
-``_div_rn``'s fast path).  Tiles are [ROWS, 8] as in ``triton.py``, so each bit-mask byte belongs to one
-tile row.  Under Triton's interpreter (only with TRITON_INTERPRET=1, where nested kernels work) float32
-and float16 match torch; bfloat16 is rounded by truncation there, so it is checked on the GPU only.
+of its scale.  act(a) itself, and so m and db = dm · act(a), is torch's bitwise for SiLU (its division on
+``_div_rn``'s fast path) and GELU tanh in every dtype.  GELU (erf) in bfloat16 and float16 reads act(a),
+forward and backward, from the table of torch's own op at every value of the dtype on the device
+(``lookup.forward_table``, one 2-byte gather per element; ``TABLE``), so it is torch's bitwise too; in
+float32 act(a) is libdevice's erf formula (Triton's bundled libdevice), within an ulp of torch's CUDA erf
+but not bitwise.  Tiles are [ROWS, 8] as in ``triton.py``, so each bit-mask byte belongs to one tile row.
+Under Triton's interpreter (only with TRITON_INTERPRET=1, where nested kernels work) float32 and float16
+match torch; bfloat16 is rounded by truncation there, so it is checked on the GPU only.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..activations import ACTIVATIONS
+from . import lookup
 from .bits import packed_size
 from .gated import KEEP_B_BELOW
 from .triton import _kernel, _launch, libdevice
@@ -127,14 +133,19 @@ def _tile(n_elements, row_start, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr):
 
 @triton.jit
 def _forward_kernel(
-    a_ptr, b_ptr, m_ptr, k_ptr, bits_ptr, n_elements, n_bytes, row_start, keep_below,
+    a_ptr, b_ptr, m_ptr, k_ptr, bits_ptr, table_ptr, n_elements, n_bytes, row_start, keep_below,
     ACT: tl.constexpr, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr, LIBDEVICE: tl.constexpr,
+    TABLE: tl.constexpr,
 ):  # fmt: skip
     rows, cols, offs, row_mask, mask = _tile(n_elements, row_start, ROWS, FULL_ROWS)
     a = tl.load(a_ptr + offs, mask=mask, other=0)
     b = tl.load(b_ptr + offs, mask=mask, other=0)
     af = a.to(tl.float32)
-    s = act(af, ACT, LIBDEVICE).to(a.dtype)
+    if TABLE:  # torch's act(a): the entry of a's bits
+        index = a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        s = tl.load(table_ptr + index, mask=mask, other=0).to(a.dtype, bitcast=True)
+    else:
+        s = act(af, ACT, LIBDEVICE).to(a.dtype)
     m = (s.to(tl.float32) * b.to(tl.float32)).to(a.dtype)
     keep_b = (tl.abs(s.to(tl.float32)) < keep_below) & mask
     tl.store(m_ptr + offs, m, mask=mask)
@@ -147,8 +158,9 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    dm_ptr, m_ptr, k_ptr, bits_ptr, da_ptr, db_ptr, n_elements, n_bytes, row_start, top,
+    dm_ptr, m_ptr, k_ptr, bits_ptr, table_ptr, da_ptr, db_ptr, n_elements, n_bytes, row_start, top,
     ACT: tl.constexpr, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr, LIBDEVICE: tl.constexpr,
+    TABLE: tl.constexpr,
 ):  # fmt: skip
     rows, cols, offs, row_mask, mask = _tile(n_elements, row_start, ROWS, FULL_ROWS)
     u = tl.load(bits_ptr + rows, mask=row_mask, other=0).to(tl.int32)
@@ -157,10 +169,15 @@ def _backward_kernel(
     kept_far = (((u & ~z)[:, None] >> cols[None, :]) & 1) != 0  # u and not z: da = 0
     dm = tl.load(dm_ptr + offs, mask=mask, other=0)
     m = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32)
-    k = tl.load(k_ptr + offs, mask=mask, other=0).to(tl.float32)
+    k16 = tl.load(k_ptr + offs, mask=mask, other=0)
+    k = k16.to(tl.float32)
     dmf = dm.to(tl.float32)
     a = tl.where(keep_b, 0.0, k)
-    s = act(a, ACT, LIBDEVICE, IN_RANGE=True).to(dm.dtype).to(tl.float32)
+    if TABLE:  # the forward's entry: of a's bits, or of 0's (act(0) = 0) under u
+        index = tl.where(keep_b, 0, k16.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+        s = tl.load(table_ptr + index, mask=mask, other=0).to(dm.dtype, bitcast=True).to(tl.float32)
+    else:
+        s = act(a, ACT, LIBDEVICE, IN_RANGE=True).to(dm.dtype).to(tl.float32)
     # m / s to 2 ulp: |s| >= T, so s / 4 and 4 / s are normal (1 / s past 2^126 stays subnormal, not 0)
     ratio = tl.minimum(tl.maximum(m * (_rcp(s * 0.25, LIBDEVICE) * 0.25), -top), top)  # NaN stays NaN
     b = tl.where(keep_b, k, ratio).to(dm.dtype).to(tl.float32)
@@ -171,6 +188,14 @@ def _backward_kernel(
     tl.store(db_ptr + offs, db.to(dm.dtype), mask=mask)
 
 
+def _table(name: str, t: torch.Tensor) -> torch.Tensor | None:
+    """GELU (erf) in bfloat16 / float16: torch's own op at every value of t's dtype on t's device
+    (``lookup.forward_table``), which the kernels read act(a) from; None (act computed) otherwise."""
+    if name == "gelu" and t.dtype in lookup.DTYPES:
+        return lookup.forward_table(ACTIVATIONS["gelu"], t.dtype, t.device)
+    return None
+
+
 def forward(a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(m, k, bits) as ``gated.forward`` returns them; m and k contiguous, shaped like a."""
     a, b = a.contiguous(), b.contiguous()
@@ -179,11 +204,12 @@ def forward(a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, 
     bits = torch.empty(2 * packed_size(n), dtype=torch.uint8, device=a.device)
     if n:
         kernel, compiled = _kernel(_forward_kernel, a.device)
-        args = (a, b, m, k, bits, n, packed_size(n))
+        table = _table(name, a)
+        args = (a, b, m, k, bits, bits if table is None else table, n, packed_size(n))
         keep = KEEP_B_BELOW[a.dtype]
         _launch(
             kernel, n, FORWARD_ROWS, FORWARD_WARPS, args, keep_below=keep, ACT=GATED_CODES[name],
-            LIBDEVICE=compiled,
+            LIBDEVICE=compiled, TABLE=table is not None,
         )  # fmt: skip
     return m, k, bits
 
@@ -198,8 +224,11 @@ def backward(
     if n:
         kernel, compiled = _kernel(_backward_kernel, dm.device)
         top = float(torch.finfo(dm.dtype).max)
-        args = (dm, m.contiguous(), k.contiguous(), bits, da, db, n, packed_size(n))
+        table = _table(name, dm)
+        saved = (m.contiguous(), k.contiguous(), bits, bits if table is None else table)
+        args = (dm, *saved, da, db, n, packed_size(n))
         _launch(
-            kernel, n, BACKWARD_ROWS, BACKWARD_WARPS, args, top=top, ACT=GATED_CODES[name], LIBDEVICE=compiled
+            kernel, n, BACKWARD_ROWS, BACKWARD_WARPS, args, top=top, ACT=GATED_CODES[name],
+            LIBDEVICE=compiled, TABLE=table is not None,
         )  # fmt: skip
     return da, db
