@@ -10,8 +10,9 @@
 #   bash benchmarks/gpu_session.sh norm_steps # the same steps with dropouts as bits
 #   bash benchmarks/gpu_session.sh stack      # GPU tests; whole steps of Llama-3.2-1B and GPT-2 medium (with
 #                                             # liger_kernel installed); the gated kernels
-#   bash benchmarks/gpu_session.sh stack2     # whole steps of the 8-layer Llama-3-8B; the Llama layer against
-#                                             # Liger's; the SiLU alone decided for torch.compile
+#   bash benchmarks/gpu_session.sh stack2     # the gated kernels' GPU tests and speed; whole steps of the 8-layer
+#                                             # Llama-3-8B; the Llama layer against Liger's; the SiLU alone
+#                                             # decided for torch.compile
 # Logs and JSON go to $OUT (default gpu-results/).  Each step has a time limit; its exit status is logged.
 set -u
 OUT=${OUT:-gpu-results}
@@ -85,6 +86,8 @@ stack)
     step kernels 60 python3 benchmarks/kernels.py --gated --dtypes --json "$OUT/kernels_gated.json"
     ;;
 stack2)
+    step pytest_gated 60 python3 -m pytest tests/test_triton_gated.py -m gpu -q -rs -p no:cacheprovider
+    step kernels 60 python3 benchmarks/kernels.py --gated --dtypes --json "$OUT/kernels_gated.json"
     step whole_8b 200 python3 benchmarks/whole_step.py --models llama3-8b-8l --repeats 1 --steps 3 \
         --json "$OUT/whole_step_8b.json"
     step layer_vs_liger 120 python3 benchmarks/train_step.py --models llama3-8b-layer-actpatch \
