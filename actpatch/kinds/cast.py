@@ -1,11 +1,11 @@
 """Site kind "cast": Linears under autocast reading one tensor share one cast of it (option ``casts``).
 
-Candidates (:mod:`actpatch.analysis.casts`): the ``nn.Linear`` modules, watched while autocast is on for the
-model's device.  A group is their calls given the same input tensor (q, k, v of one hidden state; gate and
-up); each Linear of a group is a site, patched when every call of the group ran with a gradient, under no
-other saved-tensor hooks, and it frees its cast (it reads the first chosen Linear's instead) or is that
-first one and another frees its own.  The outputs and gradients are
-eager's, bitwise (:func:`actpatch.functional.autocast_input`).  Its sites depend on the run's autocast, so
+Candidates (:mod:`actpatch.analysis.casts`): the ``nn.Linear`` modules.  A group is their calls given the
+same input tensor (q, k, v of one hidden state; gate and up) of which one at least kept a cast of it
+(autocast ran); each Linear of a group is a site, patched when every call of the group ran with a gradient,
+under no other saved-tensor hooks, and it frees its cast (it reads the first chosen Linear's instead) or is
+that first one and another frees its own.  The outputs and gradients are eager's, bitwise
+(:func:`actpatch.functional.autocast_input`).  Its sites depend on the run's autocast, so
 manifests do not record them (``contextual``): ``patch_model`` under the same autocast finds them again.
 
 Replacement: each Linear of the group becomes a same-name subclass running :class:`SharedCast`
