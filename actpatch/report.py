@@ -20,7 +20,9 @@ Contract (the CLI and the manifest rely on it; ``to_dict()`` returns exactly the
                                        is a gated MLP whose act(gate) * up is fused), "norm" (path is an
                                        RMSNorm, activation "rms_norm", or a LayerNorm, "layer_norm") or
                                        "dropout" (a dropout swapped for one keeping its mask as bits;
-                                       activation "dropout"); "liger" (never patched: a module,
+                                       activation "dropout"); "cast" (path is an nn.Linear that
+                                       shares one autocast cast of its input with the others reading
+                                       it; activation "to bfloat16"); "liger" (never patched: a module,
                                        forward or function Liger-Kernel runs and actpatch leaves to it;
                                        activation: Liger's name for it)
                  keeps: str            a norm's: "output" (its output, shared with the op saving it, and
