@@ -70,14 +70,16 @@ def settle(
                 continue
             for site in sites:
                 install(site)
+                installed.append(site)
             nbytes = _compiled_bytes(model, args, kwargs)
             if nbytes < best:
-                best, installed = nbytes, installed + sites
+                best = nbytes
                 continue
             for site in sites:
                 uninstall(site)
-            label = f"under torch.compile the compiled graph keeps no less with these sites ({nbytes:,} B"
-            back += _leave(sites, f"{label} against {best:,} B without)")
+                installed.remove(site)
+            said = f"under torch.compile the compiled graph keeps no less with the {kind} sites"
+            back += _leave(sites, f"{said} ({nbytes:,} B against {best:,} B without)")
     finally:
         for site in installed:
             uninstall(site)

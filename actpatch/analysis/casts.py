@@ -18,6 +18,7 @@ from collections import defaultdict
 
 from torch import nn
 
+from .evidence import Evidence
 from .memory import Bytes
 from .probe import Call, ProbeResult, SavedTensor
 
@@ -40,14 +41,13 @@ def groups(probe: ProbeResult, found: dict[int, str]) -> list[list[Call]]:
     return [calls for calls in by_input.values() if len(calls) > 1]
 
 
-def cast_of(probe: ProbeResult, call: Call) -> SavedTensor | None:
+def cast_of(evidence: Evidence, call: Call) -> SavedTensor | None:
     """The cast of ``call``'s input that its own ops saved (the matmul saves it as rows), if exactly one."""
     numel = math.prod(call.input_shape)
     casts = {
         s.storage: s
-        for s in probe.saved
-        if id(call) in s.inside
-        and s.dtype not in (call.input_dtype, None)
+        for s in evidence.by_call.get(id(call), ())
+        if s.dtype not in (call.input_dtype, None)
         and s.shape[-1:] == call.input_shape[-1:]
         and math.prod(s.shape) == numel
         and not s.of_parameter
@@ -56,14 +56,14 @@ def cast_of(probe: ProbeResult, call: Call) -> SavedTensor | None:
     return next(iter(casts.values())) if len(casts) == 1 else None
 
 
-def shares(probe: ProbeResult, paths: list[str]) -> dict[str, Bytes]:
+def shares(evidence: Evidence, paths: list[str]) -> dict[str, Bytes]:
     """For the calls of ``paths`` (a group's Linears, in call order) that keep a cast: the bytes each frees
     when they share one cast per input, by path — the first keeping one frees none (its cast is kept, for
     all), each later one its own cast's (in the autocast dtype: not scaled with the model's)."""
     kept: set[int] = set()
     freed: dict[str, Bytes] = {}
-    for call in probe.watched_calls:
-        cast = cast_of(probe, call) if call.site in paths else None
+    for call in evidence.probe.watched_calls:
+        cast = cast_of(evidence, call) if call.site in paths else None
         if cast is None:
             continue
         shared = call.input_id in kept

@@ -52,7 +52,7 @@ class Casts:
 
     def decide(self, walk: Walk, watch: Watch, decided: list[Decision]) -> None:
         for group in casts.groups(walk.probes[0], watch.found):
-            cast = next(filter(None, (casts.cast_of(walk.probes[0], c) for c in group)), None)
+            cast = next(filter(None, (casts.cast_of(walk.evidences[0], c) for c in group)), None)
             if cast is None:  # no call casts its input (no autocast): not a site
                 continue
             paths = list(dict.fromkeys(c.site for c in group))
@@ -63,7 +63,7 @@ class Casts:
                 reason = CHECKPOINTED
             reasons = {p: walk.selection.reason(reason, (p,), self.option) for p in paths}
             chosen = [p for p in paths if reasons[p] is None]
-            shares = [casts.shares(probe, chosen) for probe in walk.probes]
+            shares = [casts.shares(evidence, chosen) for evidence in walk.evidences]
             holder = next(iter(shares[0]), None)
             gaining = [p for p, freed in shares[0].items() if freed.total > 0]
             dtype = str(cast.dtype).removeprefix("torch.")
