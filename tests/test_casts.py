@@ -166,3 +166,28 @@ def test_shared_casts_on_gpu_change_nothing_and_free_their_copies():
     loss2, grads2, after = cuda_step()
     assert torch.equal(loss, loss2) and all(torch.equal(grads[n], grads2[n]) for n in grads)
     assert before - after == 2 * 3 * 64 * 64 * 2 == report.projection.saved_bytes
+
+
+def test_trainer_compiling_its_model_gets_compiled_decisions(tmp_path):
+    """TrainingArguments(torch_compile=True): the callback decides for the compiled graph, where a SiLU
+    inverted alone (gated=False) frees nothing and is left out."""
+    from actpatch.integrations import ActPatchCallback
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"input_ids": IDS[0], "labels": IDS[0]}
+
+    callback = ActPatchCallback(save_manifest=False, gated=False, norms=False)
+    args = tf.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, use_cpu=True, report_to=[],
+        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, torch_compile=True,
+        torch_compile_backend="aot_eager",
+    )  # fmt: skip
+    model = tiny_llama()
+    model.loss_type = "ForCausalLM"
+    tf.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback]).train()
+    silu = [s for s in callback.report.sites if s.path.endswith("mlp.act_fn")]
+    assert len(silu) == 2 and all(not s.patched and "under torch.compile" in s.reason for s in silu)

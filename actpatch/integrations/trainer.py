@@ -63,10 +63,11 @@ class ActPatchCallback(TrainerCallback):
     """Patch the Trainer's model at the start of training; write the manifest into checkpoints.
 
     Keyword arguments go to :func:`actpatch.patch_model` (``include``, ``exclude``, ``seq_len``, ...);
-    ``batch_size`` defaults to ``args.per_device_train_batch_size`` and ``dtype`` to bf16/fp16 when the
-    TrainingArguments ask for it and the weights are not float32 (with float32 weights the Trainer's
-    autocast runs the probe, which then sees the step as it is: the autocast casts, shared where several
-    Linears read one tensor).
+    ``batch_size`` defaults to ``args.per_device_train_batch_size``; ``compiled`` to ``args.torch_compile``
+    (the Trainer then trains a compiled model: the decisions follow the compiled graph); ``dtype`` to
+    bf16/fp16 when the TrainingArguments ask for it and the weights are not float32 (with float32 weights
+    the Trainer's autocast runs the probe, which then sees the step as it is: the autocast casts, shared
+    where several Linears read one tensor).
     """
 
     def __init__(self, *, save_manifest: bool = True, **patch_kwargs: Any) -> None:
@@ -89,6 +90,7 @@ class ActPatchCallback(TrainerCallback):
 
         kw = dict(self.patch_kwargs)
         kw.setdefault("batch_size", args.per_device_train_batch_size)
+        kw.setdefault("compiled", bool(getattr(args, "torch_compile", False)))
         dtype = _training_dtype(args)
         if dtype is not None and not _float32_master(model):
             kw.setdefault("dtype", dtype)
