@@ -46,7 +46,6 @@ from torch import nn
 from .analysis.inputs import input_spec, model_dtype, unwrap
 from .analysis.memory import Fit, Projector, fit_kind, probe_shapes
 from .analysis.probe import run_probe
-from .analysis.walker import _total_bytes
 
 GiB = 1 << 30
 CONTEXT_BYTES = GiB
@@ -180,7 +179,7 @@ def running_activations(model: nn.Module, batch_size: int) -> Projector:
     ``actpatch.analyze``; under the caller's autocast), fitted as there.  Before = after."""
     spec = input_spec(model, None)
     shapes = probe_shapes(spec.seq_dependent, spec.max_seq, spec.fixed_shape, batch_size)
-    totals = [_total_bytes(run_probe(model, *spec.make(b, s), model_dtype(model))) for b, s in shapes]
+    totals = [run_probe(model, *spec.make(b, s), model_dtype(model)).total() for b, s in shapes]
     return Projector(
         Fit(shapes, totals, fit_kind(spec.seq_dependent, spec.fixed_shape)), (), (), 1.0, spec.max_seq
     )

@@ -33,6 +33,20 @@ CHECKPOINTED = "inside a checkpointed block: nothing is saved there, nothing to 
 NOTHING_TO_GAIN = "nothing to gain"
 
 
+def call_reason(calls: list[Call], check: Callable[[Call], str | None] = lambda _: None) -> str | None:
+    """The first reason against ``calls``, call by call: no gradient, a checkpointed block, or ``check``'s
+    (the kind's own); None when there is none."""
+    for call in calls:
+        if not call.requires_grad:
+            return NO_GRADIENT
+        if call.foreign_hooks:
+            return CHECKPOINTED
+        reason = check(call)
+        if reason:
+            return reason
+    return None
+
+
 @dataclass
 class Decision:
     """One site as decided, what it frees at each probe shape, and what patching installs (the kind's parts;
@@ -150,16 +164,7 @@ class Walk:
         what ``gain`` says its calls free at each probe shape."""
         calls = self.watched_calls(path)
         gains = [sum((gain(p, c) for c in p.watched_calls if c.site == path), Bytes()) for p in self.probes]
-        reason = None
-        for call in calls:
-            if not call.requires_grad:
-                reason = NO_GRADIENT
-            elif call.foreign_hooks:
-                reason = CHECKPOINTED
-            else:
-                reason = check(call)
-            if reason:
-                break
+        reason = call_reason(calls, check)
         if reason is None and gains[0].total <= 0:
             reason = NOTHING_TO_GAIN
         reason = self.selection.reason(reason, (path,), kind.option)

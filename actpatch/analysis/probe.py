@@ -148,6 +148,17 @@ class ProbeResult:
     watched_calls: list[Call] = field(default_factory=list)  # calls of the modules given as watched
     gate_calls: list[GateCall] = field(default_factory=list)  # calls of the gate_modules' _apply_gate
 
+    def total(self) -> Bytes:
+        """Bytes of every tensor saved (each storage once; parameters and buffers left out)."""
+        seen: set[int] = set()
+        total = Bytes()
+        for s in self.saved:
+            if s.storage in seen or s.storage in self.excluded_storages:
+                continue
+            seen.add(s.storage)
+            total += Bytes(s.nbytes, 0.0) if s.scalable else Bytes(0.0, s.nbytes)
+        return total
+
     def freed_by(self, call: Call, skip: frozenset[int] = frozenset()) -> Bytes:
         """Bytes of the tensors ``call``'s own ops saved that nothing outside it keeps (each storage once;
         those in ``skip``, parameters and buffers left out): what replacing the call frees."""

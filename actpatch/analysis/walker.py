@@ -19,8 +19,8 @@ from torch import nn
 from ..report import PatchReport, Projection
 from .evidence import Decision, Evidence, Selection, SiteKind, Walk
 from .inputs import input_spec, model_dtype, unwrap
-from .memory import Bytes, Fit, Projector, fit_kind, probe_shapes
-from .probe import ProbeResult, run_probe
+from .memory import Fit, Projector, fit_kind, probe_shapes
+from .probe import run_probe
 from .sites import classify_module, is_candidate
 
 
@@ -67,7 +67,7 @@ def walk(
     ratio = target.itemsize / probe_dtype.itemsize
     patched = [d for d in decided if d.site.patched]
     freed = tuple(Fit(shapes, d.gains, fit) for d in patched)
-    totals = Fit(shapes, [_total_bytes(p) for p in walk.probes], fit)
+    totals = Fit(shapes, [p.total() for p in walk.probes], fit)
     projector = Projector(totals, freed, tuple(d.site.kind for d in patched), ratio, spec.max_seq)
     for i, d in enumerate(patched):
         d.site.saved_bytes_per_token = round(projector.site(i, batch_size, seq_len) / (batch_size * seq_len))
@@ -97,17 +97,6 @@ def _meta_cast(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     finally:
         for p, d in zip(params, dtypes, strict=True):
             p.data = p.data.to(d)
-
-
-def _total_bytes(probe: ProbeResult) -> Bytes:
-    seen: set[int] = set()
-    total = Bytes()
-    for s in probe.saved:
-        if s.storage in seen or s.storage in probe.excluded_storages:
-            continue
-        seen.add(s.storage)
-        total += Bytes(s.nbytes, 0.0) if s.scalable else Bytes(0.0, s.nbytes)
-    return total
 
 
 def _model_name(model: nn.Module) -> str:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import in_place
 from ..analysis import casts
-from ..analysis.evidence import CHECKPOINTED, NO_GRADIENT, NOTHING_TO_GAIN, Decision, Walk, Watch
+from ..analysis.evidence import NOTHING_TO_GAIN, Decision, Walk, Watch, call_reason
 from ..analysis.memory import Bytes
 from ..functional import autocast_input
 from ..report import Site
@@ -56,11 +56,7 @@ class Casts:
             if cast is None:  # no call casts its input (no autocast): not a site
                 continue
             paths = list(dict.fromkeys(c.site for c in group))
-            reason = None
-            if not all(c.requires_grad for c in group):
-                reason = NO_GRADIENT
-            elif any(c.foreign_hooks for c in group):
-                reason = CHECKPOINTED
+            reason = call_reason(group)
             reasons = {p: walk.selection.reason(reason, (p,), self.option) for p in paths}
             chosen = [p for p in paths if reasons[p] is None]
             shares = [casts.shares(evidence, chosen) for evidence in walk.evidences]
