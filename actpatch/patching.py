@@ -64,7 +64,6 @@ from .integrations import liger
 from .report import PatchReport, Site
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_LEFT_TO_COMPILER = frozenset({"dropout"})  # kinds left to the compiler under torch.compile, unmeasured
 
 
 def analyze(
@@ -123,9 +122,8 @@ def _settle_compiled(model: nn.Module, report: PatchReport, example_inputs: obje
 
     with _originals_restored(model):
         order = [k.name for k in kinds.KINDS]
-        settle_compiled(
-            model, report, example_inputs, install, uninstall, order=order, no_measure=_LEFT_TO_COMPILER
-        )
+        left = frozenset(k.name for k in kinds.KINDS if getattr(k, "left_to_compiler", False))
+        settle_compiled(model, report, example_inputs, install, uninstall, order=order, no_measure=left)
 
 
 def patch_model(

@@ -6,7 +6,7 @@ recognise its own work; :mod:`actpatch.swap` or :mod:`actpatch.in_place` undo it
 keyword of ``analyze``/``patch_model`` and the ``--option/--no-option`` flag of the CLI choosing it
 (``default`` when not given; "" for a kind always on), ``label`` names its sites in the report, ``help``
 describes the flag; a ``contextual`` kind's sites depend on the run's context (autocast), and manifests do
-not record them.
+not record them; a kind ``left_to_compiler`` is not patched for training under torch.compile.
 
     KINDS                 in decision order: a kind may amend the decisions of those before it
     options()             option -> default, for every kind with one

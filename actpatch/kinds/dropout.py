@@ -26,6 +26,7 @@ class Dropouts:
     default = False
     label = "dropouts"
     help = "Dropouts keep their masks as bits (same outputs and gradients; eager training)."
+    left_to_compiler = True  # under torch.compile its sites are not patched (actpatch.compiled)
 
     def watch(self, walk: Walk) -> Watch:
         found = dropouts.candidates(walk.model)
