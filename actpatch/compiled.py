@@ -42,6 +42,13 @@ def is_compiled(model: nn.Module) -> bool:
     return isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
 
 
+def trains_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` runs compiled: what ``torch.compile`` returned, or a module any of whose modules
+    were compiled in place (``module.compile()``, as torchtitan compiles each block)."""
+    in_place = (getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    return is_compiled(model) or any(in_place)
+
+
 def settle(
     model: nn.Module,
     report: PatchReport,

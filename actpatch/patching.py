@@ -58,7 +58,7 @@ from torch import nn
 from . import in_place, kinds, swap
 from .analysis.evidence import SiteKind
 from .analysis.walker import walk
-from .compiled import is_compiled
+from .compiled import is_compiled, trains_compiled
 from .compiled import settle as settle_compiled
 from .integrations import liger
 from .report import PatchReport, Site
@@ -80,10 +80,11 @@ def analyze(
 ) -> PatchReport:
     """Find the sites of ``model`` (activations, and those of the kinds chosen by ``options``: gated MLPs,
     norms, dropouts, casts) and project the memory patching saves; changes nothing.  ``compiled``: decide
-    for training under torch.compile (:mod:`actpatch.compiled`); None: whether ``model`` is compiled."""
+    for training under torch.compile (:mod:`actpatch.compiled`); None: whether ``model`` or any of its
+    modules is compiled."""
     _check_module(model)
     chosen = _options(options, "analyze")
-    compiled = is_compiled(model) if compiled is None else compiled
+    compiled = trains_compiled(model) if compiled is None else compiled
     model = _inner(model)
     if any(n is not None and n < 1 for n in (batch_size, seq_len)):
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")

@@ -1,6 +1,6 @@
 """Where a training step's time goes, eager against patched: CUDA kernel time by kernel, and wall time.
 
-    python benchmarks/profile_step.py [--model bert-base] [--steps 3]
+    python benchmarks/profile_step.py [--model bert-base] [--steps 3] [--compiled [model|blocks]]
 
 Builds the model as benchmarks/train_step.py does, warms up, then profiles ``--steps`` steps of each mode
 with torch.profiler: per mode, the wall time per step, the summed CUDA kernel time per step (the GPU's
@@ -19,7 +19,7 @@ from collections import Counter
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from train_step import MODELS, batch, build, step, unswap
+from train_step import MODELS, batch, build, runner, step, unswap
 
 
 def profile_mode(run, steps: int) -> tuple[float, Counter]:
@@ -55,12 +55,14 @@ def main() -> int:
     p.add_argument("--model", default="bert-base", choices=list(MODELS))
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--compiled", nargs="?", const="model", choices=["model", "blocks"])
     args = p.parse_args()
     args.device, args.dtype, args.quick = "cuda", torch.bfloat16, False
     _, b, s, layers, swap = MODELS[args.model]
     model = build(args.model, layers, args)
+    run = runner(model, args)
     inputs = batch(model, b, s, "cuda")
-    syncs = synchronisations(model, inputs)
+    syncs = synchronisations(run, inputs)
     print(
         f"{args.model}: {len(syncs)} synchronising calls in one eager step",
         *syncs[:3],
@@ -73,8 +75,8 @@ def main() -> int:
         if mode == "patched":
             swap(model, patched)
         for _ in range(3):
-            step(model, inputs)
-        result[mode] = profile_mode(lambda: step(model, inputs), args.steps)
+            step(run, inputs)
+        result[mode] = profile_mode(lambda: step(run, inputs), args.steps)
         unswap(patched)
     for mode, (wall, kernels) in result.items():
         busy = sum(kernels.values()) / 1e3

@@ -1,7 +1,7 @@
 """Whole training step (forward + backward) with activations swapped by hand for actpatch's modules.
 
     python benchmarks/train_step.py [--device cuda] [--models gpt2-medium bert-base llama3-8b-layer]
-                                    [--compile] [--compiled] [--json FILE]
+                                    [--compile] [--compiled [model|blocks]] [--json FILE]
     python benchmarks/train_step.py --device cpu --quick     # smoke test with tiny shapes
 
 Models are built from transformers configs with random weights, bf16 (float32 with --device cpu), in
@@ -26,7 +26,9 @@ bert-base-no-attention-dropout: bert-base with its attention-probability dropout
   actpatch's ops;
 - --compiled: step times and saved bytes of ``torch.compile(model)`` instead, eager and patched alike
   (each swap recompiles once, in the warm-up; actpatch's ops are opaque custom ops in the compiled graph,
-  around which the compiler's partitioner chooses what to save).
+  around which the compiler's partitioner chooses what to save); ``--compiled blocks``: each block (the items
+  of the model's longest ModuleList: decoder / encoder layers) compiled on its own, as torchtitan compiles
+  its models (the code between blocks, embeddings, masks and the loss head, stays eager).
 """
 
 from __future__ import annotations
@@ -187,6 +189,7 @@ MODELS = {
     "llama3-8b-layer-liger": (_llama, 2, 4096, 4, _swap_llama_liger),
     "llama3-8b-layer-liger-norm": (_llama, 2, 4096, 4, _swap_llama_liger_norm),
     "llama3-8b-layer-actpatch": (_llama, 2, 4096, 4, _patch_with()),
+    "llama3-8b-layer-actpatch-compiled": (_llama, 2, 4096, 4, _patch_with(compiled=True)),
     "llama3-8b-layer-silu-actpatch": (_llama, 2, 4096, 4, _patch_with(gated=False, norms=False)),
     "llama3-8b-layer-silu-actpatch-compiled": (
         _llama,
@@ -218,14 +221,23 @@ def batch(model, b: int, s: int, device: str) -> dict:
 
 
 def runner(model, args):
-    """What runs the steps: ``model``, or ``torch.compile(model)`` with --compiled (the swaps change
-    ``model``'s modules, which the compiled wrapper shares).  Dynamo's caches are emptied first: frames
-    that every model shares (transformers' wrappers) would otherwise reach the recompile limit after a
-    few models and silently run eager from then on."""
+    """What runs the steps: ``model``, ``torch.compile(model)`` with --compiled (the swaps change
+    ``model``'s modules, which the compiled wrapper shares), or ``model`` with each block compiled in place
+    (--compiled blocks).  Dynamo's caches are emptied first: frames that every model shares (transformers'
+    wrappers) would otherwise reach the recompile limit after a few models and silently run eager."""
     if not args.compiled:
         return model
     torch._dynamo.reset()
+    if args.compiled == "blocks":
+        for block in blocks(model):
+            block.compile()
+        return model
     return torch.compile(model)
+
+
+def blocks(model) -> torch.nn.ModuleList:
+    """The model's longest ModuleList: its decoder / encoder layers."""
+    return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
 
 
 def step(model, inputs: dict) -> None:
@@ -392,7 +404,13 @@ def main() -> int:
     p.add_argument("--no-time", action="store_true")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--compiled", action="store_true", help="measure torch.compile(model) instead")
+    p.add_argument(
+        "--compiled",
+        nargs="?",
+        const="model",
+        choices=["model", "blocks"],
+        help="measure torch.compile(model) instead, or each block compiled (blocks)",
+    )
     p.add_argument("--json")
     args = p.parse_args()
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -403,7 +421,7 @@ def main() -> int:
 
     res["torch"], res["transformers"] = torch.__version__, transformers.__version__
     ok = True
-    mode = "compiled " if args.compiled else ""
+    mode = f"compiled ({args.compiled}) " if args.compiled else ""
     for name in args.models:
         r = res[name] = {}
         if not args.no_memory:

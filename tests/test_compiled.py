@@ -129,3 +129,25 @@ def test_a_compiled_model_is_patched_in_its_module_with_dropouts_left_to_the_com
     torch._dynamo.reset()
     compiled(**_batch()).loss.backward()
     assert sorted(actpatch.unpatch_model(compiled)) == sorted(patched)
+
+
+def test_blocks_compiled_in_place_are_probed_eagerly_and_decided_for_compile():
+    """torchtitan's way, each block compiled in place (``block.compile()``): the probe runs the blocks
+    eagerly (Dynamo compiles none of its frames), the decisions are the compiled ones (the SiLU the compiler
+    recomputes left out), and the compiled blocks then train patched with eager's loss."""
+    model = tiny_model("llama", attn="sdpa").train()
+    model.loss_type = LOSSES["llama"]
+    inputs = _batch()
+    loss = model(**inputs).loss
+    torch._dynamo.reset()
+    for block in model.model.layers:
+        block.compile(backend="aot_eager")
+    torch._dynamo.utils.counters.clear()
+    actpatch.analyze(model, example_inputs=inputs, compiled=False)
+    assert not torch._dynamo.utils.counters["frames"]  # the probe compiled nothing: it ran eagerly
+    report = actpatch.patch_model(model, example_inputs=inputs, gated=False, norms=False)
+    assert not report.patched_sites
+    assert all(s.reason.startswith("under torch.compile") for s in report.sites if s.path.endswith("act_fn"))
+    report = actpatch.patch_model(model, example_inputs=inputs)
+    assert {s.kind for s in report.patched_sites} >= {"gated", "norm"}
+    torch.testing.assert_close(model(**inputs).loss, loss)

@@ -481,7 +481,8 @@ def run_probe(
     modules whose ids are in ``watched`` are recorded in ``watched_calls``, calls of the ``_apply_gate``
     of those in ``gate_modules`` in ``gate_calls``.
 
-    The global RNG state is restored afterwards, so a probe leaves dropout streams unchanged.
+    The global RNG state is restored afterwards, so a probe leaves dropout streams unchanged.  Modules
+    compiled in place (``module.compile()``) run eagerly here: the probe observes eager autograd.
     """
     probe = _Probe(model, dtype, watched)
     excluded = {storage_key(t) for t in (*model.parameters(), *model.buffers())}
@@ -497,6 +498,7 @@ def run_probe(
             training_mode(model),
             torch.enable_grad(),
             torch.autograd.graph.saved_tensors_hooks(probe.pack, _unpack),
+            _eager(),
             probe,
         ):
             out = model(*args, **kwargs)
@@ -511,6 +513,12 @@ def run_probe(
     return ProbeResult(
         probe.saved, probe.calls, excluded, probe.events, probe.watched_calls, probe.gate_calls
     )
+
+
+def _eager() -> contextlib.AbstractContextManager:
+    """torch.compile's directives ignored while the probe runs (torch >= 2.6; before, nothing changes)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance else contextlib.nullcontext()
 
 
 def _reshard(model: nn.Module) -> None:
