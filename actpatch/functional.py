@@ -59,10 +59,10 @@ from .kernels.ops import (
     GATED_OPS,
     OPS,
     dropout_op,
-    layer_norm_keep_output_op,
+    layer_norm_keep_output_backward_op,
     relu_squared_op,
-    rms_norm_keep_output_op,
-    rms_norm_op,
+    rms_norm_backward_op,
+    rms_norm_keep_output_backward_op,
 )
 
 INVERTIBLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -487,6 +487,58 @@ class ActpatchEagerLayerNorm(torch.autograd.Function):
         return ActpatchLayerNorm.backward(ctx, dy, None)
 
 
+class ActpatchCompiledRMSNorm(torch.autograd.Function):
+    """``ActpatchEagerRMSNorm`` under torch.compile: the forward traced (fused with its neighbours by the
+    compiler), the backward the custom op actpatch::rms_norm_backward from x, w and r."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float, variant: str) -> torch.Tensor:
+        y, r = _rms_norm.forward(x, w, eps, variant)
+        ctx.save_for_backward(x, w, r)
+        ctx.variant = variant
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        dx, dw = rms_norm_backward_op(dy, *ctx.saved_tensors, ctx.variant)
+        return dx, dw, None, None
+
+
+class ActpatchCompiledRMSNormFromOutput(torch.autograd.Function):
+    """``ActpatchEagerRMSNormFromOutput`` under torch.compile: the forward is traced, so the compiler fuses it
+    with its neighbours as it fuses the module's own; the backward is the custom op
+    actpatch::rms_norm_keep_output_backward, from y, w and r, which the partition keeps."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float | None, variant: str) -> torch.Tensor:
+        y, r = norm_output.rms_norm_forward(x, w, eps, variant)
+        ctx.save_for_backward(y, w, r)
+        ctx.variant, ctx.x_dtype = variant, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        dx, dw = rms_norm_keep_output_backward_op(dy, *ctx.saved_tensors, ctx.variant, ctx.x_dtype)
+        return dx, dw, None, None
+
+
+class ActpatchCompiledLayerNorm(torch.autograd.Function):
+    """``ActpatchEagerLayerNorm`` under torch.compile: the forward traced, the backward the custom op
+    actpatch::layer_norm_keep_output_backward from y, w, b and rstd."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float):
+        y, rstd = norm_output.layer_norm_forward(x, w, b, eps)
+        ctx.save_for_backward(y, w, b, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple:
+        y, w, b, rstd = ctx.saved_tensors
+        dx, dw, db = layer_norm_keep_output_backward_op(dy, y, w, b, rstd)
+        return dx, None if w is None else dw, None if b is None else db, None
+
+
 @_eager
 class ActpatchEagerDropout(torch.autograd.Function):
     """``ActpatchDropout`` outside torch.func."""
@@ -638,7 +690,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "
         raise ValueError(f"rms_norm: variant is one of {', '.join(_rms_norm.VARIANTS)}, got {variant!r}")
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and x.is_floating_point():
         if torch.compiler.is_compiling():
-            return rms_norm_op(x, weight, float(eps), variant)[0]
+            return ActpatchCompiledRMSNorm.apply(x, weight, float(eps), variant)
         if _transformed(x) or _transformed(weight):
             return ActpatchRMSNorm.apply(x, weight, float(eps), variant)[0]
         return ActpatchEagerRMSNorm.apply(x, weight, float(eps), variant)
@@ -683,7 +735,7 @@ def rms_norm_from_output(
         keep_output = x.is_floating_point() and _keeps_output(x, weight, None, variant, weight_safe)
     if keep_output:
         if torch.compiler.is_compiling():
-            return rms_norm_keep_output_op(x, weight, eps, variant)[0]
+            return ActpatchCompiledRMSNormFromOutput.apply(x, weight, eps, variant)
         if _transformed(x) or _transformed(weight):
             return ActpatchRMSNormFromOutput.apply(x, weight, eps, variant)[0]
         return ActpatchEagerRMSNormFromOutput.apply(x, weight, eps, variant)
@@ -712,7 +764,7 @@ def layer_norm(
     if not keep_output:
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     if torch.compiler.is_compiling():
-        return layer_norm_keep_output_op(x, weight, bias, float(eps))[0]
+        return ActpatchCompiledLayerNorm.apply(x, weight, bias, float(eps))
     if any(_transformed(t) for t in (x, weight, bias) if t is not None):
         return ActpatchLayerNorm.apply(x, weight, bias, float(eps))[0]
     return ActpatchEagerLayerNorm.apply(x, weight, bias, float(eps))

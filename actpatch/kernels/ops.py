@@ -10,13 +10,12 @@ its mask as bits (``dropout.py``); ``dropout_backward(dy, bits, p)`` -> dx, torc
 in dy, so differentiable again: its derivative is itself).
 ``actpatch::relu_squared(Tensor x) -> Tensor``  y = relu(x)², keeping only y (``relu_squared.py``);
 ``relu_squared_backward(dy, y)`` -> dx = 2 √y · dy.
-``actpatch::rms_norm(Tensor x, Tensor w, float eps, str variant) -> (Tensor y, Tensor r)``  RMSNorm keeping
-x and r = 1/rms (``rms_norm.py``); ``rms_norm_backward(dy, x, w, r, variant)`` -> (dx, dw).
-``actpatch::rms_norm_keep_output(Tensor x, Tensor w, float? eps, str variant) -> (Tensor y, Tensor r)`` and
-``actpatch::layer_norm_keep_output(Tensor x, Tensor? w, Tensor? b, float eps) -> (Tensor y, Tensor rstd)``
-norms keeping their output y and 1/σ (``norm_output.py``); ``rms_norm_keep_output_backward(dy, y, w, r,
-variant, x_dtype)`` -> (dx, dw), ``layer_norm_keep_output_backward(dy, y, w, b, rstd)`` -> (dx, dw, db)
-(dw, db empty where w, b are None).
+``actpatch::rms_norm_backward(Tensor dy, Tensor x, Tensor w, Tensor r, str variant) -> (Tensor dx,
+Tensor dw)``  the backward of an RMSNorm keeping x and r = 1/rms (``rms_norm.py``);
+``actpatch::rms_norm_keep_output_backward(dy, y, w, r, variant, x_dtype)`` -> (dx, dw) and
+``layer_norm_keep_output_backward(dy, y, w, b, rstd)`` -> (dx, dw, db) (dw, db empty where w, b are None),
+those of norms keeping their output y and 1/σ (``norm_output.py``).  The norms' forwards are torch's ops,
+which the compiler traces and fuses with their neighbours (``actpatch.functional``): no forward op.
 
 Every device runs the pure-PyTorch reference; CUDA runs the fused Triton kernels when Triton imports
 (one place decides: ``activation_forward`` ... ``relu_squared_backward`` below, which the ops call; the
@@ -264,18 +263,6 @@ def _register_gated(name: str) -> tuple[object, object]:
 GATED_OPS: dict[str, tuple[object, object]] = {name: _register_gated(name) for name in gated.GATED}
 
 
-@torch.library.custom_op("actpatch::rms_norm", mutates_args=())
-def rms_norm_op(
-    x: torch.Tensor, w: torch.Tensor, eps: float, variant: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return rms_norm.forward(x, w, eps, variant)
-
-
-@rms_norm_op.register_fake
-def _(x, w, eps, variant):
-    return rms_norm.forward(x, w, eps, variant)  # shapes and dtypes follow from the ops themselves
-
-
 @torch.library.custom_op("actpatch::rms_norm_backward", mutates_args=())
 def rms_norm_backward_op(
     dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, variant: str
@@ -288,37 +275,8 @@ def _(dy, x, w, r, variant):
     return torch.empty_like(x), torch.empty_like(w)
 
 
-def _rms_norm_setup(ctx, inputs, output):
-    x, w, _, ctx.variant = inputs
-    ctx.save_for_backward(x, w, output[1])
-
-
-def _rms_norm_backward(ctx, dy, _dr):
-    x, w, r = ctx.saved_tensors
-    dx, dw = rms_norm_backward_op(dy, x, w, r, ctx.variant)
-    return dx, dw, None, None
-
-
-def _rms_norm_second_order(ctx, _ddx, _ddw):
+def _no_second_order(ctx, *_):
     raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-
-
-rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
-rms_norm_backward_op.register_autograd(_rms_norm_second_order, setup_context=lambda ctx, inputs, output: None)
-_no_vmap(rms_norm_op)
-_no_vmap(rms_norm_backward_op)
-
-
-@torch.library.custom_op("actpatch::rms_norm_keep_output", mutates_args=())
-def rms_norm_keep_output_op(
-    x: torch.Tensor, w: torch.Tensor, eps: float | None, variant: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return norm_output.rms_norm_forward(x, w, eps, variant)
-
-
-@rms_norm_keep_output_op.register_fake
-def _(x, w, eps, variant):
-    return norm_output.rms_norm_forward(x, w, eps, variant)
 
 
 @torch.library.custom_op("actpatch::rms_norm_keep_output_backward", mutates_args=())
@@ -331,29 +289,6 @@ def rms_norm_keep_output_backward_op(
 @rms_norm_keep_output_backward_op.register_fake
 def _(dy, y, w, r, variant, x_dtype):
     return y.new_empty(y.shape, dtype=x_dtype), torch.empty_like(w)
-
-
-def _rms_norm_keep_output_setup(ctx, inputs, output):
-    x, w, _, ctx.variant = inputs
-    ctx.x_dtype = x.dtype
-    ctx.save_for_backward(output[0], w, output[1])
-
-
-def _rms_norm_keep_output_backward(ctx, dy, _dr):
-    dx, dw = rms_norm_keep_output_backward_op(dy, *ctx.saved_tensors, ctx.variant, ctx.x_dtype)
-    return dx, dw, None, None
-
-
-@torch.library.custom_op("actpatch::layer_norm_keep_output", mutates_args=())
-def layer_norm_keep_output_op(
-    x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return norm_output.layer_norm_forward(x, w, b, eps)
-
-
-@layer_norm_keep_output_op.register_fake
-def _(x, w, b, eps):
-    return norm_output.layer_norm_forward(x, w, b, eps)
 
 
 def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -373,30 +308,8 @@ def _(dy, y, w, b, rstd):
     return torch.empty_like(y), torch.empty_like(_or_empty(w, y)), torch.empty_like(_or_empty(b, y))
 
 
-def _layer_norm_keep_output_setup(ctx, inputs, output):
-    _, w, b, _ = inputs
-    ctx.save_for_backward(output[0], w, b, output[1])
-
-
-def _layer_norm_keep_output_backward(ctx, dy, _drstd):
-    y, w, b, rstd = ctx.saved_tensors
-    dx, dw, db = layer_norm_keep_output_backward_op(dy, y, w, b, rstd)
-    return dx, None if w is None else dw, None if b is None else db, None
-
-
-def _no_second_order(ctx, *_):
-    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-
-
-for _fwd, _bwd, _backward, _setup in (
-    (rms_norm_keep_output_op, rms_norm_keep_output_backward_op, _rms_norm_keep_output_backward,
-     _rms_norm_keep_output_setup),
-    (layer_norm_keep_output_op, layer_norm_keep_output_backward_op, _layer_norm_keep_output_backward,
-     _layer_norm_keep_output_setup),
-):  # fmt: skip
-    _fwd.register_autograd(_backward, setup_context=_setup)
+for _bwd in (rms_norm_backward_op, rms_norm_keep_output_backward_op, layer_norm_keep_output_backward_op):
     _bwd.register_autograd(_no_second_order, setup_context=lambda ctx, inputs, output: None)
-    _no_vmap(_fwd)
     _no_vmap(_bwd)
 
 
