@@ -60,7 +60,7 @@ def rms_norm_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, r): the module's output, bitwise, and r = 1/rms per row (float32, [..., 1])."""
     if variant == "torch":
-        return torch._fused_rms_norm(x, [x.shape[-1]], w, eps)
+        return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], w, eps)  # the op: traceable by Dynamo
     return rms_norm.forward(x, w, eps, variant)
 
 

@@ -59,7 +59,7 @@ def scaled_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype, variant: str) -> to
 def forward(x: torch.Tensor, w: torch.Tensor, eps: float, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, r): the module's output, bitwise, and r = 1/rms per row (float32, shape [..., 1])."""
     if variant == "tune" and w.dtype == torch.float32:
-        y, r = torch._fused_rms_norm(x.float(), [x.shape[-1]], w, eps)
+        y, r = torch.ops.aten._fused_rms_norm(x.float(), [x.shape[-1]], w, eps)
         return y.to(x.dtype), r
     h = x.to(torch.float32)
     r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
