@@ -82,6 +82,7 @@ def _forward_kernel(
     FULL_ROWS: tl.constexpr,
     LIBDEVICE: tl.constexpr,
     BF16_BY_HAND: tl.constexpr,
+    FAST_DIV: tl.constexpr = False,
 ):
     """y = f(x) in float32 (rounded once, or as torch's eager ops round); bits = pack([x >= x*])."""
     pid = tl.program_id(0).to(tl.int64)
@@ -116,11 +117,25 @@ def _forward_kernel(
             th = tl.where(inner < 0, -th, th)
         y = 0.5 * xf * (1.0 + th)
     elif ACT == 2:  # SiLU: x / (1 + exp(-x))
-        if LIBDEVICE:  # noqa: SIM108
-            e = libdevice.exp(-xf)
+        if FAST_DIV:
+            d = 1.0 + libdevice.exp(-xf)
+            y = tl.inline_asm_elementwise(
+                """{ .reg .f32 r0, r, e, q, t, nd; .reg .pred p;
+                neg.f32 nd, $2; rcp.approx.ftz.f32 r0, $2; fma.rn.f32 e, nd, r0, 0f3F800000;
+                fma.rn.f32 r, e, r0, r0; mul.rn.f32 q, $1, r; fma.rn.f32 t, nd, q, $1; fma.rn.f32 $0, t, r, q;
+                testp.notanumber.f32 p, t; @p mul.rn.f32 $0, $1, r0; }""",
+                "=r,r,r",
+                [xf, d],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=1,
+            )
         else:
-            e = tl.exp(-xf)
-        y = tl.math.div_rn(xf, 1.0 + e)
+            if LIBDEVICE:  # noqa: SIM108
+                e = libdevice.exp(-xf)
+            else:
+                e = tl.exp(-xf)
+            y = tl.math.div_rn(xf, 1.0 + e)
     else:  # QuickGELU: x * sigmoid(1.702 * x), three eager ops, each rounded to x's dtype
         z = xf * 1.702
         if ROUND_INTERMEDIATE:
@@ -149,7 +164,9 @@ def _forward_kernel(
         tl.store(y_ptr + offs, yb.to(tl.int16), mask=mask)
     else:
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    right = (xf >= x_star) & mask
+    right = xf >= x_star
+    if not FULL_ROWS:  # (whole rows are masked at the store)
+        right = right & mask
     byte = tl.reduce(right.to(tl.int32) << cols[None, :], 1, _sum_combine)
     tl.store(bits_ptr + rows, byte.to(tl.uint8), mask=row_mask)
 
@@ -264,6 +281,8 @@ def _forward_lookup_kernel(
     ROWS: tl.constexpr,
     FULL_ROWS: tl.constexpr,
     FP16: tl.constexpr,
+    ROTATE: tl.constexpr = False,
+    STREAM: tl.constexpr = 0,
 ):
     """16-bit x and y as int16: y = table[x's bits]; bits = pack([x >= x*]), x read as bf16 or fp16."""
     pid = tl.program_id(0).to(tl.int64)
@@ -276,13 +295,27 @@ def _forward_lookup_kernel(
     else:
         row_mask = rows * 8 < n_elements
         mask = offs < n_elements
-    x = tl.load(x_ptr + offs, mask=mask, other=0)
-    tl.store(y_ptr + offs, tl.load(table_ptr + (x.to(tl.int32) & 0xFFFF), mask=mask, other=0), mask=mask)
+    if STREAM == 1:
+        x = tl.load(x_ptr + offs, mask=mask, other=0, eviction_policy="evict_first")
+    elif STREAM == 2:
+        x = tl.load(x_ptr + offs, mask=mask, other=0, cache_modifier=".cg")
+    else:
+        x = tl.load(x_ptr + offs, mask=mask, other=0)
+    index = x.to(tl.int32) & 0xFFFF
+    if ROTATE:
+        index = ((index >> 3) | (index << 13)) & 0xFFFF
+    if STREAM == 0:
+        tl.store(y_ptr + offs, tl.load(table_ptr + index, mask=mask, other=0), mask=mask)
+    else:
+        t = tl.load(table_ptr + index, mask=mask, other=0, eviction_policy="evict_last")
+        tl.store(y_ptr + offs, t, mask=mask)
     if FP16:  # noqa: SIM108
         xf = x.to(tl.float16, bitcast=True).to(tl.float32)
     else:
         xf = ((x.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
-    right = (xf >= x_star) & mask
+    right = xf >= x_star
+    if not FULL_ROWS:  # (whole rows are masked at the store)
+        right = right & mask
     byte = tl.reduce(right.to(tl.int32) << cols[None, :], 1, _sum_combine)
     tl.store(bits_ptr + rows, byte.to(tl.uint8), mask=row_mask)
 
@@ -299,6 +332,8 @@ def _backward_lookup_kernel(
     ROWS: tl.constexpr,
     FULL_ROWS: tl.constexpr,
     BF16_BY_HAND: tl.constexpr,
+    EARLY: tl.constexpr = False,
+    STREAM: tl.constexpr = 0,
 ):
     """dx = dy · table[branch · 65536 + y's bits] (y as int16; table: float32 g of lookup.backward_table)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -311,11 +346,30 @@ def _backward_lookup_kernel(
     else:
         row_mask = rows * 8 < n_elements
         mask = offs < n_elements
+    if EARLY:  # dy issued before y: volatile loads keep their order
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0, volatile=True)
+        y = tl.load(y_ptr + offs, mask=mask, other=0, volatile=True)
+    elif STREAM == 1:
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0, eviction_policy="evict_first")
+        y = tl.load(y_ptr + offs, mask=mask, other=0, eviction_policy="evict_first")
+    elif STREAM == 2:
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0, cache_modifier=".cg")
+        y = tl.load(y_ptr + offs, mask=mask, other=0, cache_modifier=".cg")
+    else:
+        y = tl.load(y_ptr + offs, mask=mask, other=0)
     byte = tl.load(bits_ptr + rows, mask=row_mask, other=0).to(tl.int32)
     right = (byte[:, None] >> cols[None, :]) & 1
-    y = tl.load(y_ptr + offs, mask=mask, other=0)
-    g = tl.load(table_ptr + ((right << 16) | (y.to(tl.int32) & 0xFFFF)), mask=mask, other=0.0)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0)
+    if STREAM == 0:
+        g = tl.load(table_ptr + ((right << 16) | (y.to(tl.int32) & 0xFFFF)), mask=mask, other=0.0)
+    else:
+        g = tl.load(
+            table_ptr + ((right << 16) | (y.to(tl.int32) & 0xFFFF)),
+            mask=mask,
+            other=0.0,
+            eviction_policy="evict_last",
+        )
+    if not EARLY and STREAM == 0:
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0)
     if BF16_BY_HAND:  # int16 views of bfloat16 tensors (interpreter only)
         dx = ((dy.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True) * g
         db = dx.to(tl.uint32, bitcast=True)

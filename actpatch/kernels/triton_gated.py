@@ -160,16 +160,16 @@ def _forward_kernel(
 def _backward_kernel(
     dm_ptr, m_ptr, k_ptr, bits_ptr, table_ptr, da_ptr, db_ptr, n_elements, n_bytes, row_start, top,
     ACT: tl.constexpr, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr, LIBDEVICE: tl.constexpr,
-    TABLE: tl.constexpr,
+    TABLE: tl.constexpr, EARLY: tl.constexpr = False,
 ):  # fmt: skip
     rows, cols, offs, row_mask, mask = _tile(n_elements, row_start, ROWS, FULL_ROWS)
     u = tl.load(bits_ptr + rows, mask=row_mask, other=0).to(tl.int32)
     z = tl.load(bits_ptr + n_bytes + rows, mask=row_mask, other=0).to(tl.int32)
     keep_b = ((u[:, None] >> cols[None, :]) & 1) != 0
     kept_far = (((u & ~z)[:, None] >> cols[None, :]) & 1) != 0  # u and not z: da = 0
-    dm = tl.load(dm_ptr + offs, mask=mask, other=0)
+    dm = tl.load(dm_ptr + offs, mask=mask, other=0, volatile=EARLY)
     m = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32)
-    k16 = tl.load(k_ptr + offs, mask=mask, other=0)
+    k16 = tl.load(k_ptr + offs, mask=mask, other=0, volatile=EARLY)
     k = k16.to(tl.float32)
     dmf = dm.to(tl.float32)
     a = tl.where(keep_b, 0.0, k)
