@@ -188,6 +188,7 @@ def _backward_kernel(
     FULL_ROWS: tl.constexpr,
     GPU: tl.constexpr,
     BF16_BY_HAND: tl.constexpr,
+    EARLY: tl.constexpr = 0,
 ):
     """dx = dy · g_b(y); coef: the [DEG + 1, STRIDE] float32 table (power j of interval i at j STRIDE + i)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -202,8 +203,15 @@ def _backward_kernel(
         mask = offs < n_elements
     byte = tl.load(bits_ptr + rows, mask=row_mask, other=0).to(tl.int32)
     right = ((byte[:, None] >> cols[None, :]) & 1) != 0
-    y = tl.load(y_ptr + offs, mask=mask, other=0)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0)
+    if EARLY == 1:
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0, volatile=True)
+        y = tl.load(y_ptr + offs, mask=mask, other=0, volatile=True)
+    elif EARLY == 2:
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0, cache_modifier=".cg")
+        y = tl.load(y_ptr + offs, mask=mask, other=0, cache_modifier=".cg")
+    else:
+        y = tl.load(y_ptr + offs, mask=mask, other=0)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0)
     if BF16_BY_HAND:  # int16 views of bfloat16 tensors (interpreter only)
         y = ((y.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
         dy = ((dy.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
