@@ -188,7 +188,6 @@ def _backward_kernel(
     FULL_ROWS: tl.constexpr,
     GPU: tl.constexpr,
     BF16_BY_HAND: tl.constexpr,
-    EARLY: tl.constexpr = 0,
 ):
     """dx = dy · g_b(y); coef: the [DEG + 1, STRIDE] float32 table (power j of interval i at j STRIDE + i)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -203,15 +202,8 @@ def _backward_kernel(
         mask = offs < n_elements
     byte = tl.load(bits_ptr + rows, mask=row_mask, other=0).to(tl.int32)
     right = ((byte[:, None] >> cols[None, :]) & 1) != 0
-    if EARLY == 1:
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0, volatile=True)
-        y = tl.load(y_ptr + offs, mask=mask, other=0, volatile=True)
-    elif EARLY == 2:
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0, cache_modifier=".cg")
-        y = tl.load(y_ptr + offs, mask=mask, other=0, cache_modifier=".cg")
-    else:
-        y = tl.load(y_ptr + offs, mask=mask, other=0)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0)
+    y = tl.load(y_ptr + offs, mask=mask, other=0)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0)
     if BF16_BY_HAND:  # int16 views of bfloat16 tensors (interpreter only)
         y = ((y.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
         dy = ((dy.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
@@ -322,6 +314,7 @@ def _backward_lookup_kernel(
     ROWS: tl.constexpr,
     FULL_ROWS: tl.constexpr,
     BF16_BY_HAND: tl.constexpr,
+    STREAM: tl.constexpr = False,
 ):
     """dx = dy · table[branch · 65536 + y's bits] (y as int16; table: float32 g of lookup.backward_table)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -336,9 +329,15 @@ def _backward_lookup_kernel(
         mask = offs < n_elements
     byte = tl.load(bits_ptr + rows, mask=row_mask, other=0).to(tl.int32)
     right = (byte[:, None] >> cols[None, :]) & 1
-    y = tl.load(y_ptr + offs, mask=mask, other=0)
+    if STREAM:
+        y = tl.load(y_ptr + offs, mask=mask, other=0, cache_modifier=".cg")
+    else:
+        y = tl.load(y_ptr + offs, mask=mask, other=0)
     g = tl.load(table_ptr + ((right << 16) | (y.to(tl.int32) & 0xFFFF)), mask=mask, other=0.0)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0)
+    if STREAM:
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0, cache_modifier=".cg")
+    else:
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0)
     if BF16_BY_HAND:  # int16 views of bfloat16 tensors (interpreter only)
         dx = ((dy.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True) * g
         db = dx.to(tl.uint32, bitcast=True)
