@@ -314,7 +314,6 @@ def _backward_lookup_kernel(
     ROWS: tl.constexpr,
     FULL_ROWS: tl.constexpr,
     BF16_BY_HAND: tl.constexpr,
-    STREAM: tl.constexpr = False,
 ):
     """dx = dy · table[branch · 65536 + y's bits] (y as int16; table: float32 g of lookup.backward_table)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -327,17 +326,14 @@ def _backward_lookup_kernel(
     else:
         row_mask = rows * 8 < n_elements
         mask = offs < n_elements
+    # y before the bits: with two rows a thread (float16's shape) the bits' bytes move between threads
+    # through shared memory behind a barrier, and a load written after that is issued only once the bits
+    # have arrived (H200, fp16 SiLU at 128 x 2: 0.174 ms with y first, 0.186 without)
+    y = tl.load(y_ptr + offs, mask=mask, other=0)
     byte = tl.load(bits_ptr + rows, mask=row_mask, other=0).to(tl.int32)
     right = (byte[:, None] >> cols[None, :]) & 1
-    if STREAM:
-        y = tl.load(y_ptr + offs, mask=mask, other=0, cache_modifier=".cg")
-    else:
-        y = tl.load(y_ptr + offs, mask=mask, other=0)
     g = tl.load(table_ptr + ((right << 16) | (y.to(tl.int32) & 0xFFFF)), mask=mask, other=0.0)
-    if STREAM:
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0, cache_modifier=".cg")
-    else:
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0)
     if BF16_BY_HAND:  # int16 views of bfloat16 tensors (interpreter only)
         dx = ((dy.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True) * g
         db = dx.to(tl.uint32, bitcast=True)
