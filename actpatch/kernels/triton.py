@@ -63,7 +63,7 @@ BACKWARD_ROWS, BACKWARD_WARPS = 128, 8  # float32: 0.434 ms against 0.447 at 64 
 LOOKUP_FORWARD_ROWS, LOOKUP_FORWARD_WARPS = 128, 4  # 0.1222 ms against 0.1276 at 256 x 4
 LOOKUP_BACKWARD_ROWS, LOOKUP_BACKWARD_WARPS = 64, 2
 # and the float16 backward, two rows a thread (its gathers miss more: fp16 y spreads over 8 times more
-# entries; SiLU 0.174 ms against 0.182 at 64 x 2, 0.179 at 128 x 4, 0.174 at 256 x 4).
+# entries; SiLU / GELU tanh 0.174 ms against 0.188 / 0.182 at 64 x 2, 0.179 / 0.181 at 128 x 4).
 LOOKUP_BACKWARD_ROWS_FLOAT16 = 128
 # float16 forwards faster as arithmetic than as gathers from the 65,536-entry table (H200, 8192 x 14336,
 # N(0, 4) inputs: SiLU 0.128 against 0.158 ms, QuickGELU 0.144 against 0.157; on the bf16 grid, where the
