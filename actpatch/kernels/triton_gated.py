@@ -37,7 +37,8 @@ GATED_CODES = {"gelu": 0, "gelu_tanh": 1, "silu": 2}
 # Launch shapes, ROWS rows of 8 elements per program with this many warps, the fastest in the H200 sweep
 # (benchmarks/kernels.py --sweep-gated, silu_mul + gelu_mul, bf16 8192 x 14336):
 FORWARD_ROWS, FORWARD_WARPS = 64, 2  # 0.2414 + 0.2550 ms against 0.2428 + 0.2548 at 128 x 4
-BACKWARD_ROWS, BACKWARD_WARPS = 128, 4  # silu_mul 0.2884 ms against 0.2898 at 64 x 2, 0.3209 at 64 x 4
+# the backward with dm and k issued first: 0.2842 + 0.3826 (64 x 2: 0.2840 + 0.3825, 64 x 4: 0.3095 + 0.4703)
+BACKWARD_ROWS, BACKWARD_WARPS = 128, 4
 
 
 @triton.jit
