@@ -182,6 +182,7 @@ def _activation_shapes(fr: int, fw: int, br: int, bw: int) -> None:
     """The activation kernels' launch shapes, the lookups' with the arithmetic's."""
     tk.FORWARD_ROWS, tk.FORWARD_WARPS = tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS = fr, fw
     tk.BACKWARD_ROWS, tk.BACKWARD_WARPS = tk.LOOKUP_BACKWARD_ROWS, tk.LOOKUP_BACKWARD_WARPS = br, bw
+    tk.LOOKUP_BACKWARD_ROWS_FLOAT16 = br
 
 
 def _gated_shapes(fr: int, fw: int, br: int, bw: int) -> None:
@@ -196,7 +197,7 @@ def sweep(args, copy_bw: float) -> dict:
     acts = [ACTIVATIONS["gelu"], ACTIVATIONS["silu"]]
     saved = [tk.forward(x, act) for act in acts]
     out = sweep_shapes(
-        ((64, 2), (128, 4), (128, 8), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8)),
+        ((64, 2), (128, 2), (128, 4), (128, 8), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 8)),
         _activation_shapes,
         lambda: [bench(lambda a=a: tk.forward(x, a), args.device, args.quick) for a in acts],
         lambda: [
@@ -409,6 +410,7 @@ def main() -> int:
         "backward": [tk.BACKWARD_ROWS, tk.BACKWARD_WARPS],
         "lookup_forward": [tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS],
         "lookup_backward": [tk.LOOKUP_BACKWARD_ROWS, tk.LOOKUP_BACKWARD_WARPS],
+        "lookup_backward_float16": [tk.LOOKUP_BACKWARD_ROWS_FLOAT16, tk.LOOKUP_BACKWARD_WARPS],
         "gated_forward": [tg.FORWARD_ROWS, tg.FORWARD_WARPS],
         "gated_backward": [tg.BACKWARD_ROWS, tg.BACKWARD_WARPS],
     }

@@ -217,6 +217,19 @@ def test_float16_forward_is_torch_on_every_value_table_or_arithmetic(name):
     assert torch.equal(bits, expected_bits(x, name))
 
 
+def test_float16_table_in_gather_order_puts_the_bf16_grid_side_by_side():
+    """Entry i moves to rotr3(i), where the forward kernel reads x's bits: the float16 values with three
+    low zero bits (those on the bfloat16 grid) fill the first 8,192 entries."""
+    from actpatch.kernels.lookup import gather_order
+
+    table = torch.arange(65536, dtype=torch.int32).to(torch.int16)  # entry i holds i's bits
+    ordered = gather_order(table)
+    assert ordered is gather_order(table)
+    i = torch.arange(65536)
+    assert torch.equal(ordered[((i >> 3) | (i << 13)) & 0xFFFF], table)
+    assert not (ordered[:8192].long() & 7).any() and (ordered[8192:].long() & 7).all()
+
+
 def test_float16_arithmetic_forward_that_is_not_torch_falls_back_to_the_table(monkeypatch):
     from actpatch.kernels.lookup import every_value
 

@@ -32,6 +32,7 @@ from .reference import inverse_derivative
 DTYPES = (torch.bfloat16, torch.float16)
 _FORWARD: dict[tuple[Hashable, torch.dtype, torch.device], torch.Tensor] = {}
 _BACKWARD: dict[tuple, torch.Tensor] = {}
+_GATHER_ORDER: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(table) -> (table, its gather order)
 
 
 def every_value(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -41,6 +42,20 @@ def every_value(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch
 
 def forward_table(act: Activation, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return table_of(act.forward, act.name, dtype, device)
+
+
+def gather_order(table: torch.Tensor) -> torch.Tensor:
+    """A float16 forward table (int16 [65536]) with entry i moved to index rotr3(i), its bits rotated right
+    by 3, the order the forward kernel reads it in (cached per table).  Values with 8 significant bits or
+    fewer (bf16's: an input on the bfloat16 grid, as ``randn(dtype=bfloat16).to(float16)``) end in three
+    zero bits, so their entries lie side by side as in a bfloat16 table instead of 16 bytes apart: a
+    warp's gathers touch 8 times fewer cache lines (H200: 0.125 ms against 0.163 for 8192 x 14336).  An
+    input that uses every float16 bit touches as many lines either way (within 2% on the H200)."""
+    hit = _GATHER_ORDER.get(id(table))
+    if hit is None or hit[0] is not table:
+        j = torch.arange(65536, device=table.device)
+        hit = _GATHER_ORDER[id(table)] = (table, table[((j << 3) | (j >> 13)) & 0xFFFF].contiguous())
+    return hit[1]
 
 
 def table_of(

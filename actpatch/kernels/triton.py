@@ -14,9 +14,10 @@ backward(dy, y, bits) reads y, bits and dy once, writes dx = dy · g_b(y) once, 
     p = Horner(coef[:, i], t - i);   g = y p in the tail, p elsewhere.
 
 For bfloat16 and float16 both directions read tables of the whole dtype instead (``lookup.py``): the
-forward y's bits from the entry of x's bits, the backward g from the entry of (branch, y's bits): y is
-torch's own op's bitwise, and dx the reference's.  The arithmetic above runs for float32, and for the
-float16 forwards of ``ARITHMETIC_FLOAT16`` where it is checked to give torch's y on every float16 value.
+forward y's bits from the entry of x's bits (float16: of those rotated right by 3, ``lookup.gather_order``),
+the backward g from the entry of (branch, y's bits): y is torch's own op's bitwise, and dx the reference's.
+The arithmetic above runs for float32, and for the float16 forwards of ``ARITHMETIC_FLOAT16`` where it is
+checked to give torch's y on every float16 value.
 
 Each program handles ROWS × 8 elements as a [ROWS, 8] tile, so one bits byte belongs to one tile row:
 the forward packs a row with an in-register sum, the backward loads one byte per row.  Offsets are 64-bit.
@@ -58,12 +59,18 @@ ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "quick_gelu": 3}
 # sweeps (benchmarks/kernels.py --sweep): the arithmetic kernels in float32 and float16,
 FORWARD_ROWS, FORWARD_WARPS = 128, 4  # fp16 SiLU 0.130 ms against 0.137 at 256 x 4; fp32 0.229 / 0.235
 BACKWARD_ROWS, BACKWARD_WARPS = 128, 8  # float32: 0.434 ms against 0.447 at 64 x 2
-# the lookups in bfloat16.
+# the lookups in bfloat16,
 LOOKUP_FORWARD_ROWS, LOOKUP_FORWARD_WARPS = 128, 4  # 0.1222 ms against 0.1276 at 256 x 4
 LOOKUP_BACKWARD_ROWS, LOOKUP_BACKWARD_WARPS = 64, 2
-# float16 forwards faster as arithmetic than as gathers from the 65,536-entry table, whose fp16 entries a
-# warp scatters over many cache lines (H200, 8192 x 14336: SiLU 0.130 against 0.158 ms, QuickGELU 0.148
-# against 0.158); used where the arithmetic gives torch's y on every float16 value, checked once per device.
+# and the float16 backward, two rows a thread (its gathers miss more: fp16 y spreads over 8 times more
+# entries; SiLU / GELU tanh 0.174 ms against 0.188 / 0.182 at 64 x 2, 0.179 / 0.181 at 128 x 4).
+LOOKUP_BACKWARD_ROWS_FLOAT16 = 128
+# float16 forwards faster as arithmetic than as gathers from the 65,536-entry table (H200, 8192 x 14336,
+# N(0, 4) inputs: SiLU 0.128 against 0.158 ms, QuickGELU 0.144 against 0.157; on the bf16 grid, where the
+# gathers are a bf16 table's (``lookup.gather_order``), 0.128 and 0.145 against 0.125); used where the
+# arithmetic gives torch's y on every float16 value, checked once per device.  GELU tanh's arithmetic is
+# torch's too on the H200 but slower (0.152-0.154 ms: libdevice's tanh, both branches, ~34 instructions an
+# element against the table's ~16).
 ARITHMETIC_FLOAT16 = ("silu", "quick_gelu")
 _ARITHMETIC_IS_TORCH: dict[tuple[str, torch.device], bool] = {}
 
@@ -149,7 +156,9 @@ def _forward_kernel(
         tl.store(y_ptr + offs, yb.to(tl.int16), mask=mask)
     else:
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    right = (xf >= x_star) & mask
+    right = xf >= x_star
+    if not FULL_ROWS:  # (whole rows are masked at the store)
+        right = right & mask
     byte = tl.reduce(right.to(tl.int32) << cols[None, :], 1, _sum_combine)
     tl.store(bits_ptr + rows, byte.to(tl.uint8), mask=row_mask)
 
@@ -265,7 +274,8 @@ def _forward_lookup_kernel(
     FULL_ROWS: tl.constexpr,
     FP16: tl.constexpr,
 ):
-    """16-bit x and y as int16: y = table[x's bits]; bits = pack([x >= x*]), x read as bf16 or fp16."""
+    """16-bit x and y as int16: y = table[x's bits] (float16: at x's bits rotated right by 3, the table in
+    ``lookup.gather_order``); bits = pack([x >= x*]), x read as bf16 or fp16."""
     pid = tl.program_id(0).to(tl.int64)
     rows = row_start + pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = tl.arange(0, 8)
@@ -277,12 +287,17 @@ def _forward_lookup_kernel(
         row_mask = rows * 8 < n_elements
         mask = offs < n_elements
     x = tl.load(x_ptr + offs, mask=mask, other=0)
-    tl.store(y_ptr + offs, tl.load(table_ptr + (x.to(tl.int32) & 0xFFFF), mask=mask, other=0), mask=mask)
+    index = x.to(tl.int32) & 0xFFFF
+    if FP16:
+        index = ((index >> 3) | (index << 13)) & 0xFFFF
+    tl.store(y_ptr + offs, tl.load(table_ptr + index, mask=mask, other=0), mask=mask)
     if FP16:  # noqa: SIM108
         xf = x.to(tl.float16, bitcast=True).to(tl.float32)
     else:
         xf = ((x.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
-    right = (xf >= x_star) & mask
+    right = xf >= x_star
+    if not FULL_ROWS:  # (whole rows are masked at the store)
+        right = right & mask
     byte = tl.reduce(right.to(tl.int32) << cols[None, :], 1, _sum_combine)
     tl.store(bits_ptr + rows, byte.to(tl.uint8), mask=row_mask)
 
@@ -311,9 +326,12 @@ def _backward_lookup_kernel(
     else:
         row_mask = rows * 8 < n_elements
         mask = offs < n_elements
+    # y before the bits: with two rows a thread (float16's shape) the bits' bytes move between threads
+    # through shared memory behind a barrier, and a load written after that is issued only once the bits
+    # have arrived (H200, fp16 SiLU at 128 x 2: 0.174 ms with y first, 0.186 without)
+    y = tl.load(y_ptr + offs, mask=mask, other=0)
     byte = tl.load(bits_ptr + rows, mask=row_mask, other=0).to(tl.int32)
     right = (byte[:, None] >> cols[None, :]) & 1
-    y = tl.load(y_ptr + offs, mask=mask, other=0)
     g = tl.load(table_ptr + ((right << 16) | (y.to(tl.int32) & 0xFFFF)), mask=mask, other=0.0)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0)
     if BF16_BY_HAND:  # int16 views of bfloat16 tensors (interpreter only)
@@ -385,8 +403,14 @@ def forward(
     if n and (table is not None or standard):
         kernel, _ = _kernel(_forward_lookup_kernel, x.device)
         table = lookup.forward_table(act, x.dtype, x.device) if table is None else table
-        args = (xc.view(torch.int16), yc.view(torch.int16), bits, table, n)
         fp16 = x.dtype == torch.float16
+        args = (
+            xc.view(torch.int16),
+            yc.view(torch.int16),
+            bits,
+            lookup.gather_order(table) if fp16 else table,
+            n,
+        )
         _launch(
             kernel, n, LOOKUP_FORWARD_ROWS, LOOKUP_FORWARD_WARPS, args, x_star=_f32(act.x_star), FP16=fp16
         )
@@ -468,7 +492,8 @@ def backward(
             lookup.backward_table(act, y.dtype, y.device) if g_table is None else g_table,
             n,
         )
-        _launch(kernel, n, LOOKUP_BACKWARD_ROWS, LOOKUP_BACKWARD_WARPS, args, BF16_BY_HAND=by_hand)
+        rows = LOOKUP_BACKWARD_ROWS_FLOAT16 if y.dtype == torch.float16 else LOOKUP_BACKWARD_ROWS
+        _launch(kernel, n, rows, LOOKUP_BACKWARD_WARPS, args, BF16_BY_HAND=by_hand)
     elif n:
         table = table or table_for(act)
         kernel, compiled = _kernel(_backward_kernel, y.device)
