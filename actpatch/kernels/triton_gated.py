@@ -3,6 +3,10 @@
 forward(a, b)              reads a and b once; writes m = act(a) · b, k (a, or b where |act(a)| < T) and
                            the two bit masks [u (k holds b), z (a > -1)] once.
 backward(dm, m, k, bits)   reads them once; writes da and db once.
+halves_forward(gate_up), halves_backward(dm, m, k, bits)
+                           the same kernels on the two halves of one gate_up [.., 2I], read in place (rows
+                           of stride 2I, no contiguous copies of them), and d(gate_up) written as one
+                           [.., 2I] tensor, da and db each into its half (no concatenation after).
 
 The arithmetic is ``gated.py``'s, element by element, in float32 with the dtype's roundings where torch
 rounds: act(a) as torch's own CUDA kernels compute it (``act``), rounded to the dtype; the product of the
@@ -17,6 +21,7 @@ forward and backward, from the table of torch's own op at every value of the dty
 (``lookup.forward_table``, one 2-byte gather per element; ``TABLE``), so it is torch's bitwise too; in
 float32 act(a) is libdevice's erf formula (Triton's bundled libdevice), within an ulp of torch's CUDA erf
 but not bitwise.  Tiles are [ROWS, 8] as in ``triton.py``, so each bit-mask byte belongs to one tile row.
+The halves' element offsets come from ``_strided`` (``LAYOUT``).
 Under Triton's interpreter (only with TRITON_INTERPRET=1, where nested kernels work) float32 and float16
 match torch; bfloat16 is rounded by truncation there, so it is checked on the GPU only.
 """
@@ -30,7 +35,7 @@ import triton.language as tl
 from ..activations import ACTIVATIONS
 from . import lookup
 from .bits import packed_size
-from .gated import KEEP_B_BELOW
+from .gated import KEEP_B_BELOW, halves
 from .triton import _kernel, _launch, libdevice
 
 GATED_CODES = {"gelu": 0, "gelu_tanh": 1, "silu": 2}
@@ -38,6 +43,7 @@ GATED_CODES = {"gelu": 0, "gelu_tanh": 1, "silu": 2}
 # (benchmarks/kernels.py --sweep-gated, silu_mul + gelu_mul, bf16 8192 x 14336):
 FORWARD_ROWS, FORWARD_WARPS = 64, 2  # 0.2414 + 0.2550 ms against 0.2428 + 0.2548 at 128 x 4
 BACKWARD_ROWS, BACKWARD_WARPS = 64, 4  # 0.3073 + 0.3626 ms against 0.3092 + 0.3730 at 64 x 2
+DENSE, ROWS_OF_8, ANY_WIDTH = 0, 1, 2  # layouts of a and b (and da, db): ``_strided``
 
 
 @triton.jit
@@ -132,14 +138,31 @@ def _tile(n_elements, row_start, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr):
 
 
 @triton.jit
+def _strided(rows, cols, offs, width, stride, LAYOUT: tl.constexpr):
+    """Where the flat elements ``offs`` of a [.., width] tensor whose rows lie ``stride`` elements apart
+    are: offs + (offs // width) · (stride - width).  DENSE: offs (stride = width).  ROWS_OF_8 (width and
+    stride multiples of 8): a tile row's 8 elements lie in one row, contiguous from a multiple of 8 (one
+    division per tile row; vector loads and stores).  ANY_WIDTH: one division per element."""
+    if LAYOUT == 0:
+        return offs
+    elif LAYOUT == 1:
+        first = rows * 8
+        start = tl.multiple_of(first + (first // width) * (stride - width), 8)
+        return start[:, None] + cols[None, :]
+    else:
+        return offs + (offs // width) * (stride - width)
+
+
+@triton.jit
 def _forward_kernel(
-    a_ptr, b_ptr, m_ptr, k_ptr, bits_ptr, table_ptr, n_elements, n_bytes, row_start, keep_below,
-    ACT: tl.constexpr, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr, LIBDEVICE: tl.constexpr,
-    TABLE: tl.constexpr,
+    a_ptr, b_ptr, m_ptr, k_ptr, bits_ptr, table_ptr, n_elements, n_bytes, width, stride, row_start,
+    keep_below, ACT: tl.constexpr, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr, LIBDEVICE: tl.constexpr,
+    TABLE: tl.constexpr, LAYOUT: tl.constexpr,
 ):  # fmt: skip
     rows, cols, offs, row_mask, mask = _tile(n_elements, row_start, ROWS, FULL_ROWS)
-    a = tl.load(a_ptr + offs, mask=mask, other=0)
-    b = tl.load(b_ptr + offs, mask=mask, other=0)
+    ab = _strided(rows, cols, offs, width, stride, LAYOUT)
+    a = tl.load(a_ptr + ab, mask=mask, other=0)
+    b = tl.load(b_ptr + ab, mask=mask, other=0)
     af = a.to(tl.float32)
     if TABLE:  # torch's act(a): the entry of a's bits
         index = a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
@@ -158,9 +181,9 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    dm_ptr, m_ptr, k_ptr, bits_ptr, table_ptr, da_ptr, db_ptr, n_elements, n_bytes, row_start, top,
-    ACT: tl.constexpr, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr, LIBDEVICE: tl.constexpr,
-    TABLE: tl.constexpr,
+    dm_ptr, m_ptr, k_ptr, bits_ptr, table_ptr, da_ptr, db_ptr, n_elements, n_bytes, width, stride,
+    row_start, top, ACT: tl.constexpr, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr, LIBDEVICE: tl.constexpr,
+    TABLE: tl.constexpr, LAYOUT: tl.constexpr,
 ):  # fmt: skip
     rows, cols, offs, row_mask, mask = _tile(n_elements, row_start, ROWS, FULL_ROWS)
     u = tl.load(bits_ptr + rows, mask=row_mask, other=0).to(tl.int32)
@@ -184,8 +207,9 @@ def _backward_kernel(
     db = dmf * s  # s = act(0) = 0 under u
     grad_s = (dmf * b).to(dm.dtype).to(tl.float32)
     da = tl.where(kept_far, 0.0, grad_s * act_grad(a, ACT, LIBDEVICE))  # act'(0) = 1/2 under u and z
-    tl.store(da_ptr + offs, da.to(dm.dtype), mask=mask)
-    tl.store(db_ptr + offs, db.to(dm.dtype), mask=mask)
+    ab = _strided(rows, cols, offs, width, stride, LAYOUT)
+    tl.store(da_ptr + ab, da.to(dm.dtype), mask=mask)
+    tl.store(db_ptr + ab, db.to(dm.dtype), mask=mask)
 
 
 def _table(name: str, t: torch.Tensor) -> torch.Tensor | None:
@@ -198,20 +222,17 @@ def _table(name: str, t: torch.Tensor) -> torch.Tensor | None:
 
 def forward(a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(m, k, bits) as ``gated.forward`` returns them; m and k contiguous, shaped like a."""
-    a, b = a.contiguous(), b.contiguous()
-    n = a.numel()
-    m, k = torch.empty_like(a), torch.empty_like(a)
-    bits = torch.empty(2 * packed_size(n), dtype=torch.uint8, device=a.device)
-    if n:
-        kernel, compiled = _kernel(_forward_kernel, a.device)
-        table = _table(name, a)
-        args = (a, b, m, k, bits, bits if table is None else table, n, packed_size(n))
-        keep = KEEP_B_BELOW[a.dtype]
-        _launch(
-            kernel, n, FORWARD_ROWS, FORWARD_WARPS, args, keep_below=keep, ACT=GATED_CODES[name],
-            LIBDEVICE=compiled, TABLE=table is not None,
-        )  # fmt: skip
-    return m, k, bits
+    return _forward(a.contiguous(), b.contiguous(), name, 1, 1, DENSE)
+
+
+def halves_forward(
+    gate_up: torch.Tensor, name: str, gate_first: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(m, k, bits) as ``gated.halves_forward`` returns them, each half of gate_up (last dimension 2I, even;
+    copied first only where gate_up is not contiguous) read where it lies."""
+    gate_up = gate_up.contiguous()
+    width = gate_up.shape[-1] // 2
+    return _forward(*halves(gate_up, gate_first), name, width, 2 * width, _layout(width))
 
 
 def backward(
@@ -219,16 +240,60 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(da, db) as ``gated.backward`` returns them."""
     dm = dm.contiguous()
+    da, db = dm.new_empty(dm.shape), dm.new_empty(dm.shape)
+    _backward(dm, m, k, bits, da, db, name, 1, 1, DENSE)
+    return da, db
+
+
+def halves_backward(
+    dm: torch.Tensor, m: torch.Tensor, k: torch.Tensor, bits: torch.Tensor, name: str, gate_first: bool
+) -> torch.Tensor:
+    """d(gate_up) as ``gated.halves_backward`` returns it: one fresh [.., 2I] tensor, da and db written into
+    its halves."""
+    dm = dm.contiguous()
+    width = dm.shape[-1]
+    d_gate_up = dm.new_empty((*dm.shape[:-1], 2 * width))
+    _backward(dm, m, k, bits, *halves(d_gate_up, gate_first), name, width, 2 * width, _layout(width))
+    return d_gate_up
+
+
+def _layout(width: int) -> int:
+    """The layout of the halves of a [.., 2 · width] tensor (``_strided``)."""
+    return ROWS_OF_8 if width % 8 == 0 else ANY_WIDTH
+
+
+def _forward(
+    a: torch.Tensor, b: torch.Tensor, name: str, width: int, stride: int, layout: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward kernel on a and b (``layout``: rows of ``width`` elements, ``stride`` apart)."""
+    n = a.numel()
+    m, k = a.new_empty(a.shape), a.new_empty(a.shape)
+    bits = torch.empty(2 * packed_size(n), dtype=torch.uint8, device=a.device)
+    if n:
+        kernel, compiled = _kernel(_forward_kernel, a.device)
+        table = _table(name, a)
+        args = (a, b, m, k, bits, bits if table is None else table, n, packed_size(n), width, stride)
+        keep = KEEP_B_BELOW[a.dtype]
+        _launch(
+            kernel, n, FORWARD_ROWS, FORWARD_WARPS, args, keep_below=keep, ACT=GATED_CODES[name],
+            LIBDEVICE=compiled, TABLE=table is not None, LAYOUT=layout,
+        )  # fmt: skip
+    return m, k, bits
+
+
+def _backward(
+    dm: torch.Tensor, m: torch.Tensor, k: torch.Tensor, bits: torch.Tensor, da: torch.Tensor,
+    db: torch.Tensor, name: str, width: int, stride: int, layout: int,
+) -> None:  # fmt: skip
+    """The backward kernel from dm (contiguous) and the saved tensors into da and db (``layout``)."""
     n = dm.numel()
-    da, db = torch.empty_like(dm), torch.empty_like(dm)
     if n:
         kernel, compiled = _kernel(_backward_kernel, dm.device)
         top = float(torch.finfo(dm.dtype).max)
         table = _table(name, dm)
         saved = (m.contiguous(), k.contiguous(), bits, bits if table is None else table)
-        args = (dm, *saved, da, db, n, packed_size(n))
+        args = (dm, *saved, da, db, n, packed_size(n), width, stride)
         _launch(
             kernel, n, BACKWARD_ROWS, BACKWARD_WARPS, args, top=top, ACT=GATED_CODES[name],
-            LIBDEVICE=compiled, TABLE=table is not None,
+            LIBDEVICE=compiled, TABLE=table is not None, LAYOUT=layout,
         )  # fmt: skip
-    return da, db
