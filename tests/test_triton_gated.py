@@ -200,12 +200,13 @@ def test_gpu_halves_kernels_are_the_two_tensor_kernels_bitwise(name, dtype):
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_halves_fwd_bwd_allocates_its_outputs_alone():
-    """One forward + backward of silu_mul_halves on a [1024, 2 x 4096] bf16 gate_up peaks at m, k, the bits
-    and d(gate_up) above its inputs; chunk + silu_mul on the views, at 2 I elements a row more (the contiguous
-    copies in forward; da and db, then chunk's concatenation, in backward)."""
+    """One ``torch.autograd.grad`` of silu_mul_halves on a [4096, 2 x 4096] bf16 gate_up peaks, above its
+    inputs, at m, k, the bits and d(gate_up) (4 half-sized tensors and the bits; within the caching
+    allocator's rounding, under 1 MiB a block); chunk + silu_mul on the views peaks at 5 (m, still held by
+    the call, da and db, and chunk's concatenation of them; in forward, the two contiguous copies, m, k)."""
     import actpatch.functional as AF
 
-    rows, width = 1024, 4096
+    rows, width = 4096, 4096
     gu = torch.randn(rows, 2 * width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dm = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
 
@@ -218,8 +219,8 @@ def test_gpu_halves_fwd_bwd_allocates_its_outputs_alone():
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
 
-    half = rows * width * 2
+    half, bits = rows * width * 2, 2 * packed_size(rows * width)
     new = peak(lambda g: AF.silu_mul_halves(g, gate_first=False))
     old = peak(lambda g: AF.silu_mul(*g.chunk(2, dim=-1)[::-1]))
-    assert new == 2 * half + 2 * packed_size(rows * width) + 2 * half, (new, old)
-    assert old >= new + 2 * half, (new, old)
+    assert 4 * half + bits <= new <= 4 * half + bits + 5 * 2**20, (new, old)
+    assert old >= 5 * half, (new, old)
