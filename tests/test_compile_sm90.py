@@ -87,17 +87,16 @@ CASES = {
         f"gated {way}{table}{layout}": (
             kernel,
             signature,
-            {"ACT": 0 if table else act, "TABLE": bool(table), "LAYOUT": code},
+            {"ACT": 0 if table else act, "TABLE": bool(table), "HALVES": halves},
         )
         for way, kernel, signature, act in (
             ("forward", tg._forward_kernel, GATED_FORWARD, 2),
             ("backward", tg._backward_kernel, GATED_BACKWARD, 0),
         )
         for table in ("", ", act from the table")
-        for layout, code in (
-            ("", tg.DENSE),
-            (", halves", tg.ROWS_OF_8),
-            (", halves of any width", tg.ANY_WIDTH),
+        for layout, halves in (
+            ("", False),
+            (", halves", True),
         )
     },
     "dropout pack": (td._pack_kernel, DROPOUT_PACK, {}),
@@ -151,11 +150,11 @@ def test_compiles_for_sm90_without_float64(case, dtype):
     assert ".f64" not in compiled.asm["ptx"]
 
 
-def _memory_instructions(kernel, signature: dict, layout: int) -> collections.Counter:
-    """The global loads and stores of a gated kernel compiled for sm_90 in bf16 with ``layout``, its
+def _memory_instructions(kernel, signature: dict, halves: bool) -> collections.Counter:
+    """The global loads and stores of a gated kernel compiled for sm_90 in bf16 (``halves`` or dense), its
     pointers 16-byte aligned (as Triton specializes tensors at launch) and the integers unspecialized."""
     names = list(kernel.arg_names)
-    const = {k: v for k, v in (BASE | {"ACT": 2, "TABLE": False, "LAYOUT": layout}).items() if k in names}
+    const = {k: v for k, v in (BASE | {"ACT": 2, "TABLE": False, "HALVES": halves}).items() if k in names}
     sig = {k: v.format(t="bf16") for k, v in signature.items()} | {k: "constexpr" for k in const}
     aligned = {(names.index(k),): [["tt.divisibility", 16]] for k in signature if k.endswith("_ptr")}
     src = compiler.ASTSource(
@@ -167,14 +166,12 @@ def _memory_instructions(kernel, signature: dict, layout: int) -> collections.Co
 
 @pytest.mark.parametrize("way", ["forward", "backward"])
 def test_halves_of_widths_multiple_of_8_move_16_byte_vectors(way):
-    """The halves of a gate_up whose I is a multiple of 8 (ROWS_OF_8, whether or not Triton knows I to be a
-    multiple of 16) are read (forward) and d(gate_up)'s written (backward) in 16-byte vectors, with the very
-    loads and stores of the two-tensor kernels; any other width, element by element."""
+    """The halves of a gate_up (I a multiple of 8, whether or not Triton knows it to be a multiple of 16) are
+    read (forward) and d(gate_up)'s written (backward) in 16-byte vectors, with the very loads and stores of
+    the two-tensor kernels."""
     kernel, signature = (
         (tg._forward_kernel, GATED_FORWARD) if way == "forward" else (tg._backward_kernel, GATED_BACKWARD)
     )
-    dense = _memory_instructions(kernel, signature, tg.DENSE)
+    dense = _memory_instructions(kernel, signature, False)
     assert dense["ld.global.v4.b32"] + dense["st.global.v4.b32"] >= 4, dense
-    assert _memory_instructions(kernel, signature, tg.ROWS_OF_8) == dense
-    scalar = "ld.global.b16" if way == "forward" else "st.global.b16"
-    assert _memory_instructions(kernel, signature, tg.ANY_WIDTH)[scalar] > 0
+    assert _memory_instructions(kernel, signature, True) == dense

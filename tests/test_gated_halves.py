@@ -183,9 +183,9 @@ def test_compiles_without_graph_breaks():
 
 def test_interpreted_kernels_are_the_two_tensor_kernels_bitwise():
     """Under Triton's interpreter: the halves kernels give the two-tensor kernels' m, k, bits on chunk's
-    views, and d(gate_up) their (da, db) side by side, bitwise (both orders; widths 8, 24: a tile row of 8
-    in one row; 13 and 1: rows across tile rows, a last partial tile row; a non-contiguous gate_up, copied
-    first); against the reference as ``test_triton_gated.check``."""
+    views, and d(gate_up) their (da, db) side by side, bitwise (both orders; widths 8, 24: read in place;
+    13 and 1, not multiples of 8: copied, as before; a non-contiguous gate_up, copied first); against the
+    reference as ``test_triton_gated.check``."""
     run_interpreted(
         "import test_gated_halves as h\n"
         "from actpatch.kernels import gated\n"

@@ -175,8 +175,8 @@ def test_gpu_backward_recomputes_the_forwards_act_bitwise(name, dtype):
 @pytest.mark.parametrize("name", NAMES)
 def test_gpu_halves_kernels_are_the_two_tensor_kernels_bitwise(name, dtype):
     """The halves of one gate_up read in place give the two-tensor kernels' m, k, bits on chunk's views, and
-    d(gate_up) their (da, db) side by side, bitwise: widths multiple of 16, of 8 only (4104), odd (13);
-    1-D to 3-D; both orders; a gate_up that is not contiguous (copied first)."""
+    d(gate_up) their (da, db) side by side, bitwise: widths multiple of 16, of 8 only (4104) (and 13,
+    copied as before); 1-D to 3-D; both orders; a gate_up that is not contiguous (copied first)."""
     from test_gated_halves import gate_up_inputs
 
     from actpatch.kernels import triton_gated as k
