@@ -13,6 +13,9 @@ output at every value, and g from the minimax table of its own (branch, y) class
 ``silu_mul(gate, up)`` and ``gelu_mul(gate, up)`` return act(gate) * up (torch's two ops, bitwise) and
 keep the product plus, per element, the gate (or up where act(gate) is ~0) and two bits
 (``actpatch.kernels.gated``), for gate and up of one shape and dtype; otherwise the plain ops run.
+``silu_mul_halves(gate_up)`` and ``gelu_mul_halves(gate_up)`` are the same products of the two halves of
+gate_up's last dimension (Phi-3's ``gate_up_proj(x).chunk(2, -1)``, the ``_apply_gate`` of transformers' MoE
+experts), read where they lie, with d(gate_up) computed as one tensor.
 
 ``rms_norm(x, weight, eps, variant)`` returns a Hugging Face RMSNorm's output bitwise and keeps x and
 1/rms instead of float32 copies (``actpatch.kernels.rms_norm``).
@@ -56,6 +59,7 @@ from .kernels import rms_norm as _rms_norm
 from .kernels.bits import pack_bits
 from .kernels.ops import (
     DOUBLE_BACKWARD_ERROR,
+    GATED_HALVES_OPS,
     GATED_OPS,
     OPS,
     dropout_op,
@@ -227,6 +231,41 @@ class ActpatchGated(torch.autograd.Function):
         a, b = ctx.saved_tensors
         dm = torch.zeros_like(b) if da is None else _act_jvp(ctx.name, a, da) * b
         return dm if db is None else dm + gated.act_forward(ctx.name, a) * db, None, None
+
+
+class ActpatchGatedHalves(torch.autograd.Function):
+    """actpatch::<name>_mul_halves without the dispatcher (eager mode); torch.func as ``ActpatchGated``
+    (jvp: the tangents ȧ, ḃ are the halves of gate_up's)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        gate_up: torch.Tensor, name: str, gate_first: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return ops.gated_halves_forward(name, gate_up, gate_first)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        gate_up, ctx.name, ctx.gate_first = inputs
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*output)
+        ctx.save_for_forward(gate_up)
+
+    @staticmethod
+    def backward(ctx, dm: torch.Tensor, _dk, _dbits) -> tuple[torch.Tensor, None, None]:
+        args = (ctx.name, dm, *ctx.saved_tensors, ctx.gate_first)
+        if torch.is_grad_enabled():
+            return ActpatchBackward.apply(ops.gated_halves_backward, *args), None, None
+        return ops.gated_halves_backward(*args), None, None
+
+    @staticmethod
+    def jvp(ctx, d_gate_up: torch.Tensor, _name, _gate_first) -> tuple[torch.Tensor, None, None]:
+        """ṁ = act'(a)·ȧ·b + act(a)·ḃ, (ȧ, ḃ) the halves of gate_up's tangent."""
+        (gate_up,) = ctx.saved_tensors
+        a, b = gated.halves(gate_up, ctx.gate_first)
+        da, db = gated.halves(d_gate_up, ctx.gate_first)
+        return _act_jvp(ctx.name, a, da) * b + gated.act_forward(ctx.name, a) * db, None, None
 
 
 class ActpatchRMSNorm(torch.autograd.Function):
@@ -436,6 +475,22 @@ class ActpatchEagerGated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dm: torch.Tensor):
         return ActpatchGated.backward(ctx, dm, None, None)
+
+
+@_eager
+class ActpatchEagerGatedHalves(torch.autograd.Function):
+    """``ActpatchGatedHalves`` outside torch.func."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor, name: str, gate_first: bool) -> torch.Tensor:
+        m, k, bits = ops.gated_halves_forward(name, gate_up, gate_first)
+        ctx.save_for_backward(m, k, bits)
+        ctx.name, ctx.gate_first = name, gate_first
+        return m
+
+    @staticmethod
+    def backward(ctx, dm: torch.Tensor):
+        return ActpatchGatedHalves.backward(ctx, dm, None, None)
 
 
 @_eager
@@ -681,6 +736,44 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") ->
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu_mul: approximate is 'none' or 'tanh', got {approximate!r}")
     return _gated("gelu" if approximate == "none" else "gelu_tanh", gate, up)
+
+
+def _gated_halves(name: str, gate_up: torch.Tensor, gate_first: bool) -> torch.Tensor:
+    if (
+        gate_up.requires_grad
+        and torch.is_grad_enabled()
+        and gate_up.dtype in INVERTIBLE_DTYPES
+        and gate_up.dim() > 0
+        and gate_up.shape[-1] % 2 == 0
+    ):
+        if torch.compiler.is_compiling():
+            return GATED_HALVES_OPS[name][0](gate_up, gate_first)[0]
+        if _transformed(gate_up):
+            return ActpatchGatedHalves.apply(gate_up, name, gate_first)[0]
+        return ActpatchEagerGatedHalves.apply(gate_up, name, gate_first)
+    a, b = gated.halves(gate_up, gate_first)
+    return gated.act_forward(name, a) * b
+
+
+def silu_mul_halves(gate_up: torch.Tensor, gate_first: bool = True) -> torch.Tensor:
+    """SwiGLU's product of the halves of one tensor: with a, b = gate_up.chunk(2, dim=-1) (b, a when not
+    ``gate_first``), F.silu(a) * b, bitwise ``silu_mul(a, b)``.
+
+    gate_up [.., 2I] is read where it lies (no contiguous copies of the halves); autograd keeps what
+    ``silu_mul`` keeps (m, k [.., I], 2 bits an element) and the backward writes d(gate_up) = [da, db]
+    ([db, da]) as one [.., 2I] tensor, bitwise the gradient chunk's backward assembles from ``silu_mul``'s
+    (da, db).  An odd last dimension runs the plain ops, as chunk does."""
+    return _gated_halves("silu", gate_up, gate_first)
+
+
+def gelu_mul_halves(
+    gate_up: torch.Tensor, approximate: str = "none", gate_first: bool = True
+) -> torch.Tensor:
+    """GeGLU's product of the halves of one tensor, F.gelu(a, approximate=approximate) * b, as
+    ``silu_mul_halves``."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu_mul_halves: approximate is 'none' or 'tanh', got {approximate!r}")
+    return _gated_halves("gelu" if approximate == "none" else "gelu_tanh", gate_up, gate_first)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama") -> torch.Tensor:

@@ -7,6 +7,9 @@ backward into float64 on the H200).
 
 from __future__ import annotations
 
+import collections
+import re
+
 import pytest
 import triton
 import triton.language as tl
@@ -42,12 +45,13 @@ LOOKUP_BACKWARD = {
 }  # fmt: skip
 GATED_FORWARD = {
     "a_ptr": "*{t}", "b_ptr": "*{t}", "m_ptr": "*{t}", "k_ptr": "*{t}", "bits_ptr": "*u8",
-    "table_ptr": "*i16", "n_elements": "i64", "n_bytes": "i64", "row_start": "i64", "keep_below": "fp32",
+    "table_ptr": "*i16", "n_elements": "i64", "n_bytes": "i64", "width": "i64", "stride": "i64",
+    "row_start": "i64", "keep_below": "fp32",
 }  # fmt: skip
 GATED_BACKWARD = {
     "dm_ptr": "*{t}", "m_ptr": "*{t}", "k_ptr": "*{t}", "bits_ptr": "*u8", "table_ptr": "*i16",
-    "da_ptr": "*{t}", "db_ptr": "*{t}", "n_elements": "i64", "n_bytes": "i64", "row_start": "i64",
-    "top": "fp32",
+    "da_ptr": "*{t}", "db_ptr": "*{t}", "n_elements": "i64", "n_bytes": "i64", "width": "i64",
+    "stride": "i64", "row_start": "i64", "top": "fp32",
 }  # fmt: skip
 NORM_BACKWARD = {
     "dy_ptr": "*{t}", "x_ptr": "*{t}", "w_ptr": "*{t}", "r_ptr": "*fp32", "dx_ptr": "*{t}", "dw_ptr": "*fp32",
@@ -79,10 +83,22 @@ CASES = {
     "activation backward": (tk._backward_kernel, ACTIVATION_BACKWARD, {"N": 10, "DEG": 6, "STRIDE": 32}),
     "lookup forward": (tk._forward_lookup_kernel, LOOKUP_FORWARD, {"FP16": False}),
     "lookup backward": (tk._backward_lookup_kernel, LOOKUP_BACKWARD, {}),
-    "gated forward": (tg._forward_kernel, GATED_FORWARD, {"ACT": 2, "TABLE": False}),
-    "gated backward": (tg._backward_kernel, GATED_BACKWARD, {"ACT": 0, "TABLE": False}),
-    "gated forward, act from the table": (tg._forward_kernel, GATED_FORWARD, {"ACT": 0, "TABLE": True}),
-    "gated backward, act from the table": (tg._backward_kernel, GATED_BACKWARD, {"ACT": 0, "TABLE": True}),
+    **{
+        f"gated {way}{table}{layout}": (
+            kernel,
+            signature,
+            {"ACT": 0 if table else act, "TABLE": bool(table), "HALVES": halves},
+        )
+        for way, kernel, signature, act in (
+            ("forward", tg._forward_kernel, GATED_FORWARD, 2),
+            ("backward", tg._backward_kernel, GATED_BACKWARD, 0),
+        )
+        for table in ("", ", act from the table")
+        for layout, halves in (
+            ("", False),
+            (", halves", True),
+        )
+    },
     "dropout pack": (td._pack_kernel, DROPOUT_PACK, {}),
     "dropout backward": (td._backward_kernel, DROPOUT_BACKWARD, {}),
     "relu_squared forward": (trs._forward_kernel, RELU_SQUARED_FORWARD, {}),
@@ -132,3 +148,30 @@ def test_compiles_for_sm90_without_float64(case, dtype):
     options = {"num_warps": 2, "enable_fp_fusion": True}  # Triton's default on the GPU machine
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     assert ".f64" not in compiled.asm["ptx"]
+
+
+def _memory_instructions(kernel, signature: dict, halves: bool) -> collections.Counter:
+    """The global loads and stores of a gated kernel compiled for sm_90 in bf16 (``halves`` or dense), its
+    pointers 16-byte aligned (as Triton specializes tensors at launch) and the integers unspecialized."""
+    names = list(kernel.arg_names)
+    const = {k: v for k, v in (BASE | {"ACT": 2, "TABLE": False, "HALVES": halves}).items() if k in names}
+    sig = {k: v.format(t="bf16") for k, v in signature.items()} | {k: "constexpr" for k in const}
+    aligned = {(names.index(k),): [["tt.divisibility", 16]] for k in signature if k.endswith("_ptr")}
+    src = compiler.ASTSource(
+        kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=aligned
+    )
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 2}).asm["ptx"]
+    return collections.Counter(re.findall(r"(?:ld|st)\.global\.\w+(?:\.\w+)?", ptx))
+
+
+@pytest.mark.parametrize("way", ["forward", "backward"])
+def test_halves_of_widths_multiple_of_8_move_16_byte_vectors(way):
+    """The halves of a gate_up (I a multiple of 8, whether or not Triton knows it to be a multiple of 16) are
+    read (forward) and d(gate_up)'s written (backward) in 16-byte vectors, with the very loads and stores of
+    the two-tensor kernels."""
+    kernel, signature = (
+        (tg._forward_kernel, GATED_FORWARD) if way == "forward" else (tg._backward_kernel, GATED_BACKWARD)
+    )
+    dense = _memory_instructions(kernel, signature, False)
+    assert dense["ld.global.v4.b32"] + dense["st.global.v4.b32"] >= 4, dense
+    assert _memory_instructions(kernel, signature, True) == dense

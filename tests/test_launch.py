@@ -124,7 +124,8 @@ def test_cpu_tensors_launch_through_the_interpreter_path(kernel, monkeypatch):
 def _every_op():
     """(name, fn, inputs) for each kernel a patched op launches: the inverted activations' lookup kernels
     (bf16; of 4096 elements, of 4099: a last partial row, and 4 bytes off alignment), arithmetic ones
-    (the fp16 SiLU forward, float32 both ways), the products, norms, ReLU², dropout."""
+    (the fp16 SiLU forward, float32 both ways), the products (of two tensors, of one's halves), norms,
+    ReLU², dropout."""
     import actpatch.functional as AF
 
     ops = []
@@ -144,6 +145,7 @@ def _every_op():
     return ops + [
         ("silu_mul", AF.silu_mul, (a, b)),
         ("gelu_mul", AF.gelu_mul, (a, b)),
+        ("silu_mul_halves", lambda t: AF.silu_mul_halves(t, gate_first=False), (torch.cat([a, b], -1),)),
         ("rms_norm", lambda t, w_: AF.rms_norm(t, w_, 1e-6), (a, w)),
         (
             "rms_norm_from_output",

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from actpatch.kernels import gated, lookup
+from actpatch.kernels.bits import packed_size
 
 NAMES = list(gated.GATED)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -166,3 +167,60 @@ def test_gpu_backward_recomputes_the_forwards_act_bitwise(name, dtype):
     kept_gate = s.float().abs() >= gated.KEEP_B_BELOW[dtype]
     got, ref = db[kept_gate], (dm * s)[kept_gate]
     assert ((got == ref) | (got.isnan() & ref.isnan())).all(), (name, dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", NAMES)
+def test_gpu_halves_kernels_are_the_two_tensor_kernels_bitwise(name, dtype):
+    """The halves of one gate_up read in place give the two-tensor kernels' m, k, bits on chunk's views, and
+    d(gate_up) their (da, db) side by side, bitwise: widths multiple of 16, of 8 only (4104) (and 13,
+    copied as before); 1-D to 3-D; both orders; a gate_up that is not contiguous (copied first)."""
+    from test_gated_halves import gate_up_inputs
+
+    from actpatch.kernels import triton_gated as k
+
+    for shape in ((3, 37, 2 * 1024), (7, 2 * 4104), (5, 2 * 13), (2 * 24,), (9, 2 * 40)):
+        for gate_first in (True, False):
+            gu, dm = (t.cuda() for t in gate_up_inputs(shape, dtype, gate_first))
+            if shape[0] == 9:
+                gu = gu.mT.contiguous().mT
+            m, kk, bits = k.halves_forward(gu, name, gate_first)
+            m2, k2, bits2 = k.forward(*gated.halves(gu, gate_first), name)
+            assert torch.equal(m, m2) and torch.equal(kk, k2) and torch.equal(bits, bits2), (
+                shape,
+                gate_first,
+            )
+            d = k.halves_backward(dm, m, kk, bits, name, gate_first)
+            da, db = k.backward(dm, m2, k2, bits2, name)
+            assert torch.equal(d, torch.cat((da, db) if gate_first else (db, da), -1)), (shape, gate_first)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_halves_fwd_bwd_allocates_its_outputs_alone():
+    """One ``torch.autograd.grad`` of silu_mul_halves on a [4096, 2 x 4096] bf16 gate_up peaks, above its
+    inputs, at m, k, the bits and d(gate_up) (4 half-sized tensors and the bits; within the caching
+    allocator's rounding, under 1 MiB a block); chunk + silu_mul on the views peaks at 5 (m, still held by
+    the call, da and db, and chunk's concatenation of them; in forward, the two contiguous copies, m, k)."""
+    import actpatch.functional as AF
+
+    rows, width = 4096, 4096
+    gu = torch.randn(rows, 2 * width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dm = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+
+    def peak(product) -> int:
+        product(gu)  # compile and warm up outside the measure
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        torch.autograd.grad(product(gu), gu, dm)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    half, bits = rows * width * 2, 2 * packed_size(rows * width)
+    new = peak(lambda g: AF.silu_mul_halves(g, gate_first=False))
+    old = peak(lambda g: AF.silu_mul(*g.chunk(2, dim=-1)[::-1]))
+    assert 4 * half + bits <= new <= 4 * half + bits + 5 * 2**20, (new, old)
+    assert old >= 5 * half, (new, old)

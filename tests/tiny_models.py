@@ -123,6 +123,10 @@ def _config(family: str) -> tuple[object, type]:
             ),
             c,
         ),
+        "qwen3_moe": (
+            tf.Qwen3MoeConfig(**LLAMA_LIKE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24),
+            c,
+        ),
         "gemma": (tf.GemmaConfig(**LLAMA_LIKE, head_dim=8), c),
         "gemma2": (tf.Gemma2Config(**LLAMA_LIKE, head_dim=8), c),
         "starcoder2": (tf.Starcoder2Config(**LLAMA_LIKE), c),

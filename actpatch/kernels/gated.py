@@ -24,6 +24,11 @@ for a < -12 (slope and s below T): da and db (taken as dm · 0) are off by at mo
 below 1e-5 of the gradients' scale in float32 and below their rounding in bf16/fp16.
 The clamp only acts where m overflowed (fp16: |s · b| > 65504), where eager's down_proj already sees
 inf: da stays finite there instead of NaN.
+
+The halves of one tensor (Phi-3's ``gate_up_proj(x).chunk(2, -1)``, transformers' MoE ``_apply_gate``):
+``halves_forward(gate_up)`` is ``forward`` of (a, b) = the two halves of gate_up [.., 2I] (a first when
+``gate_first``), and ``halves_backward`` returns d(gate_up) = [da, db] (or [db, da]) [.., 2I], the
+gradient autograd's chunk backward gives from ``backward``'s (da, db), bitwise.
 """
 
 from __future__ import annotations
@@ -77,3 +82,24 @@ def backward(
     da_kept = torch.where(near_zero, grad_s * 0.5, torch.zeros_like(grad_s))
     da = torch.where(keep_b, da_kept, act_backward(name, grad_s, a))
     return da, db
+
+
+def halves(gate_up: torch.Tensor, gate_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b): the gate and up halves of gate_up's last dimension (views)."""
+    first, second = gate_up.chunk(2, dim=-1)
+    return (first, second) if gate_first else (second, first)
+
+
+def halves_forward(
+    gate_up: torch.Tensor, name: str, gate_first: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(m, k, bits) of ``forward`` on gate_up's halves."""
+    return forward(*halves(gate_up, gate_first), name)
+
+
+def halves_backward(
+    dm: torch.Tensor, m: torch.Tensor, k: torch.Tensor, bits: torch.Tensor, name: str, gate_first: bool
+) -> torch.Tensor:
+    """d(gate_up): ``backward``'s (da, db) side by side, in gate_up's order."""
+    da, db = backward(dm, m, k, bits, name)
+    return torch.cat((da, db) if gate_first else (db, da), dim=-1)

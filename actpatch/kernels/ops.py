@@ -5,6 +5,9 @@ autograd saves y itself and the bits);
 ``actpatch::<name>_backward(Tensor dy, Tensor y, Tensor bits) -> Tensor``  dx = dy · g_b(y).
 ``actpatch::<name>_mul(Tensor a, Tensor b) -> (Tensor m, Tensor k, Tensor bits)``  the gated product
 m = act(a) · b for silu, gelu, gelu_tanh (``gated.py``); ``<name>_mul_backward(dm, m, k, bits)`` -> (da, db).
+``actpatch::<name>_mul_halves(Tensor gate_up, bool gate_first) -> (Tensor m, Tensor k, Tensor bits)``  the
+same product of the two halves of gate_up's last dimension (the gate first, or up first), read in place;
+``<name>_mul_halves_backward(dm, m, k, bits, gate_first)`` -> d(gate_up), one tensor shaped like gate_up.
 ``actpatch::dropout(Tensor x, float p) -> (Tensor y, Tensor bits)``  torch's dropout (training mode), keeping
 its mask as bits (``dropout.py``); ``dropout_backward(dy, bits, p)`` -> dx, torch's gradient bitwise (linear
 in dy, so differentiable again: its derivative is itself).
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 
 import torch
 
@@ -121,6 +125,24 @@ def gated_backward(
     return gated.backward(dm, m, k, bits, name)
 
 
+def gated_halves_forward(
+    name: str, gate_up: torch.Tensor, gate_first: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(m, k, bits) as ``actpatch::<name>_mul_halves`` computes them on gate_up's device."""
+    if _GATED_KERNELS is not None and _on_gpu(gate_up):
+        return _GATED_KERNELS.halves_forward(gate_up, name, gate_first)
+    return gated.halves_forward(gate_up, name, gate_first)
+
+
+def gated_halves_backward(
+    name: str, dm: torch.Tensor, m: torch.Tensor, k: torch.Tensor, bits: torch.Tensor, gate_first: bool
+) -> torch.Tensor:
+    """d(gate_up) as ``actpatch::<name>_mul_halves_backward`` computes it on m's device."""
+    if _GATED_KERNELS is not None and _on_gpu(m):
+        return _GATED_KERNELS.halves_backward(dm, m, k, bits, name, gate_first)
+    return gated.halves_backward(dm, m, k, bits, name, gate_first)
+
+
 def rms_norm_backward(
     dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, variant: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +197,10 @@ def relu_squared_backward(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if _RELU_SQUARED_KERNELS is not None and _on_gpu(y):
         return _RELU_SQUARED_KERNELS.backward(dy, y)
     return relu_squared.backward(dy, y)
+
+
+def _no_second_order(ctx, *_):
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
 def _no_vmap(op) -> None:
@@ -263,6 +289,50 @@ def _register_gated(name: str) -> tuple[object, object]:
 GATED_OPS: dict[str, tuple[object, object]] = {name: _register_gated(name) for name in gated.GATED}
 
 
+def _halves_shape(gate_up: torch.Tensor) -> tuple[int, ...]:
+    return (*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
+def _register_gated_halves(name: str) -> tuple[object, object]:
+    @torch.library.custom_op(f"actpatch::{name}_mul_halves", mutates_args=())
+    def fwd(gate_up: torch.Tensor, gate_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return gated_halves_forward(name, gate_up, gate_first)
+
+    @fwd.register_fake
+    def _(gate_up, gate_first):
+        shape = _halves_shape(gate_up)
+        bits = gate_up.new_empty(2 * packed_size(math.prod(shape)), dtype=torch.uint8)
+        return gate_up.new_empty(shape), gate_up.new_empty(shape), bits
+
+    @torch.library.custom_op(f"actpatch::{name}_mul_halves_backward", mutates_args=())
+    def bwd(
+        dm: torch.Tensor, m: torch.Tensor, k: torch.Tensor, bits: torch.Tensor, gate_first: bool
+    ) -> torch.Tensor:
+        return gated_halves_backward(name, dm, m, k, bits, gate_first)
+
+    @bwd.register_fake
+    def _(dm, m, k, bits, gate_first):
+        return dm.new_empty((*dm.shape[:-1], 2 * dm.shape[-1]))
+
+    def setup_context(ctx, inputs, output):
+        ctx.gate_first = inputs[1]
+        ctx.save_for_backward(*output)
+
+    def backward(ctx, dm, _dk, _dbits):
+        return bwd(dm, *ctx.saved_tensors, ctx.gate_first), None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    bwd.register_autograd(_no_second_order, setup_context=lambda ctx, inputs, output: None)
+    _no_vmap(fwd)
+    _no_vmap(bwd)
+    return fwd, bwd
+
+
+GATED_HALVES_OPS: dict[str, tuple[object, object]] = {
+    name: _register_gated_halves(name) for name in gated.GATED
+}
+
+
 @torch.library.custom_op("actpatch::rms_norm_backward", mutates_args=())
 def rms_norm_backward_op(
     dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, variant: str
@@ -273,10 +343,6 @@ def rms_norm_backward_op(
 @rms_norm_backward_op.register_fake
 def _(dy, x, w, r, variant):
     return torch.empty_like(x), torch.empty_like(w)
-
-
-def _no_second_order(ctx, *_):
-    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
 @torch.library.custom_op("actpatch::rms_norm_keep_output_backward", mutates_args=())

@@ -3,6 +3,11 @@
 forward(a, b)              reads a and b once; writes m = act(a) · b, k (a, or b where |act(a)| < T) and
                            the two bit masks [u (k holds b), z (a > -1)] once.
 backward(dm, m, k, bits)   reads them once; writes da and db once.
+halves_forward(gate_up), halves_backward(dm, m, k, bits)
+                           the same kernels on the two halves of one gate_up [.., 2I], read in place (rows
+                           of stride 2I, no contiguous copies of them), and d(gate_up) written as one
+                           [.., 2I] tensor, da and db each into its half (no concatenation after); for I a
+                           multiple of 8 (``HALVES``), otherwise as forward and backward on copies.
 
 The arithmetic is ``gated.py``'s, element by element, in float32 with the dtype's roundings where torch
 rounds: act(a) as torch's own CUDA kernels compute it (``act``), rounded to the dtype; the product of the
@@ -17,6 +22,7 @@ forward and backward, from the table of torch's own op at every value of the dty
 (``lookup.forward_table``, one 2-byte gather per element; ``TABLE``), so it is torch's bitwise too; in
 float32 act(a) is libdevice's erf formula (Triton's bundled libdevice), within an ulp of torch's CUDA erf
 but not bitwise.  Tiles are [ROWS, 8] as in ``triton.py``, so each bit-mask byte belongs to one tile row.
+The halves' element offsets come from ``_strided``.
 Under Triton's interpreter (only with TRITON_INTERPRET=1, where nested kernels work) float32 and float16
 match torch; bfloat16 is rounded by truncation there, so it is checked on the GPU only.
 """
@@ -30,7 +36,7 @@ import triton.language as tl
 from ..activations import ACTIVATIONS
 from . import lookup
 from .bits import packed_size
-from .gated import KEEP_B_BELOW
+from .gated import KEEP_B_BELOW, halves
 from .triton import _kernel, _launch, libdevice
 
 GATED_CODES = {"gelu": 0, "gelu_tanh": 1, "silu": 2}
@@ -133,14 +139,28 @@ def _tile(n_elements, row_start, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr):
 
 
 @triton.jit
+def _strided(rows, cols, offs, width, stride, HALVES: tl.constexpr):
+    """Where the flat elements ``offs`` of a and b (da, db) are.  HALVES: in rows of ``width`` elements (a
+    multiple of 8), ``stride`` apart (a multiple of 8), offs + (offs // width) · (stride - width): a tile
+    row's 8 elements lie in one row, contiguous from a multiple of 8 (one division per tile row; the dense
+    layout's 16-byte vector loads and stores).  Otherwise offs itself (dense)."""
+    if HALVES:
+        first = rows * 8
+        start = tl.multiple_of(first + (first // width) * (stride - width), 8)
+        return start[:, None] + cols[None, :]
+    return offs
+
+
+@triton.jit
 def _forward_kernel(
-    a_ptr, b_ptr, m_ptr, k_ptr, bits_ptr, table_ptr, n_elements, n_bytes, row_start, keep_below,
-    ACT: tl.constexpr, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr, LIBDEVICE: tl.constexpr,
-    TABLE: tl.constexpr,
+    a_ptr, b_ptr, m_ptr, k_ptr, bits_ptr, table_ptr, n_elements, n_bytes, width, stride, row_start,
+    keep_below, ACT: tl.constexpr, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr, LIBDEVICE: tl.constexpr,
+    TABLE: tl.constexpr, HALVES: tl.constexpr,
 ):  # fmt: skip
     rows, cols, offs, row_mask, mask = _tile(n_elements, row_start, ROWS, FULL_ROWS)
-    a = tl.load(a_ptr + offs, mask=mask, other=0)
-    b = tl.load(b_ptr + offs, mask=mask, other=0)
+    ab = _strided(rows, cols, offs, width, stride, HALVES)
+    a = tl.load(a_ptr + ab, mask=mask, other=0)
+    b = tl.load(b_ptr + ab, mask=mask, other=0)
     af = a.to(tl.float32)
     if TABLE:  # torch's act(a): the entry of a's bits
         index = a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
@@ -159,9 +179,9 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    dm_ptr, m_ptr, k_ptr, bits_ptr, table_ptr, da_ptr, db_ptr, n_elements, n_bytes, row_start, top,
-    ACT: tl.constexpr, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr, LIBDEVICE: tl.constexpr,
-    TABLE: tl.constexpr,
+    dm_ptr, m_ptr, k_ptr, bits_ptr, table_ptr, da_ptr, db_ptr, n_elements, n_bytes, width, stride,
+    row_start, top, ACT: tl.constexpr, ROWS: tl.constexpr, FULL_ROWS: tl.constexpr, LIBDEVICE: tl.constexpr,
+    TABLE: tl.constexpr, HALVES: tl.constexpr,
 ):  # fmt: skip
     rows, cols, offs, row_mask, mask = _tile(n_elements, row_start, ROWS, FULL_ROWS)
     u = tl.load(bits_ptr + rows, mask=row_mask, other=0).to(tl.int32)
@@ -188,8 +208,9 @@ def _backward_kernel(
     db = dmf * s  # s = act(0) = 0 under u
     grad_s = (dmf * b).to(dm.dtype).to(tl.float32)
     da = tl.where(kept_far, 0.0, grad_s * act_grad(a, ACT, LIBDEVICE))  # act'(0) = 1/2 under u and z
-    tl.store(da_ptr + offs, da.to(dm.dtype), mask=mask)
-    tl.store(db_ptr + offs, db.to(dm.dtype), mask=mask)
+    ab = _strided(rows, cols, offs, width, stride, HALVES)
+    tl.store(da_ptr + ab, da.to(dm.dtype), mask=mask)
+    tl.store(db_ptr + ab, db.to(dm.dtype), mask=mask)
 
 
 def _table(name: str, t: torch.Tensor) -> torch.Tensor | None:
@@ -202,20 +223,20 @@ def _table(name: str, t: torch.Tensor) -> torch.Tensor | None:
 
 def forward(a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(m, k, bits) as ``gated.forward`` returns them; m and k contiguous, shaped like a."""
-    a, b = a.contiguous(), b.contiguous()
-    n = a.numel()
-    m, k = torch.empty_like(a), torch.empty_like(a)
-    bits = torch.empty(2 * packed_size(n), dtype=torch.uint8, device=a.device)
-    if n:
-        kernel, compiled = _kernel(_forward_kernel, a.device)
-        table = _table(name, a)
-        args = (a, b, m, k, bits, bits if table is None else table, n, packed_size(n))
-        keep = KEEP_B_BELOW[a.dtype]
-        _launch(
-            kernel, n, FORWARD_ROWS, FORWARD_WARPS, args, keep_below=keep, ACT=GATED_CODES[name],
-            LIBDEVICE=compiled, TABLE=table is not None,
-        )  # fmt: skip
-    return m, k, bits
+    return _forward(a.contiguous(), b.contiguous(), name, 1, 1, False)
+
+
+def halves_forward(
+    gate_up: torch.Tensor, name: str, gate_first: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(m, k, bits) as ``gated.halves_forward`` returns them, each half of gate_up (last dimension 2I, even;
+    copied first only where gate_up is not contiguous) read where it lies where I is a multiple of 8.
+    Otherwise rows would share tiles of 8, whose per-element offsets change the compiled arithmetic (float32
+    GELU tanh's da moved by an ulp on the H200): ``forward`` on the halves, copied, as before."""
+    gate_up = gate_up.contiguous()
+    width = gate_up.shape[-1] // 2
+    a, b = halves(gate_up, gate_first)
+    return _forward(a, b, name, width, 2 * width, True) if width % 8 == 0 else forward(a, b, name)
 
 
 def backward(
@@ -223,16 +244,59 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(da, db) as ``gated.backward`` returns them."""
     dm = dm.contiguous()
+    da, db = dm.new_empty(dm.shape), dm.new_empty(dm.shape)
+    _backward(dm, m, k, bits, da, db, name, 1, 1, False)
+    return da, db
+
+
+def halves_backward(
+    dm: torch.Tensor, m: torch.Tensor, k: torch.Tensor, bits: torch.Tensor, name: str, gate_first: bool
+) -> torch.Tensor:
+    """d(gate_up) as ``gated.halves_backward`` returns it: one fresh [.., 2I] tensor, da and db written into
+    its halves (I not a multiple of 8: ``backward``'s, concatenated, as ``halves_forward``)."""
+    dm = dm.contiguous()
+    width = dm.shape[-1]
+    if width % 8:
+        da, db = backward(dm, m, k, bits, name)
+        return torch.cat((da, db) if gate_first else (db, da), dim=-1)
+    d_gate_up = dm.new_empty((*dm.shape[:-1], 2 * width))
+    _backward(dm, m, k, bits, *halves(d_gate_up, gate_first), name, width, 2 * width, True)
+    return d_gate_up
+
+
+def _forward(
+    a: torch.Tensor, b: torch.Tensor, name: str, width: int, stride: int, halves: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward kernel on a and b (dense, or ``halves``: rows of ``width`` elements, ``stride`` apart)."""
+    n = a.numel()
+    m, k = a.new_empty(a.shape), a.new_empty(a.shape)
+    bits = torch.empty(2 * packed_size(n), dtype=torch.uint8, device=a.device)
+    if n:
+        kernel, compiled = _kernel(_forward_kernel, a.device)
+        table = _table(name, a)
+        args = (a, b, m, k, bits, bits if table is None else table, n, packed_size(n), width, stride)
+        keep = KEEP_B_BELOW[a.dtype]
+        _launch(
+            kernel, n, FORWARD_ROWS, FORWARD_WARPS, args, keep_below=keep, ACT=GATED_CODES[name],
+            LIBDEVICE=compiled, TABLE=table is not None, HALVES=halves,
+        )  # fmt: skip
+    return m, k, bits
+
+
+def _backward(
+    dm: torch.Tensor, m: torch.Tensor, k: torch.Tensor, bits: torch.Tensor, da: torch.Tensor,
+    db: torch.Tensor, name: str, width: int, stride: int, halves: bool,
+) -> None:  # fmt: skip
+    """The backward kernel from dm (contiguous) and the saved tensors into da and db (dense, or ``halves``:
+    rows of ``width`` elements, ``stride`` apart)."""
     n = dm.numel()
-    da, db = torch.empty_like(dm), torch.empty_like(dm)
     if n:
         kernel, compiled = _kernel(_backward_kernel, dm.device)
         top = float(torch.finfo(dm.dtype).max)
         table = _table(name, dm)
         saved = (m.contiguous(), k.contiguous(), bits, bits if table is None else table)
-        args = (dm, *saved, da, db, n, packed_size(n))
+        args = (dm, *saved, da, db, n, packed_size(n), width, stride)
         _launch(
             kernel, n, BACKWARD_ROWS, BACKWARD_WARPS, args, top=top, ACT=GATED_CODES[name],
-            LIBDEVICE=compiled, TABLE=table is not None,
+            LIBDEVICE=compiled, TABLE=table is not None, HALVES=halves,
         )  # fmt: skip
-    return da, db

@@ -7,7 +7,8 @@ and 6 do not apply: the fused product keeps its own tensors, and a fused gate_up
 the product's input is what fusing frees); the activation's site is then reported as fused into it.
 
 Replacement: the MLP's class becomes a same-name subclass running :class:`FusedGated`
-(:mod:`actpatch.in_place`), which calls ``actpatch.functional.silu_mul`` / ``gelu_mul``.
+(:mod:`actpatch.in_place`), which calls ``actpatch.functional.silu_mul`` / ``gelu_mul`` (on the halves of one
+gate_up tensor, ``silu_mul_halves`` / ``gelu_mul_halves``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ _PRODUCTS = {
     "silu": F.silu_mul,
     "gelu": F.gelu_mul,
     "gelu_tanh": functools.partial(F.gelu_mul, approximate="tanh"),
+}
+_HALVES_PRODUCTS = {
+    "silu": F.silu_mul_halves,
+    "gelu": F.gelu_mul_halves,
+    "gelu_tanh": functools.partial(F.gelu_mul_halves, approximate="tanh"),
 }
 
 
@@ -67,9 +73,7 @@ class FusedGated:
         return getattr(module, self.down)(getattr(module, self.between)(m) if self.between else m)
 
     def _halves_product(self, gate_up: torch.Tensor) -> torch.Tensor:
-        a, b = gate_up.chunk(2, dim=-1)
-        a, b = (a, b) if self.split == "gate_first" else (b, a)
-        return _PRODUCTS[self.activation](a, b)
+        return _HALVES_PRODUCTS[self.activation](gate_up, gate_first=self.split == "gate_first")
 
 
 class Gated:
