@@ -222,9 +222,10 @@ def test_float16_arithmetic_forward_that_is_not_torch_falls_back_to_the_table(mo
 
     monkeypatch.setitem(tk.ACT_CODES, "quick_gelu", tk.ACT_CODES["silu"])  # a wrong formula
     monkeypatch.setattr(tk, "_ARITHMETIC_IS_TORCH", {})
+    monkeypatch.setattr(tk, "_FORWARD_PLANS", {})
     act = ACTIVATIONS["quick_gelu"]
     x = every_value(torch.float16)
-    assert not tk._arithmetic_is_torch(act, x)
+    assert not tk._arithmetic_is_torch(act, x.dtype, x.device)
     assert same_bits(tk.forward(x, act)[0], act.forward(x)).all()
 
 
