@@ -146,7 +146,7 @@ class ActpatchInverted(torch.autograd.Function):
         ctx.save_for_forward(x)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor, _dbits) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx, dy: torch.Tensor, _dbits=None) -> tuple[torch.Tensor, None, None]:
         y, bits = ctx.saved_tensors
         args = (ctx.name, dy, y, bits, ctx.g_table)
         if torch.is_grad_enabled():  # create_graph: a backward whose own backward says why it cannot
@@ -215,7 +215,7 @@ class ActpatchGated(torch.autograd.Function):
         ctx.save_for_forward(a, b)
 
     @staticmethod
-    def backward(ctx, dm: torch.Tensor, _dk, _dbits) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx, dm: torch.Tensor, _dk=None, _dbits=None) -> tuple[torch.Tensor, torch.Tensor, None]:
         saved = ctx.saved_tensors
         if torch.is_grad_enabled():
             return (*ActpatchBackward.apply(ops.gated_backward, ctx.name, dm, *saved), None)
@@ -249,7 +249,7 @@ class ActpatchRMSNorm(torch.autograd.Function):
         ctx.save_for_forward(x, w, output[1])
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor, _dr) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    def backward(ctx, dy: torch.Tensor, _dr=None) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         x, w, r = ctx.saved_tensors
         if torch.is_grad_enabled():
             return (*ActpatchBackward.apply(ops.rms_norm_backward, dy, x, w, r, ctx.variant), None, None)
@@ -283,7 +283,7 @@ class ActpatchRMSNormFromOutput(torch.autograd.Function):
         ctx.save_for_forward(x, w, output[1])
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor, _dr) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    def backward(ctx, dy: torch.Tensor, _dr=None) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         args = (dy, *ctx.saved_tensors, ctx.variant, ctx.x_dtype)
         if torch.is_grad_enabled():
             return (*ActpatchBackward.apply(ops.rms_norm_output_backward, *args), None, None)
@@ -316,7 +316,7 @@ class ActpatchLayerNorm(torch.autograd.Function):
         ctx.save_for_forward(x, w, output[1])
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor, _drstd) -> tuple:
+    def backward(ctx, dy: torch.Tensor, _drstd=None) -> tuple:
         args = (dy, *ctx.saved_tensors)
         if torch.is_grad_enabled():
             return (*ActpatchBackward.apply(ops.layer_norm_output_backward, *args), None)
@@ -374,7 +374,7 @@ class ActpatchDropout(torch.autograd.Function):
         ctx.save_for_forward(output[1])
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor, _dbits) -> tuple[torch.Tensor, None]:
+    def backward(ctx, dy: torch.Tensor, _dbits=None) -> tuple[torch.Tensor, None]:
         (bits,) = ctx.saved_tensors
         if torch.is_grad_enabled():
             return ActpatchDropoutGrad.apply(dy, bits, ctx.p), None
@@ -388,17 +388,19 @@ class ActpatchDropout(torch.autograd.Function):
 Formula = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _transformed(t: torch.Tensor) -> bool:
+def _transformed(*tensors: torch.Tensor | None) -> bool:
     """Whether a torch.func transform (vmap, grad, jvp), forward-mode AD, or a tensor of one (wrapped) is at
-    play for ``t``: then the Functions above run; otherwise their lean twins below (one output, a forward
-    that saves what it needs itself: half the CPU time per call, ``benchmarks/call_overhead.py``)."""
-    return (
-        _transforms_active()
-        or forward_ad._current_level >= 0
-        or torch._C._functorch.is_functorch_wrapped_tensor(t)
-    )
+    play for ``tensors``: then the Functions above run; otherwise their lean twins below (one output, a
+    forward that saves what it needs itself: half the CPU time per call, ``benchmarks/call_overhead.py``)."""
+    if _transforms_active() or forward_ad._current_level >= 0:
+        return True
+    for t in tensors:  # noqa: SIM110  (a loop: no generator object per call)
+        if t is not None and _wrapped(t):
+            return True
+    return False
 
 
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _transforms_active = torch._C._are_functorch_transforms_active
 
 
@@ -424,9 +426,7 @@ class ActpatchEagerInverted(torch.autograd.Function):
         ctx.name, ctx.g_table = name, tables and tables[1]
         return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        return ActpatchInverted.backward(ctx, dy, None)
+    backward = staticmethod(ActpatchInverted.backward)
 
 
 @_eager
@@ -440,9 +440,7 @@ class ActpatchEagerGated(torch.autograd.Function):
         ctx.name = name
         return m
 
-    @staticmethod
-    def backward(ctx, dm: torch.Tensor):
-        return ActpatchGated.backward(ctx, dm, None, None)
+    backward = staticmethod(ActpatchGated.backward)
 
 
 @_eager
@@ -456,9 +454,7 @@ class ActpatchEagerRMSNorm(torch.autograd.Function):
         ctx.variant = variant
         return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        return ActpatchRMSNorm.backward(ctx, dy, None)
+    backward = staticmethod(ActpatchRMSNorm.backward)
 
 
 @_eager
@@ -472,9 +468,7 @@ class ActpatchEagerRMSNormFromOutput(torch.autograd.Function):
         ctx.variant, ctx.x_dtype = variant, x.dtype
         return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        return ActpatchRMSNormFromOutput.backward(ctx, dy, None)
+    backward = staticmethod(ActpatchRMSNormFromOutput.backward)
 
 
 @_eager
@@ -489,9 +483,7 @@ class ActpatchEagerLayerNorm(torch.autograd.Function):
         ctx.save_for_backward(y, w, b, rstd)
         return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        return ActpatchLayerNorm.backward(ctx, dy, None)
+    backward = staticmethod(ActpatchLayerNorm.backward)
 
 
 class ActpatchCompiledRMSNorm(torch.autograd.Function):
@@ -557,9 +549,7 @@ class ActpatchEagerDropout(torch.autograd.Function):
         ctx.p = p
         return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        return ActpatchDropout.backward(ctx, dy, None)
+    backward = staticmethod(ActpatchDropout.backward)
 
 
 @_eager
@@ -572,9 +562,7 @@ class ActpatchEagerReLUSquared(torch.autograd.Function):
         ctx.save_for_backward(y)
         return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        return ActpatchReLUSquared.backward(ctx, dy)
+    backward = staticmethod(ActpatchReLUSquared.backward)
 
 
 def _inverted(name: str, x: torch.Tensor, plain: Formula, formula: Formula | None = None) -> torch.Tensor:
@@ -672,7 +660,7 @@ def _gated(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     ):
         if torch.compiler.is_compiling():
             return GATED_OPS[name][0](gate, up)[0]
-        if _transformed(gate) or _transformed(up):
+        if _transformed(gate, up):
             return ActpatchGated.apply(gate, up, name)[0]
         return ActpatchEagerGated.apply(gate, up, name)
     return gated.act_forward(name, gate) * up
@@ -698,7 +686,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and x.is_floating_point():
         if torch.compiler.is_compiling():
             return ActpatchCompiledRMSNorm.apply(x, weight, float(eps), variant)
-        if _transformed(x) or _transformed(weight):
+        if _transformed(x, weight):
             return ActpatchRMSNorm.apply(x, weight, float(eps), variant)[0]
         return ActpatchEagerRMSNorm.apply(x, weight, float(eps), variant)
     return _rms_norm.forward(x, weight, eps, variant)[0]
@@ -743,7 +731,7 @@ def rms_norm_from_output(
     if keep_output:
         if torch.compiler.is_compiling():
             return ActpatchCompiledRMSNormFromOutput.apply(x, weight, eps, variant)
-        if _transformed(x) or _transformed(weight):
+        if _transformed(x, weight):
             return ActpatchRMSNormFromOutput.apply(x, weight, eps, variant)[0]
         return ActpatchEagerRMSNormFromOutput.apply(x, weight, eps, variant)
     if variant == "torch":
@@ -772,7 +760,7 @@ def layer_norm(
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     if torch.compiler.is_compiling():
         return ActpatchCompiledLayerNorm.apply(x, weight, bias, float(eps))
-    if any(_transformed(t) for t in (x, weight, bias) if t is not None):
+    if _transformed(x, weight, bias):
         return ActpatchLayerNorm.apply(x, weight, bias, float(eps))[0]
     return ActpatchEagerLayerNorm.apply(x, weight, bias, float(eps))
 
