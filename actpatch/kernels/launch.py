@@ -48,11 +48,11 @@ class Launcher:
 
     def __call__(self, programs: int, args: tuple) -> None:
         device = args[0].get_device()
-        if device >= 0 and self.rest is not None:
+        if device >= 0:
             if device != torch._C._cuda_getDevice():
                 with torch.cuda.device(device):
                     return self(programs, args)
-            if not (
+            if self.rest is not None and not (
                 knobs.runtime.launch_enter_hook.calls
                 or knobs.runtime.launch_exit_hook.calls
                 or self.kernel.pre_run_hooks
