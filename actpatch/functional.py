@@ -146,7 +146,7 @@ class ActpatchInverted(torch.autograd.Function):
         ctx.save_for_forward(x)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor, _dbits=None) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx, dy: torch.Tensor, _dbits) -> tuple[torch.Tensor, None, None]:
         y, bits = ctx.saved_tensors
         args = (ctx.name, dy, y, bits, ctx.g_table)
         if torch.is_grad_enabled():  # create_graph: a backward whose own backward says why it cannot
@@ -417,16 +417,23 @@ def _eager(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
 
 @_eager
 class ActpatchEagerInverted(torch.autograd.Function):
-    """``ActpatchInverted`` outside torch.func: the same saves and backward."""
+    """``ActpatchInverted`` outside torch.func: the same saves and backward, through the calls resolved for
+    x's dtype and device (``ops.activation_calls``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, name: str, tables: tuple[torch.Tensor, torch.Tensor] | None):
-        y, bits = ops.activation_forward(name, x, tables and tables[0])
+        forward, ctx.dx_of = ops.activation_calls(name, x)
+        y, bits = forward(x, tables and tables[0])
         ctx.save_for_backward(y, bits)
-        ctx.name, ctx.g_table = name, tables and tables[1]
+        ctx.g_table = tables and tables[1]
         return y
 
-    backward = staticmethod(ActpatchInverted.backward)
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        y, bits = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a backward whose own backward says why it cannot
+            return ActpatchBackward.apply(ctx.dx_of, dy, y, bits, ctx.g_table), None, None
+        return ctx.dx_of(dy, y, bits, ctx.g_table), None, None
 
 
 @_eager

@@ -67,7 +67,7 @@ def launches_replaced_by_nothing():
     patches += [(m, "_kernel", lambda jitted, device: (jitted, True)) for m in kernel_modules]
     patches += [(m, "launch", lambda *args, **kwargs: None) for m in kernel_modules if hasattr(m, "launch")]
     patches += [(launch.Launcher, "__call__", lambda self, programs, args: None), (launch, "_LAUNCHERS", {})]
-    patches += [(m, name, {}) for m in kernel_modules for name in vars(m) if name.endswith("_PLANS")]
+    patches += [(m, name, {}) for m in (ops, *kernel_modules) for name in vars(m) if name.endswith("_PLANS")]
     patches += [
         (triton_norm, "_programs", lambda device: 264),
         (triton_norm_output, "_sms", lambda device: 132),

@@ -26,6 +26,7 @@ Importing this module raises ImportError when Triton is missing (ops.py then kee
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 
 import numpy as np
@@ -419,17 +420,19 @@ def forward(
     16-bit x reads y from ``table`` (a module's own formula's) or ``lookup.forward_table`` unless
     ``lookup_table`` is False (for benchmarks) or the arithmetic is faster and checked to be torch's
     (``ARITHMETIC_FLOAT16``)."""
+    key = act.name, x.dtype, x.device, lookup_table, table is None
+    rows, default = _FORWARD_PLANS.get(key) or _forward_plan(*key)
+    return _forward(rows, default if table is None else table, x)
+
+
+def _forward(rows: Rows, table: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``forward`` through a resolved plan: ``rows`` reading ``table`` where one is given (the lookups)."""
     n = x.numel()
-    bits = torch.empty((n + 7) >> 3, dtype=torch.uint8, device=x.device)
+    bits = x.new_empty((n + 7) >> 3, dtype=torch.uint8)
     xc = x.contiguous()
     yc = torch.empty_like(xc)
     if n:
-        key = act.name, x.dtype, x.device, lookup_table, table is None
-        rows, default = _FORWARD_PLANS.get(key) or _forward_plan(*key)
-        if default is None and table is None:
-            rows(n, (xc, yc, bits, n))
-        else:
-            rows(n, (xc, yc, bits, default if table is None else table, n))
+        rows(n, (xc, yc, bits, n) if table is None else (xc, yc, bits, table, n))
     if xc is x:
         return yc, bits
     y = torch.empty_like(x)
@@ -499,17 +502,42 @@ def backward(
     numpy's log2.  16-bit y reads g from ``lookup.backward_table`` unless ``lookup_table`` is False or a
     ``table`` (default ``table_for(act)``, what the reference uses) is given: for benchmarks.
     """
+    read = g_table is not None or (y.dtype in lookup.DTYPES and table is None and lookup_table)
+    table = None if read else table or table_for(act)
+    key = act.name, y.dtype, y.device, table, g_table is None
+    rows, default = _BACKWARD_PLANS.get(key) or _backward_plan(*key)
+    return _backward(rows, default if g_table is None else g_table, dy, y, bits)
+
+
+def _backward(rows: Rows, table: torch.Tensor, dy: torch.Tensor, y: torch.Tensor, bits: torch.Tensor):
+    """``backward`` through a resolved plan: ``rows`` reading ``table`` (a g table or coefficients)."""
     n = y.numel()
     dyc = dy.contiguous()
     dxc = torch.empty_like(dyc)
     if n:
-        read = g_table is not None or (y.dtype in lookup.DTYPES and table is None and lookup_table)
-        table = None if read else table or table_for(act)
-        key = act.name, y.dtype, y.device, table, g_table is None
-        rows, default = _BACKWARD_PLANS.get(key) or _backward_plan(*key)
-        rows(n, (dyc, y.contiguous(), bits, dxc, default if g_table is None else g_table, n))
+        rows(n, (dyc, y.contiguous(), bits, dxc, table, n))
     if dyc is dy:
         return dxc
     dx = torch.empty_like(dy)
     dx.copy_(dxc)
     return dx
+
+
+def prepared(act: Activation, dtype: torch.dtype, device: torch.device) -> tuple[Callable, Callable]:
+    """``forward(x, table)`` and ``backward(dy, y, bits, g_table)`` as ``forward`` and ``backward`` compute
+    them for tensors of ``dtype`` on ``device``, the launches without a given table resolved now: such a
+    call allocates its outputs and launches."""
+    key = act.name, dtype, device, True, True
+    f_rows, f_table = _FORWARD_PLANS.get(key) or _forward_plan(*key)
+    key = act.name, dtype, device, None if dtype in lookup.DTYPES else table_for(act), True
+    b_rows, b_table = _BACKWARD_PLANS.get(key) or _backward_plan(*key)
+
+    def forward_(x: torch.Tensor, table: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return _forward(f_rows, f_table, x) if table is None else forward(x, act, table)
+
+    def backward_(dy: torch.Tensor, y: torch.Tensor, bits: torch.Tensor, g_table: torch.Tensor | None):
+        if g_table is None:
+            return _backward(b_rows, b_table, dy, y, bits)
+        return backward(dy, y, bits, act, g_table=g_table)
+
+    return forward_, backward_
