@@ -219,7 +219,7 @@ class ActpatchGated(torch.autograd.Function):
         ctx.save_for_forward(a, b)
 
     @staticmethod
-    def backward(ctx, dm: torch.Tensor, _dk, _dbits) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx, dm: torch.Tensor, _dk=None, _dbits=None) -> tuple[torch.Tensor, torch.Tensor, None]:
         saved = ctx.saved_tensors
         if torch.is_grad_enabled():
             return (*ActpatchBackward.apply(ops.gated_backward, ctx.name, dm, *saved), None)
@@ -288,7 +288,7 @@ class ActpatchRMSNorm(torch.autograd.Function):
         ctx.save_for_forward(x, w, output[1])
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor, _dr) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    def backward(ctx, dy: torch.Tensor, _dr=None) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         x, w, r = ctx.saved_tensors
         if torch.is_grad_enabled():
             return (*ActpatchBackward.apply(ops.rms_norm_backward, dy, x, w, r, ctx.variant), None, None)
@@ -322,7 +322,7 @@ class ActpatchRMSNormFromOutput(torch.autograd.Function):
         ctx.save_for_forward(x, w, output[1])
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor, _dr) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    def backward(ctx, dy: torch.Tensor, _dr=None) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         args = (dy, *ctx.saved_tensors, ctx.variant, ctx.x_dtype)
         if torch.is_grad_enabled():
             return (*ActpatchBackward.apply(ops.rms_norm_output_backward, *args), None, None)
@@ -355,7 +355,7 @@ class ActpatchLayerNorm(torch.autograd.Function):
         ctx.save_for_forward(x, w, output[1])
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor, _drstd) -> tuple:
+    def backward(ctx, dy: torch.Tensor, _drstd=None) -> tuple:
         args = (dy, *ctx.saved_tensors)
         if torch.is_grad_enabled():
             return (*ActpatchBackward.apply(ops.layer_norm_output_backward, *args), None)
@@ -413,7 +413,7 @@ class ActpatchDropout(torch.autograd.Function):
         ctx.save_for_forward(output[1])
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor, _dbits) -> tuple[torch.Tensor, None]:
+    def backward(ctx, dy: torch.Tensor, _dbits=None) -> tuple[torch.Tensor, None]:
         (bits,) = ctx.saved_tensors
         if torch.is_grad_enabled():
             return ActpatchDropoutGrad.apply(dy, bits, ctx.p), None
@@ -427,38 +427,52 @@ class ActpatchDropout(torch.autograd.Function):
 Formula = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _transformed(t: torch.Tensor) -> bool:
-    """Whether a torch.func transform (vmap, grad, jvp: wrapped tensors) or forward-mode AD is active for
-    ``t``: then the Functions above run; otherwise their lean twins below (one output, a forward that saves
-    what it needs itself: half the CPU time per call, ``benchmarks/call_overhead.py``)."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t) or forward_ad._current_level >= 0
+def _transformed(*tensors: torch.Tensor | None) -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp), forward-mode AD, or a tensor of one (wrapped) is at
+    play for ``tensors``: then the Functions above run; otherwise their lean twins below (one output, a
+    forward that saves what it needs itself: half the CPU time per call, ``benchmarks/call_overhead.py``)."""
+    if _transforms_active() or forward_ad._current_level >= 0:
+        return True
+    for t in tensors:  # noqa: SIM110  (a loop: no generator object per call)
+        if t is not None and _wrapped(t):
+            return True
+    return False
+
+
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 def _eager(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
-    """``cls.apply`` becomes autograd's own (C) apply, without ``Function.apply``'s Python wrapper (which,
-    with no torch.func transform active, only passes the arguments on): 3 µs less CPU time per call, where
-    an autograd.Function that launches nothing costs about torch's op's.  Inside a transform (the twins'
-    tensors then are constants to it) the wrapper runs, and torch says why the twin cannot."""
-    wrapped, direct = cls.apply, torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
-    transforms_active = torch._C._are_functorch_transforms_active
-    cls.apply = staticmethod(lambda *args: wrapped(*args) if transforms_active() else direct(*args))
+    """``cls.apply`` becomes autograd's own (C) apply, and its backward node's ``apply`` ``cls.backward``
+    itself, without ``Function.apply``'s and ``BackwardCFunction.apply``'s Python wrappers (which, with no
+    torch.func transform active and only ``backward`` defined, only pass the arguments on): 1.4 µs less CPU
+    time per call, where an autograd.Function that launches nothing costs about torch's op's.  The twins
+    run with no transform active only (``_transformed``)."""
+    cls.apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
+    cls._backward_cls.apply = cls.backward
     return cls
 
 
 @_eager
 class ActpatchEagerInverted(torch.autograd.Function):
-    """``ActpatchInverted`` outside torch.func: the same saves and backward."""
+    """``ActpatchInverted`` outside torch.func: the same saves and backward, through the calls resolved for
+    x's dtype and device (``ops.activation_calls``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, name: str, tables: tuple[torch.Tensor, torch.Tensor] | None):
-        y, bits = ops.activation_forward(name, x, tables and tables[0])
+        forward, ctx.dx_of = ops.activation_calls(name, x)
+        y, bits = forward(x, tables and tables[0])
         ctx.save_for_backward(y, bits)
-        ctx.name, ctx.g_table = name, tables and tables[1]
+        ctx.g_table = tables and tables[1]
         return y
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        return ActpatchInverted.backward(ctx, dy, None)
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        y, bits = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a backward whose own backward says why it cannot
+            return ActpatchBackward.apply(ctx.dx_of, dy, y, bits, ctx.g_table), None, None
+        return ctx.dx_of(dy, y, bits, ctx.g_table), None, None
 
 
 @_eager
@@ -472,9 +486,7 @@ class ActpatchEagerGated(torch.autograd.Function):
         ctx.name = name
         return m
 
-    @staticmethod
-    def backward(ctx, dm: torch.Tensor):
-        return ActpatchGated.backward(ctx, dm, None, None)
+    backward = staticmethod(ActpatchGated.backward)
 
 
 @_eager
@@ -504,9 +516,7 @@ class ActpatchEagerRMSNorm(torch.autograd.Function):
         ctx.variant = variant
         return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        return ActpatchRMSNorm.backward(ctx, dy, None)
+    backward = staticmethod(ActpatchRMSNorm.backward)
 
 
 @_eager
@@ -520,9 +530,7 @@ class ActpatchEagerRMSNormFromOutput(torch.autograd.Function):
         ctx.variant, ctx.x_dtype = variant, x.dtype
         return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        return ActpatchRMSNormFromOutput.backward(ctx, dy, None)
+    backward = staticmethod(ActpatchRMSNormFromOutput.backward)
 
 
 @_eager
@@ -537,9 +545,7 @@ class ActpatchEagerLayerNorm(torch.autograd.Function):
         ctx.save_for_backward(y, w, b, rstd)
         return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        return ActpatchLayerNorm.backward(ctx, dy, None)
+    backward = staticmethod(ActpatchLayerNorm.backward)
 
 
 class ActpatchCompiledRMSNorm(torch.autograd.Function):
@@ -605,9 +611,7 @@ class ActpatchEagerDropout(torch.autograd.Function):
         ctx.p = p
         return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        return ActpatchDropout.backward(ctx, dy, None)
+    backward = staticmethod(ActpatchDropout.backward)
 
 
 @_eager
@@ -620,9 +624,7 @@ class ActpatchEagerReLUSquared(torch.autograd.Function):
         ctx.save_for_backward(y)
         return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        return ActpatchReLUSquared.backward(ctx, dy)
+    backward = staticmethod(ActpatchReLUSquared.backward)
 
 
 def _inverted(name: str, x: torch.Tensor, plain: Formula, formula: Formula | None = None) -> torch.Tensor:
@@ -720,7 +722,7 @@ def _gated(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     ):
         if torch.compiler.is_compiling():
             return GATED_OPS[name][0](gate, up)[0]
-        if _transformed(gate) or _transformed(up):
+        if _transformed(gate, up):
             return ActpatchGated.apply(gate, up, name)[0]
         return ActpatchEagerGated.apply(gate, up, name)
     return gated.act_forward(name, gate) * up
@@ -784,7 +786,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and x.is_floating_point():
         if torch.compiler.is_compiling():
             return ActpatchCompiledRMSNorm.apply(x, weight, float(eps), variant)
-        if _transformed(x) or _transformed(weight):
+        if _transformed(x, weight):
             return ActpatchRMSNorm.apply(x, weight, float(eps), variant)[0]
         return ActpatchEagerRMSNorm.apply(x, weight, float(eps), variant)
     return _rms_norm.forward(x, weight, eps, variant)[0]
@@ -829,7 +831,7 @@ def rms_norm_from_output(
     if keep_output:
         if torch.compiler.is_compiling():
             return ActpatchCompiledRMSNormFromOutput.apply(x, weight, eps, variant)
-        if _transformed(x) or _transformed(weight):
+        if _transformed(x, weight):
             return ActpatchRMSNormFromOutput.apply(x, weight, eps, variant)[0]
         return ActpatchEagerRMSNormFromOutput.apply(x, weight, eps, variant)
     if variant == "torch":
@@ -858,7 +860,7 @@ def layer_norm(
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     if torch.compiler.is_compiling():
         return ActpatchCompiledLayerNorm.apply(x, weight, bias, float(eps))
-    if any(_transformed(t) for t in (x, weight, bias) if t is not None):
+    if _transformed(x, weight, bias):
         return ActpatchLayerNorm.apply(x, weight, bias, float(eps))[0]
     return ActpatchEagerLayerNorm.apply(x, weight, bias, float(eps))
 

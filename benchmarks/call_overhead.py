@@ -13,7 +13,7 @@ round, so a slow spell of the machine hits all rows alike), its ratio the row's 
 rebound row's: over the swapped row's, what rebinding a call by name adds to the inverted op).
 
 On CUDA the ops launch their Triton kernels; two more rows time one Triton launch (the bf16 lookup
-backward's) through Triton's ``kernel[grid]`` and through ``actpatch.kernels.launch.launch``.  With
+backward's) through Triton's ``kernel[grid]`` and through an ``actpatch.kernels.launch.Launcher``.  With
 ``--device cpu`` the rows run actpatch's CUDA path on CPU tensors with each kernel launch replaced by
 nothing (``launches_replaced_by_nothing``): every Python layer, check and allocation of an eager call
 without the kernels (which on CPU are the pure-PyTorch reference, dozens of ops, not a GPU call's cost);
@@ -55,8 +55,9 @@ class LaunchesNothing(torch.autograd.Function):
 @contextlib.contextmanager
 def launches_replaced_by_nothing():
     """actpatch's CUDA path for CPU tensors, each Triton launch a no-op (kernels taken as compiled: the
-    arguments the GPU gets; two programs per multiprocessor of a made-up 132)."""
-    from actpatch.kernels import ops, triton_norm, triton_norm_output
+    arguments the GPU gets; two programs per multiprocessor of a made-up 132); the launches each op resolves
+    at its first call (``*_PLANS``) resolved afresh inside, and forgotten after."""
+    from actpatch.kernels import launch, ops, triton_norm, triton_norm_output
     from actpatch.kernels import triton as tk
 
     kernel_modules = [tk, triton_norm, triton_norm_output] + [
@@ -65,6 +66,8 @@ def launches_replaced_by_nothing():
     patches = [(ops, "_on_gpu", lambda t: not torch._C._functorch.is_functorch_wrapped_tensor(t))]
     patches += [(m, "_kernel", lambda jitted, device: (jitted, True)) for m in kernel_modules]
     patches += [(m, "launch", lambda *args, **kwargs: None) for m in kernel_modules if hasattr(m, "launch")]
+    patches += [(launch.Launcher, "__call__", lambda self, programs, args: None), (launch, "_LAUNCHERS", {})]
+    patches += [(m, name, {}) for m in (ops, *kernel_modules) for name in vars(m) if name.endswith("_PLANS")]
     patches += [
         (triton_norm, "_programs", lambda device: 264),
         (triton_norm_output, "_sms", lambda device: 132),
@@ -126,17 +129,18 @@ def launch_rows(device: str) -> dict[str, object]:
     from actpatch.activations import ACTIVATIONS
     from actpatch.kernels import lookup
     from actpatch.kernels import triton as tk
-    from actpatch.kernels.launch import launch
+    from actpatch.kernels.launch import Launcher
 
     dy, y = (torch.randn(4096, device=device, dtype=torch.bfloat16) for _ in range(2))
     bits, dx = torch.zeros(512, device=device, dtype=torch.uint8), torch.empty_like(dy)
     table = lookup.backward_table(ACTIVATIONS["gelu"], torch.bfloat16, dy.device)
-    args = (dy, y.view(torch.int16), bits, dx, table, dy.numel())
-    kwargs = {"row_start": 0, "FULL_ROWS": True, "ROWS": 64, "BF16_BY_HAND": False}
+    args = (dy, y.view(torch.int16), bits, dx, table, dy.numel(), 0)
+    kwargs = {"FULL_ROWS": True, "ROWS": 64, "BF16_BY_HAND": False}
     kernel = tk._backward_lookup_kernel
+    launcher = Launcher(kernel, kwargs, 2)
     return {
         "one Triton launch: kernel[grid]": lambda: kernel[(8,)](*args, **kwargs, num_warps=2),
-        "one Triton launch: actpatch launch": lambda: launch(kernel, 8, args, kwargs, 2),
+        "one Triton launch: actpatch Launcher": lambda: launcher(8, args),
     }
 
 

@@ -161,7 +161,8 @@ def _memory_instructions(kernel, signature: dict, halves: bool) -> collections.C
         kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=aligned
     )
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 2}).asm["ptx"]
-    return collections.Counter(re.findall(r"(?:ld|st)\.global\.\w+(?:\.\w+)?", ptx))
+    # volatile loads (the backward's dm and k, kept in program order) read ld.volatile.global.*
+    return collections.Counter(re.findall(r"(?:ld|st)\.(?:volatile\.)?global\.\w+(?:\.\w+)?", ptx))
 
 
 @pytest.mark.parametrize("way", ["forward", "backward"])
@@ -173,5 +174,6 @@ def test_halves_of_widths_multiple_of_8_move_16_byte_vectors(way):
         (tg._forward_kernel, GATED_FORWARD) if way == "forward" else (tg._backward_kernel, GATED_BACKWARD)
     )
     dense = _memory_instructions(kernel, signature, False)
-    assert dense["ld.global.v4.b32"] + dense["st.global.v4.b32"] >= 4, dense
+    vectors = sum(count for op, count in dense.items() if op.endswith("global.v4.b32"))
+    assert vectors >= 4, dense
     assert _memory_instructions(kernel, signature, True) == dense

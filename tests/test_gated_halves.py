@@ -241,7 +241,7 @@ def created_storages(gu: torch.Tensor, dm: torch.Tensor, product) -> tuple[list[
     create, outside the kernels' launches; the data pointers of each launch's tensor arguments)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from actpatch.kernels import triton_gated
+    from actpatch.kernels.launch import Launcher
 
     class Storages(TorchDispatchMode):
         def __init__(self) -> None:
@@ -259,21 +259,21 @@ def created_storages(gu: torch.Tensor, dm: torch.Tensor, product) -> tuple[list[
                         self.created.append(storage.nbytes())
             return out
 
-    launch, pointers = triton_gated._launch, []
+    launch, pointers = Launcher.__call__, []
 
-    def launch_unseen(kernel, n, rows, warps, args, **scalars):
+    def launch_unseen(self, programs, args):
         pointers.append([a.data_ptr() for a in args if isinstance(a, torch.Tensor)])
         mode.launching = True
-        launch(kernel, n, rows, warps, args, **scalars)
+        launch(self, programs, args)
         mode.launching = False
 
-    triton_gated._launch = launch_unseen
+    Launcher.__call__ = launch_unseen
     try:
         with Storages() as mode:
             m = product(gu)
             torch.autograd.grad(m, gu, dm)
     finally:
-        triton_gated._launch = launch
+        Launcher.__call__ = launch
     return mode.created, pointers
 
 

@@ -50,71 +50,101 @@ class Kernel:
 
 @pytest.fixture
 def kernel(monkeypatch):
-    monkeypatch.setattr(launch, "_COMPILED", {})
+    monkeypatch.setattr(launch, "_JIT", Kernel)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1000 + device, raising=False)
     return Kernel()
 
 
 def test_the_second_launch_calls_the_compiled_kernels_launcher(kernel):
     x = torch.zeros(64)
+    launcher = launch.Launcher(kernel, {"ROWS": 8, "scale": 0.5}, 4)
     for _ in range(2):
-        assert launch._direct(kernel, 3, (x, 64), {"ROWS": 8, "scale": 0.5}, 4, 0)
+        launcher._direct(3, (x, 64), 0)
     assert kernel.calls[0] == ("triton", (3,), (x, 64), {"ROWS": 8, "scale": 0.5, "num_warps": 4})
-    # grid, stream, function, metadata, no launch metadata nor hooks, every argument in signature order
+    # grid, stream, function, metadata, no launch metadata nor hooks, every argument in signature order,
+    # tensors as their addresses
     assert kernel.calls[1] == (
         "direct",
-        (3, 1, 1, 1000, "function", "metadata", None, None, None, x, 64, 0.5, 8),
+        (3, 1, 1, 1000, "function", "metadata", None, None, None, x.data_ptr(), 64, 0.5, 8),
     )
     assert len(kernel.calls) == 2
+
+
+def test_views_are_what_triton_sees(kernel):
+    """The first launch (Triton's) takes the views; the direct one the addresses, the same."""
+    x = torch.zeros(64, dtype=torch.bfloat16)
+    launcher = launch.Launcher(kernel, {"ROWS": 8, "scale": 0.5}, 4, (torch.int16,))
+    for _ in range(2):
+        launcher._direct(3, (x, 64), 0)
+    (seen, n), direct = kernel.calls[0][2], kernel.calls[1][1]
+    assert seen.dtype == torch.int16 and seen.data_ptr() == x.data_ptr() and n == 64
+    assert direct[9:11] == (x.data_ptr(), 64)
 
 
 @pytest.mark.parametrize(
     "change",
     [
-        lambda x, n, kw: (x[1:], n, kw),  # a tensor 4 bytes off 16-byte alignment
-        lambda x, n, kw: (x.double(), n, kw),  # another dtype
-        lambda x, n, kw: (x, 65, kw),  # an integer no longer a multiple of 16
-        lambda x, n, kw: (x, 1, kw),  # ... equal to 1
-        lambda x, n, kw: (x, 2**31, kw),  # ... past int32
-        lambda x, n, kw: (x, n, kw | {"ROWS": 16}),  # a constexpr
+        lambda x, n: (x[1:], n),  # a tensor 4 bytes off 16-byte alignment
+        lambda x, n: (x.double(), n),  # another dtype
+        lambda x, n: (x, 65),  # an integer no longer a multiple of 16
+        lambda x, n: (x, 1),  # ... equal to 1
+        lambda x, n: (x, 2**31),  # ... past int32
     ],
 )
 def test_what_triton_specializes_on_compiles_anew(kernel, change):
-    x, n, kw = torch.zeros(64), 64, {"ROWS": 8, "scale": 0.5}
-    launch._direct(kernel, 3, (x, n), kw, 4, 0)
-    x2, n2, kw2 = change(x, n, kw)
-    launch._direct(kernel, 3, (x2, n2), kw2, 4, 0)
+    x, n = torch.zeros(64), 64
+    launcher = launch.Launcher(kernel, {"ROWS": 8, "scale": 0.5}, 4)
+    launcher._direct(3, (x, n), 0)
+    launcher._direct(3, change(x, n), 0)
     assert [c[0] for c in kernel.calls] == ["triton", "triton"]
 
 
 def test_what_triton_does_not_specialize_on_launches_directly(kernel):
-    x, kw = torch.zeros(96), {"ROWS": 8, "scale": 0.5}
-    launch._direct(kernel, 3, (x, 64), kw, 4, 0)
-    launch._direct(kernel, 5, (torch.ones(80), 80), kw, 4, 0)  # other data, size, grid
+    launcher = launch.Launcher(kernel, {"ROWS": 8, "scale": 0.5}, 4)
+    launcher._direct(3, (torch.zeros(96), 64), 0)
+    launcher._direct(5, (torch.ones(80), 80), 0)  # other data, size, grid
     assert [c[0] for c in kernel.calls] == ["triton", "direct"]
 
 
-def test_warps_and_device_are_in_the_key(kernel):
-    x, kw = torch.zeros(64), {"ROWS": 8, "scale": 0.5}
-    for warps, device in ((4, 0), (8, 0), (4, 1)):
-        launch._direct(kernel, 3, (x, 64), kw, warps, device)
-    assert [c[0] for c in kernel.calls] == ["triton"] * 3
-
-
-def test_hooks_and_other_calls_keep_tritons_path(kernel, monkeypatch):
+def test_the_device_is_in_the_key(kernel):
     x = torch.zeros(64)
-    assert not launch._direct(kernel, 3, (x, 64), {"ROWS": 8}, 4, 0)  # a parameter missing
-    assert not launch._direct(kernel, 3, (x, 64, 0.5, 8), {}, 4, 0)  # a constexpr by position
-    monkeypatch.setattr(kernel, "pre_run_hooks", [print])
-    assert not launch._direct(kernel, 3, (x, 64), {"ROWS": 8, "scale": 0.5}, 4, 0)
-    assert kernel.calls == []
+    launcher = launch.Launcher(kernel, {"ROWS": 8, "scale": 0.5}, 4)
+    for device in (0, 1):
+        launcher._direct(3, (x, 64), device)
+    assert [c[0] for c in kernel.calls] == ["triton"] * 2
 
 
-def test_cpu_tensors_launch_through_the_interpreter_path(kernel, monkeypatch):
-    """launch() leaves CPU tensors (Triton's interpreter) to ``kernel[grid]`` itself."""
-    monkeypatch.setattr(launch, "_JIT", Kernel)
-    launch.launch(kernel, 2, (torch.zeros(64), 64), {"ROWS": 8, "scale": 0.5}, 4)
-    launch.launch(kernel, 2, (torch.zeros(64), 64), {"ROWS": 8, "scale": 0.5}, 4)
+def test_keyword_arguments_and_warps_make_launchers_of_their_own(kernel):
+    """``launch()`` keeps a Launcher per (kernel, keyword arguments, warps)."""
+    before = len(launch._LAUNCHERS)
+    for kwargs, warps in (
+        ({"ROWS": 8, "scale": 0.5}, 4),
+        ({"ROWS": 8, "scale": 0.5}, 8),
+        ({"ROWS": 16, "scale": 0.5}, 4),
+    ):
+        for _ in range(2):
+            launch.launch(kernel, 3, (torch.zeros(64), 64), kwargs, warps)
+    assert len(launch._LAUNCHERS) == before + 3
+    assert [c[0] for c in kernel.calls] == ["triton"] * 6  # CPU tensors: Triton's path (its interpreter)
+
+
+def test_calls_not_of_runtime_arguments_then_keywords_keep_tritons_path(kernel, monkeypatch):
+    assert launch.Launcher(kernel, {"scale": 0.5}, 4).rest is None  # keywords not the last parameters
+    missing = launch.Launcher(kernel, {"ROWS": 8}, 4)  # a parameter missing from the call: never direct
+    for _ in range(2):
+        missing._direct(3, (torch.zeros(64), 64), 0)
+    assert [c[0] for c in kernel.calls] == ["triton", "triton"]
+    assert launch.Launcher(kernel, {}, 4).rest is None  # a constexpr by position
+    assert launch.Launcher(kernel, {"n": 64, "scale": 0.5, "ROWS": 8}, 4).rest == (64, 0.5, 8)
+    monkeypatch.setattr(launch, "_JIT", None)  # a release whose launch convention was not read
+    assert launch.Launcher(kernel, {"ROWS": 8, "scale": 0.5}, 4).rest is None
+
+
+def test_cpu_tensors_launch_through_the_interpreter_path(kernel):
+    """A Launcher leaves CPU tensors (Triton's interpreter) to ``kernel[grid]`` itself."""
+    launcher = launch.Launcher(kernel, {"ROWS": 8, "scale": 0.5}, 4)
+    launcher(2, (torch.zeros(64), 64))
+    launcher(2, (torch.zeros(64), 64))
     assert [c[0] for c in kernel.calls] == ["triton", "triton"]
 
 
@@ -163,13 +193,8 @@ def _outputs_and_grads(fn, inputs):
     return (out, *torch.autograd.grad(out, leaves, torch.ones_like(out)))
 
 
-class _CountingDict(dict):
-    hits = 0
-
-    def get(self, key, default=None):
-        found = super().get(key, default)
-        self.hits += found is not None
-        return found
+def _tritons_path(self, programs, args, device):
+    self.kernel[(programs,)](*self._viewed(args), **self.kwargs, num_warps=self.num_warps)
 
 
 @gpu
@@ -177,15 +202,21 @@ class _CountingDict(dict):
 def test_gpu_direct_launches_give_what_tritons_launch_gives(monkeypatch):
     if launch._JIT is None:
         pytest.skip(f"Triton {launch._VERSION}: launches through Triton's own path")
-    compiled = _CountingDict()
-    monkeypatch.setattr(launch, "_COMPILED", compiled)
+    direct_launches, direct = [], launch.Launcher._direct
+
+    def counting(self, programs, args, device):  # a launch that compiles adds a key
+        known = len(self.compiled)
+        direct(self, programs, args, device)
+        direct_launches.extend([1] if known and len(self.compiled) == known else [])
+
+    monkeypatch.setattr(launch.Launcher, "_direct", counting)
     ops = _every_op()
     for name, fn, inputs in ops:
         for _ in range(2):  # the first launches compile
-            direct = _outputs_and_grads(fn, inputs)
+            directs = _outputs_and_grads(fn, inputs)
         with monkeypatch.context() as m:
-            m.setattr(launch, "_JIT", None)
+            m.setattr(launch.Launcher, "_direct", _tritons_path)
             tritons = _outputs_and_grads(fn, inputs)
-        for got, expected in zip(direct, tritons, strict=True):
+        for got, expected in zip(directs, tritons, strict=True):
             assert torch.equal(got, expected), name
-    assert compiled.hits >= 2 * len(ops)  # a forward and a backward launch each, at least
+    assert len(direct_launches) >= 2 * len(ops)  # a forward and a backward launch each, at least

@@ -127,12 +127,12 @@ def test_dropout_follows_vmap_randomness():
     assert torch.equal(dy, 3.0 * y.detach())
 
 
-def test_a_tensor_closed_over_by_a_transform_gets_torchs_error_not_an_internal_assert():
-    """The eager twins' apply skips torch's Python wrapper only with no transform active; inside one (x
-    closed over, not transformed, so the twin runs) the wrapper runs and says what torch says."""
-    x = torch.randn(5, requires_grad=True)
-    with pytest.raises(RuntimeError, match="setup_context"):
-        vmap(lambda w: AF.gelu(x) * w)(torch.randn(3, 5))
+def test_a_tensor_closed_over_by_a_transform_runs_the_transformable_function():
+    """Inside a transform, an op on a tensor closed over (not transformed itself) runs the Function that
+    torch.func supports, not the eager twin (whose old-style forward it refuses): torch's values."""
+    x, w = torch.randn(5, requires_grad=True), torch.randn(3, 5)
+    assert torch.equal(vmap(lambda v: AF.gelu(x) * v)(w), F.gelu(x) * w)
+    assert torch.equal(vmap(lambda v: AF.silu_mul(x, x) * v)(w), F.silu(x) * x * w)
 
 
 def test_vmap_over_the_compile_custom_ops_raises_actpatch_error():

@@ -235,9 +235,10 @@ def test_float16_arithmetic_forward_that_is_not_torch_falls_back_to_the_table(mo
 
     monkeypatch.setitem(tk.ACT_CODES, "quick_gelu", tk.ACT_CODES["silu"])  # a wrong formula
     monkeypatch.setattr(tk, "_ARITHMETIC_IS_TORCH", {})
+    monkeypatch.setattr(tk, "_FORWARD_PLANS", {})
     act = ACTIVATIONS["quick_gelu"]
     x = every_value(torch.float16)
-    assert not tk._arithmetic_is_torch(act, x)
+    assert not tk._arithmetic_is_torch(act, x.dtype, x.device)
     assert same_bits(tk.forward(x, act)[0], act.forward(x)).all()
 
 
@@ -442,3 +443,33 @@ def test_the_near_segment_ends_where_the_tail_begins(name):
     dy = torch.ones_like(y)
     for g in (reference.backward(dy, y, bits, act), tk.backward(dy, y, bits, act)):
         assert (g.double() - exact).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["gelu", "silu"])
+def test_the_eager_path_through_the_kernels_gives_what_the_kernels_give(monkeypatch, name, dtype):
+    """``actpatch.functional`` with the kernels taking CPU tensors (the interpreter), through the calls
+    resolved once per dtype and device (``ops.activation_calls``): y and dx those of ``forward`` and
+    ``backward`` called directly, with and without a formula's tables, and over a non-contiguous x."""
+    from transformers.activations import NewGELUActivation
+
+    import actpatch.functional as AF
+    from actpatch.kernels import ops
+
+    monkeypatch.setattr(ops, "_on_gpu", lambda t: True)
+    monkeypatch.setattr(ops, "_EAGER_PLANS", {})
+    act = ACTIVATIONS[name]
+    x = (torch.randn(3, 67) * 3).to(dtype)
+    for xs in (x, x.t()):
+        leaf = xs.detach().requires_grad_()
+        y = AF.gelu(leaf) if name == "gelu" else AF.silu(leaf)
+        dy = torch.randn_like(y)
+        (dx,) = torch.autograd.grad(y, leaf, dy)
+        y_k, bits = tk.forward(xs, act)
+        assert torch.equal(y, y_k) and torch.equal(dx, tk.backward(dy, y_k, bits, act))
+    if dtype != torch.float32:  # a formula's tables: y is the formula's own
+        leaf, formula = x.detach().requires_grad_(), NewGELUActivation()
+        y = AF.gelu(leaf, "tanh", formula=formula)
+        assert torch.equal(y, formula(x))
+        (dx,) = torch.autograd.grad(y, leaf, torch.ones_like(y))
+        assert torch.isfinite(dx.float()).all()

@@ -38,7 +38,7 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, bits) for 0 < p < 1, as torch's dropout computes y on x's device; ``pack`` packs the bool mask
     (``bits.pack_bits``, or a kernel doing the same)."""
-    if fused(x.device):
+    if x.is_cuda or fused(x.device):
         y, mask = torch.native_dropout(x, p, True)
         return y, pack(mask)
     noise = torch.empty_like(x).bernoulli_(1 - p)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -105,6 +106,28 @@ def activation_backward(
     if _KERNELS is not None and _on_gpu(y):
         return _KERNELS.backward(dy, y, bits, ACTIVATIONS[name], g_table=table)
     return reference.backward(dy, y, bits, ACTIVATIONS[name], table)
+
+
+def activation_calls(name: str, x: torch.Tensor) -> tuple[Callable, Callable]:
+    """(forward(x, table), backward(dy, y, bits, table)): ``activation_forward`` and ``activation_backward``
+    for tensors of x's dtype on x's device (not torch.func's wrappers), resolved at the first call (kept in
+    ``_EAGER_PLANS``): for eager callers, whose calls then allocate their outputs and launch."""
+    key = name, x.dtype, x.device
+    calls = _EAGER_PLANS.get(key)
+    if calls is None:
+        act = ACTIVATIONS[name]
+        if _KERNELS is not None and _on_gpu(x):
+            calls = _KERNELS.prepared(act, x.dtype, x.device)
+        else:
+            calls = (
+                lambda t, table: reference.forward(t, act, table),
+                lambda dy, y, bits, table: reference.backward(dy, y, bits, act, table),
+            )
+        _EAGER_PLANS[key] = calls
+    return calls
+
+
+_EAGER_PLANS: dict[tuple, tuple[Callable, Callable]] = {}
 
 
 def gated_forward(

@@ -27,6 +27,7 @@ Importing this module raises ImportError when Triton is missing (ops.py then kee
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 
 import numpy as np
@@ -34,10 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..activations import Activation, InverseTable, table_for
+from ..activations import ACTIVATIONS, Activation, InverseTable, table_for
 from . import lookup
 from .bits import packed_size
-from .launch import launch
+from .launch import Launcher
 from .reference import device_coefficients, right_end
 
 try:  # Triton >= 3.0 (the CUDA libdevice wrappers); absent under very old releases
@@ -73,6 +74,9 @@ LOOKUP_BACKWARD_ROWS_FLOAT16 = 128
 # element against the table's ~16).
 ARITHMETIC_FLOAT16 = ("silu", "quick_gelu")
 _ARITHMETIC_IS_TORCH: dict[tuple[str, torch.device], bool] = {}
+# (name, dtype, device, options) -> a forward's or backward's launches and table, resolved at the first call
+_FORWARD_PLANS: dict[tuple, tuple] = {}
+_BACKWARD_PLANS: dict[tuple, tuple] = {}
 
 
 @triton.jit
@@ -377,15 +381,54 @@ def _table_scalars(table: InverseTable) -> dict:
     }
 
 
-def _launch(kernel, n: int, rows: int, warps: int, args: tuple, **scalars) -> None:
-    """Whole rows of 8 with per-row masks (vector loads), then the last partial row, if any, alone."""
-    full = n // 8
-    if full:  # ceil division (triton.cdiv is a JIT function: microseconds per host call)
-        launch(
-            kernel, -(-full // rows), args, scalars | {"row_start": 0, "FULL_ROWS": True, "ROWS": rows}, warps
-        )
-    if n % 8:
-        launch(kernel, 1, args, scalars | {"row_start": full, "FULL_ROWS": False, "ROWS": 1}, 1)
+class Rows:
+    """A row kernel's launches over n elements, in tiles of ``rows`` rows of 8: the whole rows with per-row
+    masks (vector loads), then the last partial row, if any, alone.  ``rows_launch(n, args)``: ``args`` the
+    kernel's positional parameters up to ``row_start`` (which follows them), ``kwargs`` the rest but ROWS and
+    FULL_ROWS; ``views`` as ``Launcher``'s."""
+
+    __slots__ = ("rows", "whole", "last")
+
+    def __init__(self, kernel, rows: int, warps: int, kwargs: dict, views: tuple = ()) -> None:
+        self.rows = rows
+        self.whole = Launcher(kernel, kwargs | {"ROWS": rows, "FULL_ROWS": True}, warps, views)
+        self.last = Launcher(kernel, kwargs | {"ROWS": 1, "FULL_ROWS": False}, 1, views)
+
+    def __call__(self, n: int, args: tuple) -> None:
+        full = n >> 3
+        if full:  # ceil division (triton.cdiv is a JIT function: microseconds per host call)
+            self.whole(-(-full // self.rows), (*args, 0))
+        if n & 7:
+            self.last(1, (*args, full))
+
+
+_I16 = torch.int16
+
+
+def _forward_plan(name: str, dtype: torch.dtype, device: torch.device, lookup_table: bool, default: bool):
+    """(rows launch, table): the forward of ``name`` for x of ``dtype`` on ``device``, resolved once (kept in
+    ``_FORWARD_PLANS``); table: the lookup kernel's default table where it reads one (``default``: no table
+    given), else None."""
+    key, act = (name, dtype, device, lookup_table, default), ACTIVATIONS[name]
+    if dtype in lookup.DTYPES and not (
+        default and (not lookup_table or _arithmetic_is_torch(act, dtype, device))
+    ):
+        kernel, _ = _kernel(_forward_lookup_kernel, device)
+        kwargs = {"x_star": _f32(act.x_star), "FP16": dtype == torch.float16}
+        table = _gather_order(lookup.forward_table(act, dtype, device), dtype) if default else None
+        rows = Rows(kernel, LOOKUP_FORWARD_ROWS, LOOKUP_FORWARD_WARPS, kwargs, (_I16, _I16))
+        return _FORWARD_PLANS.setdefault(key, (rows, table))
+    kernel, compiled = _kernel(_forward_kernel, device)
+    by_hand = not compiled and dtype == torch.bfloat16
+    kwargs = {
+        "x_star": _f32(act.x_star),
+        "ACT": ACT_CODES[name],
+        "ROUND_INTERMEDIATE": dtype != torch.float32,
+        "LIBDEVICE": compiled,
+        "BF16_BY_HAND": by_hand,
+    }
+    rows = Rows(kernel, FORWARD_ROWS, FORWARD_WARPS, kwargs, (_I16, _I16) if by_hand else ())
+    return _FORWARD_PLANS.setdefault(key, (rows, None))
 
 
 def forward(
@@ -395,27 +438,24 @@ def forward(
     16-bit x reads y from ``table`` (a module's own formula's) or ``lookup.forward_table`` unless
     ``lookup_table`` is False (for benchmarks) or the arithmetic is faster and checked to be torch's
     (``ARITHMETIC_FLOAT16``)."""
+    key = act.name, x.dtype, x.device, lookup_table, table is None
+    rows, default = _FORWARD_PLANS.get(key) or _forward_plan(*key)
+    return _forward(rows, default if table is None else _gather_order(table, x.dtype), x)
+
+
+def _gather_order(table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A forward table in the order the lookup kernel reads it for x of ``dtype`` (lookup.gather_order)."""
+    return lookup.gather_order(table) if dtype == torch.float16 else table
+
+
+def _forward(rows: Rows, table: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``forward`` through a resolved plan: ``rows`` reading ``table`` where one is given (the lookups)."""
     n = x.numel()
-    bits = torch.empty(packed_size(n), dtype=torch.uint8, device=x.device)
+    bits = x.new_empty((n + 7) >> 3, dtype=torch.uint8)
     xc = x.contiguous()
     yc = torch.empty_like(xc)
-    standard = x.dtype in lookup.DTYPES and lookup_table and not _arithmetic_is_torch(act, x)
-    if n and (table is not None or standard):
-        kernel, _ = _kernel(_forward_lookup_kernel, x.device)
-        table = lookup.forward_table(act, x.dtype, x.device) if table is None else table
-        fp16 = x.dtype == torch.float16
-        args = (
-            xc.view(torch.int16),
-            yc.view(torch.int16),
-            bits,
-            lookup.gather_order(table) if fp16 else table,
-            n,
-        )
-        _launch(
-            kernel, n, LOOKUP_FORWARD_ROWS, LOOKUP_FORWARD_WARPS, args, x_star=_f32(act.x_star), FP16=fp16
-        )
-    elif n:
-        _forward_arithmetic(xc, yc, bits, act)
+    if n:
+        rows(n, (xc, yc, bits, n) if table is None else (xc, yc, bits, table, n))
     if xc is x:
         return yc, bits
     y = torch.empty_like(x)
@@ -423,41 +463,49 @@ def forward(
     return y, bits
 
 
-def _forward_arithmetic(x: torch.Tensor, y: torch.Tensor, bits: torch.Tensor, act: Activation) -> None:
-    """y and bits of contiguous x through ``_forward_kernel``."""
-    kernel, compiled = _kernel(_forward_kernel, x.device)
-    by_hand = not compiled and x.dtype == torch.bfloat16
-    args = (x.view(torch.int16) if by_hand else x, y.view(torch.int16) if by_hand else y, bits, x.numel())
-    _launch(
-        kernel,
-        x.numel(),
-        FORWARD_ROWS,
-        FORWARD_WARPS,
-        args,
-        x_star=_f32(act.x_star),
-        ACT=ACT_CODES[act.name],
-        ROUND_INTERMEDIATE=x.dtype != torch.float32,
-        LIBDEVICE=compiled,
-        BF16_BY_HAND=by_hand,
-    )
-
-
-def _arithmetic_is_torch(act: Activation, x: torch.Tensor) -> bool:
+def _arithmetic_is_torch(act: Activation, dtype: torch.dtype, device: torch.device) -> bool:
     """For float16 x of an ``ARITHMETIC_FLOAT16`` activation: whether ``_forward_kernel`` gives torch's
-    y (bitwise; any NaN for NaN) on every float16 value on x's device, checked once per device."""
-    if x.dtype != torch.float16 or act.name not in ARITHMETIC_FLOAT16:
+    y (bitwise; any NaN for NaN) on every float16 value on ``device``, checked once per device."""
+    if dtype != torch.float16 or act.name not in ARITHMETIC_FLOAT16:
         return False
-    key = (act.name, x.device)
+    key = (act.name, device)
     if key not in _ARITHMETIC_IS_TORCH:
-        v = lookup.every_value(torch.float16, x.device)
+        v = lookup.every_value(torch.float16, device)
         y = torch.empty_like(v)
-        _forward_arithmetic(
-            v, y, torch.empty(packed_size(v.numel()), dtype=torch.uint8, device=v.device), act
+        rows, _ = _forward_plan(act.name, torch.float16, device, False, True)  # the arithmetic
+        rows(
+            v.numel(),
+            (v, y, torch.empty(packed_size(v.numel()), dtype=torch.uint8, device=device), v.numel()),
         )
-        torch_y = lookup.forward_table(act, torch.float16, x.device).view(torch.float16)
+        torch_y = lookup.forward_table(act, torch.float16, device).view(torch.float16)
         same = (y.view(torch.int16) == torch_y.view(torch.int16)) | (y.isnan() & torch_y.isnan())
         _ARITHMETIC_IS_TORCH[key] = bool(same.all())
     return _ARITHMETIC_IS_TORCH[key]
+
+
+def _backward_plan(
+    name: str, dtype: torch.dtype, device: torch.device, table: InverseTable | None, default: bool
+):
+    """(rows launch, table tensor): the backward of ``name`` for y of ``dtype`` on ``device``, resolved once:
+    the lookup kernel where ``table`` (an InverseTable to evaluate) is None, its table
+    ``lookup.backward_table`` where ``default`` (no g table given); else the arithmetic kernel and its
+    coefficients (kept in ``_BACKWARD_PLANS``)."""
+    key, act = (name, dtype, device, table, default), ACTIVATIONS[name]
+    if table is None:
+        kernel, compiled = _kernel(_backward_lookup_kernel, device)
+        by_hand = not compiled and dtype == torch.bfloat16
+        views = (_I16, _I16, None, _I16) if by_hand else (None, _I16)
+        per = LOOKUP_BACKWARD_ROWS_FLOAT16 if dtype == torch.float16 else LOOKUP_BACKWARD_ROWS
+        rows = Rows(kernel, per, LOOKUP_BACKWARD_WARPS, {"BF16_BY_HAND": by_hand}, views)
+        return _BACKWARD_PLANS.setdefault(
+            key, (rows, lookup.backward_table(act, dtype, device) if default else None)
+        )
+    kernel, compiled = _kernel(_backward_kernel, device)
+    by_hand = not compiled and dtype == torch.bfloat16
+    coef = device_coefficients(act, table, device)
+    kwargs = _table_scalars(table) | {"STRIDE": coef.shape[1], "GPU": compiled, "BF16_BY_HAND": by_hand}
+    views = (_I16, _I16, None, _I16) if by_hand else ()
+    return _BACKWARD_PLANS.setdefault(key, (Rows(kernel, BACKWARD_ROWS, BACKWARD_WARPS, kwargs, views), coef))
 
 
 def backward(
@@ -478,49 +526,42 @@ def backward(
     numpy's log2.  16-bit y reads g from ``lookup.backward_table`` unless ``lookup_table`` is False or a
     ``table`` (default ``table_for(act)``, what the reference uses) is given: for benchmarks.
     """
+    read = g_table is not None or (y.dtype in lookup.DTYPES and table is None and lookup_table)
+    table = None if read else table or table_for(act)
+    key = act.name, y.dtype, y.device, table, g_table is None
+    rows, default = _BACKWARD_PLANS.get(key) or _backward_plan(*key)
+    return _backward(rows, default if g_table is None else g_table, dy, y, bits)
+
+
+def _backward(rows: Rows, table: torch.Tensor, dy: torch.Tensor, y: torch.Tensor, bits: torch.Tensor):
+    """``backward`` through a resolved plan: ``rows`` reading ``table`` (a g table or coefficients)."""
     n = y.numel()
     dyc = dy.contiguous()
     dxc = torch.empty_like(dyc)
-    if n and (g_table is not None or y.dtype in lookup.DTYPES and table is None and lookup_table):
-        kernel, compiled = _kernel(_backward_lookup_kernel, y.device)
-        by_hand = not compiled and y.dtype == torch.bfloat16
-        args = (
-            dyc.view(torch.int16) if by_hand else dyc,
-            y.contiguous().view(torch.int16),
-            bits,
-            dxc.view(torch.int16) if by_hand else dxc,
-            lookup.backward_table(act, y.dtype, y.device) if g_table is None else g_table,
-            n,
-        )
-        rows = LOOKUP_BACKWARD_ROWS_FLOAT16 if y.dtype == torch.float16 else LOOKUP_BACKWARD_ROWS
-        _launch(kernel, n, rows, LOOKUP_BACKWARD_WARPS, args, BF16_BY_HAND=by_hand)
-    elif n:
-        table = table or table_for(act)
-        kernel, compiled = _kernel(_backward_kernel, y.device)
-        by_hand = not compiled and y.dtype == torch.bfloat16
-        yc = y.contiguous()
-        coef = device_coefficients(act, table, y.device)
-        args = (
-            dyc.view(torch.int16) if by_hand else dyc,
-            yc.view(torch.int16) if by_hand else yc,
-            bits,
-            dxc.view(torch.int16) if by_hand else dxc,
-            coef,
-            n,
-        )
-        _launch(
-            kernel,
-            n,
-            BACKWARD_ROWS,
-            BACKWARD_WARPS,
-            args,
-            **_table_scalars(table),
-            STRIDE=coef.shape[1],
-            GPU=compiled,
-            BF16_BY_HAND=by_hand,
-        )
+    if n:
+        rows(n, (dyc, y.contiguous(), bits, dxc, table, n))
     if dyc is dy:
         return dxc
     dx = torch.empty_like(dy)
     dx.copy_(dxc)
     return dx
+
+
+def prepared(act: Activation, dtype: torch.dtype, device: torch.device) -> tuple[Callable, Callable]:
+    """``forward(x, table)`` and ``backward(dy, y, bits, g_table)`` as ``forward`` and ``backward`` compute
+    them for tensors of ``dtype`` on ``device``, the launches without a given table resolved now: such a
+    call allocates its outputs and launches."""
+    key = act.name, dtype, device, True, True
+    f_rows, f_table = _FORWARD_PLANS.get(key) or _forward_plan(*key)
+    key = act.name, dtype, device, None if dtype in lookup.DTYPES else table_for(act), True
+    b_rows, b_table = _BACKWARD_PLANS.get(key) or _backward_plan(*key)
+
+    def forward_(x: torch.Tensor, table: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return _forward(f_rows, f_table, x) if table is None else forward(x, act, table)
+
+    def backward_(dy: torch.Tensor, y: torch.Tensor, bits: torch.Tensor, g_table: torch.Tensor | None):
+        if g_table is None:
+            return _backward(b_rows, b_table, dy, y, bits)
+        return backward(dy, y, bits, act, g_table=g_table)
+
+    return forward_, backward_

@@ -17,9 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .bits import packed_size
 from .dropout import scale
-from .triton import _f32, _kernel, _launch, _sum_combine
+from .triton import Rows, _f32, _kernel, _sum_combine
 
 ROWS, WARPS = 128, 4
 
@@ -77,13 +76,30 @@ def _backward_kernel(
         tl.store(dx_ptr + offs, ((m * dy.to(tl.float32)) * s).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+# device -> the packing's launches; (dtype, device, p) -> the backward's; resolved at the first call
+_PACK_PLANS: dict[torch.device, Rows] = {}
+_BACKWARD_PLANS: dict[tuple, Rows] = {}
+
+
+def _pack_plan(device: torch.device) -> Rows:
+    kernel, _ = _kernel(_pack_kernel, device)
+    return _PACK_PLANS.setdefault(device, Rows(kernel, ROWS, WARPS, {}, (torch.uint8,)))
+
+
+def _backward_plan(dtype: torch.dtype, device: torch.device, p: float) -> Rows:
+    kernel, compiled = _kernel(_backward_kernel, device)
+    by_hand = not compiled and dtype == torch.bfloat16
+    kwargs = {"s": _f32(scale(p)), "BF16_BY_HAND": by_hand}
+    rows = Rows(kernel, ROWS, WARPS, kwargs, (torch.int16, None, torch.int16) if by_hand else ())
+    return _BACKWARD_PLANS.setdefault((dtype, device, p), rows)
+
+
 def pack(mask: torch.Tensor) -> torch.Tensor:
     """The bits of a bool tensor, read in row-major order: uint8 [ceil(n/8)]."""
     n = mask.numel()
-    bits = torch.empty(packed_size(n), dtype=torch.uint8, device=mask.device)
+    bits = torch.empty((n + 7) >> 3, dtype=torch.uint8, device=mask.device)
     if n:
-        kernel, _ = _kernel(_pack_kernel, mask.device)
-        _launch(kernel, n, ROWS, WARPS, (mask.contiguous().view(torch.uint8), bits, n))
+        (_PACK_PLANS.get(mask.device) or _pack_plan(mask.device))(n, (mask.contiguous(), bits, n))
     return bits
 
 
@@ -93,10 +109,8 @@ def backward(dy: torch.Tensor, bits: torch.Tensor, p: float) -> torch.Tensor:
     dyc = dy.contiguous()
     dx = torch.empty_like(dyc)
     if n:
-        kernel, compiled = _kernel(_backward_kernel, dy.device)
-        by_hand = not compiled and dy.dtype == torch.bfloat16
-        args = (dyc.view(torch.int16), bits, dx.view(torch.int16), n) if by_hand else (dyc, bits, dx, n)
-        _launch(kernel, n, ROWS, WARPS, args, s=_f32(scale(p)), BF16_BY_HAND=by_hand)
+        key = dy.dtype, dy.device, p
+        (_BACKWARD_PLANS.get(key) or _backward_plan(*key))(n, (dyc, bits, dx, n))
     if dyc is dy:
         return dx
     out = torch.empty_like(dy)

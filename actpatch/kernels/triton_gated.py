@@ -35,9 +35,8 @@ import triton.language as tl
 
 from ..activations import ACTIVATIONS
 from . import lookup
-from .bits import packed_size
 from .gated import KEEP_B_BELOW, halves
-from .triton import _kernel, _launch, libdevice
+from .triton import Rows, _kernel, libdevice
 
 GATED_CODES = {"gelu": 0, "gelu_tanh": 1, "silu": 2}
 # Launch shapes, ROWS rows of 8 elements per program with this many warps, the fastest in the H200 sweep
@@ -213,12 +212,43 @@ def _backward_kernel(
     tl.store(db_ptr + ab, db.to(dm.dtype), mask=mask)
 
 
-def _table(name: str, t: torch.Tensor) -> torch.Tensor | None:
-    """GELU (erf) in bfloat16 / float16: torch's own op at every value of t's dtype on t's device
+def _table(name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """GELU (erf) in bfloat16 / float16: torch's own op at every value of the dtype on ``device``
     (``lookup.forward_table``), which the kernels read act(a) from; None (act computed) otherwise."""
-    if name == "gelu" and t.dtype in lookup.DTYPES:
-        return lookup.forward_table(ACTIVATIONS["gelu"], t.dtype, t.device)
+    if name == "gelu" and dtype in lookup.DTYPES:
+        return lookup.forward_table(ACTIVATIONS["gelu"], dtype, device)
     return None
+
+
+# (name, dtype, device, halves) -> (rows launch, table or None), resolved at the first call
+_FORWARD_PLANS: dict[tuple, tuple] = {}
+_BACKWARD_PLANS: dict[tuple, tuple] = {}
+
+
+def _forward_plan(
+    name: str, dtype: torch.dtype, device: torch.device, halves: bool
+) -> tuple[Rows, torch.Tensor | None]:
+    kernel, compiled = _kernel(_forward_kernel, device)
+    table = _table(name, dtype, device)
+    kwargs = {
+        "keep_below": KEEP_B_BELOW[dtype], "ACT": GATED_CODES[name], "LIBDEVICE": compiled,
+        "TABLE": table is not None, "HALVES": halves,
+    }  # fmt: skip
+    rows = Rows(kernel, FORWARD_ROWS, FORWARD_WARPS, kwargs)
+    return _FORWARD_PLANS.setdefault((name, dtype, device, halves), (rows, table))
+
+
+def _backward_plan(
+    name: str, dtype: torch.dtype, device: torch.device, halves: bool
+) -> tuple[Rows, torch.Tensor | None]:
+    kernel, compiled = _kernel(_backward_kernel, device)
+    table = _table(name, dtype, device)
+    kwargs = {
+        "top": float(torch.finfo(dtype).max), "ACT": GATED_CODES[name], "LIBDEVICE": compiled,
+        "TABLE": table is not None, "HALVES": halves,
+    }  # fmt: skip
+    rows = Rows(kernel, BACKWARD_ROWS, BACKWARD_WARPS, kwargs)
+    return _BACKWARD_PLANS.setdefault((name, dtype, device, halves), (rows, table))
 
 
 def forward(a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -270,16 +300,12 @@ def _forward(
     """The forward kernel on a and b (dense, or ``halves``: rows of ``width`` elements, ``stride`` apart)."""
     n = a.numel()
     m, k = a.new_empty(a.shape), a.new_empty(a.shape)
-    bits = torch.empty(2 * packed_size(n), dtype=torch.uint8, device=a.device)
+    n_bytes = (n + 7) >> 3
+    bits = torch.empty(2 * n_bytes, dtype=torch.uint8, device=a.device)
     if n:
-        kernel, compiled = _kernel(_forward_kernel, a.device)
-        table = _table(name, a)
-        args = (a, b, m, k, bits, bits if table is None else table, n, packed_size(n), width, stride)
-        keep = KEEP_B_BELOW[a.dtype]
-        _launch(
-            kernel, n, FORWARD_ROWS, FORWARD_WARPS, args, keep_below=keep, ACT=GATED_CODES[name],
-            LIBDEVICE=compiled, TABLE=table is not None, HALVES=halves,
-        )  # fmt: skip
+        key = name, a.dtype, a.device, halves
+        rows, table = _FORWARD_PLANS.get(key) or _forward_plan(*key)
+        rows(n, (a, b, m, k, bits, bits if table is None else table, n, n_bytes, width, stride))
     return m, k, bits
 
 
@@ -291,12 +317,7 @@ def _backward(
     rows of ``width`` elements, ``stride`` apart)."""
     n = dm.numel()
     if n:
-        kernel, compiled = _kernel(_backward_kernel, dm.device)
-        top = float(torch.finfo(dm.dtype).max)
-        table = _table(name, dm)
+        key = name, dm.dtype, dm.device, halves
+        rows, table = _BACKWARD_PLANS.get(key) or _backward_plan(*key)
         saved = (m.contiguous(), k.contiguous(), bits, bits if table is None else table)
-        args = (dm, *saved, da, db, n, packed_size(n), width, stride)
-        _launch(
-            kernel, n, BACKWARD_ROWS, BACKWARD_WARPS, args, top=top, ACT=GATED_CODES[name],
-            LIBDEVICE=compiled, TABLE=table is not None, HALVES=halves,
-        )  # fmt: skip
+        rows(n, (dm, *saved, da, db, n, (n + 7) >> 3, width, stride))

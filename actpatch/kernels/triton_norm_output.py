@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import Launcher
 from .rms_norm import scaled_dtype
 from .triton import _kernel, _sum_combine
 from .triton_norm import _TL
@@ -131,12 +131,6 @@ def _layer_backward_kernel(
     tl.store(sum_ptr + (tl.num_programs(0) + pid) * BLOCK + cols, acc_b, mask=in_row)
 
 
-def _rows(y: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """(y, dy) contiguous, the row count and width."""
-    width = y.shape[-1]
-    return y.contiguous(), dy.contiguous(), (y.numel() // width if width else 0), width
-
-
 @cache
 def _sms(device: torch.device) -> int:
     """The CUDA device's multiprocessor count."""
@@ -154,19 +148,50 @@ def _shape(block: int, itemsize: int) -> tuple[int, int, int, int]:
     return rows, max(4, block // 1024), 2, 3 if itemsize == 2 and rows * block * itemsize <= 16384 else 1
 
 
-def _launch(jitted, n_rows: int, width: int, args: tuple, consts: dict, sums: int) -> torch.Tensor:
-    """Launches P programs over the tiles of ``_shape``'s rows of y (args[1]), each taking every P-th tile;
-    returns the ``sums`` sums over the programs of their float32 partial sums, [sums, width]."""
-    y = args[1]
-    kernel, compiled = _kernel(jitted, y.device)
-    block = triton.next_power_of_2(width)
-    rows, warps, per_sm, stages = _shape(block, y.element_size())
-    tiles = -(-n_rows // rows)
-    programs = min(per_sm * _sms(y.device) if compiled else 4, tiles)
-    partial = torch.empty(sums, programs, block, dtype=torch.float32, device=y.device)
-    consts = consts | {"ROWS": rows, "BLOCK": block, "STAGES": stages}
-    launch(kernel, programs, (*args, partial, n_rows, width, -(-tiles // programs)), consts, warps)
-    return partial.sum(1)[:, :width]
+class _Plan:
+    """A norm backward's launch for rows of one width, dtype and device, resolved once: P programs over the
+    tiles of ``_shape``'s rows of y, each taking every P-th tile; ``plan(n_rows, args, sums)`` launches it on
+    ``args`` (all but the partial sums and the sizes) and returns the ``sums`` sums over the programs of
+    their float32 partial sums, [sums, width]."""
+
+    __slots__ = ("launcher", "width", "block", "rows", "most")
+
+    def __init__(self, jitted, width: int, dtype: torch.dtype, device: torch.device, consts: dict) -> None:
+        kernel, compiled = _kernel(jitted, device)
+        self.width, self.block = width, 1 << (width - 1).bit_length()
+        self.rows, warps, per_sm, stages = _shape(self.block, dtype.itemsize)
+        self.most = per_sm * _sms(device) if compiled else 4
+        self.launcher = Launcher(
+            kernel, consts | {"ROWS": self.rows, "BLOCK": self.block, "STAGES": stages}, warps
+        )
+
+    def __call__(self, n_rows: int, args: tuple, sums: int) -> torch.Tensor:
+        tiles = -(-n_rows // self.rows)
+        programs = min(self.most, tiles)
+        partial = torch.empty(sums, programs, self.block, dtype=torch.float32, device=args[0].device)
+        self.launcher(programs, (*args, partial, n_rows, self.width, -(-tiles // programs)))
+        return partial.sum(1)[:, : self.width]
+
+
+# (variant or "layer", dtypes, width, device) -> the backward's plan (and the dtype dw is summed in)
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _rms_plan(
+    variant: str, x_dtype: torch.dtype, w_dtype: torch.dtype, dy_dtype: torch.dtype, y_dtype, width, device
+) -> tuple[_Plan, torch.dtype]:
+    rounded = variant in ("llama", "t5")
+    sdt = scaled_dtype(x_dtype, w_dtype, variant)
+    summed = torch.promote_types(dy_dtype, sdt) if rounded else torch.float32
+    consts = {
+        "GEMMA": variant == "gemma",
+        "ROUNDED": rounded,
+        "S_DTYPE": _TL[sdt],
+        "GW_DTYPE": _TL[torch.promote_types(dy_dtype, w_dtype)],
+        "DS_DTYPE": _TL[summed],
+    }
+    plan = _Plan(_rms_backward_kernel, width, y_dtype, device, consts)
+    return _PLANS.setdefault((variant, x_dtype, w_dtype, dy_dtype, y_dtype, width, device), (plan, summed))
 
 
 def rms_backward(
@@ -179,33 +204,33 @@ def rms_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dw) as ``norm_output.rms_norm_backward_from_output``, in one launch."""
     x_dtype = x_dtype or y.dtype
-    yc, dyc, n_rows, width = _rows(y, dy)
+    yc, dyc, width = y.contiguous(), dy.contiguous(), y.shape[-1]
     dx = torch.empty(yc.shape, dtype=x_dtype, device=y.device)
-    if n_rows == 0:
+    if not (width and (n_rows := y.numel() // width)):
         return dx, torch.zeros_like(w)
-    rounded = variant in ("llama", "t5")
-    sdt = scaled_dtype(x_dtype, w.dtype, variant)
-    summed = torch.promote_types(dyc.dtype, sdt) if rounded else torch.float32
-    consts = {
-        "GEMMA": variant == "gemma",
-        "ROUNDED": rounded,
-        "S_DTYPE": _TL[sdt],
-        "GW_DTYPE": _TL[torch.promote_types(dyc.dtype, w.dtype)],
-        "DS_DTYPE": _TL[summed],
-    }
-    args = (dyc, yc, w, r.contiguous(), dx)
-    return dx, _launch(_rms_backward_kernel, n_rows, width, args, consts, 1)[0].to(summed).to(w.dtype)
+    key = variant, x_dtype, w.dtype, dyc.dtype, y.dtype, width, y.device
+    plan, summed = _PLANS.get(key) or _rms_plan(*key)
+    return dx, plan(n_rows, (dyc, yc, w, r.contiguous(), dx), 1)[0].to(summed).to(w.dtype)
+
+
+def _layer_plan(has_w: bool, has_b: bool, dtype: torch.dtype, width: int, device: torch.device) -> tuple:
+    plan = _Plan(_layer_backward_kernel, width, dtype, device, {"HAS_W": has_w, "HAS_B": has_b})
+    return _PLANS.setdefault((has_w, has_b, dtype, width, device), (plan,))
 
 
 def layer_backward(
     dy: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dw, db) as ``norm_output.layer_norm_backward_from_output``, in one launch."""
-    yc, dyc, n_rows, width = _rows(y, dy)
+    yc, dyc, width = y.contiguous(), dy.contiguous(), y.shape[-1]
     dx = torch.empty_like(yc)
-    if n_rows == 0:
+    if not (width and (n_rows := y.numel() // width)):
         return dx, None if w is None else torch.zeros_like(w), None if b is None else torch.zeros_like(b)
-    args = (dyc, yc, yc if w is None else w, yc if b is None else b, rstd.contiguous(), dx)
-    consts = {"HAS_W": w is not None, "HAS_B": b is not None}
-    dw, db = _launch(_layer_backward_kernel, n_rows, width, args, consts, 2)
+    key = w is not None, b is not None, y.dtype, width, y.device
+    (plan,) = _PLANS.get(key) or _layer_plan(*key)
+    sums = plan(n_rows, (dyc, yc, yc if w is None else w, yc if b is None else b, rstd.contiguous(), dx), 2)
+    if w is not None and b is not None and w.dtype == b.dtype:  # both sums cast at once
+        dw, db = sums.to(w.dtype).unbind()
+        return dx, dw, db
+    dw, db = sums.unbind()
     return dx, None if w is None else dw.to(w.dtype), None if b is None else db.to(b.dtype)

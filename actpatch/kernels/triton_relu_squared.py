@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton import _f32, _kernel, _launch
+from .triton import Rows, _f32, _kernel
 
 ROWS, WARPS = 128, 4
 
@@ -111,15 +111,25 @@ def _like(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return like
 
 
+# (forward, dtype, device) -> launches, resolved at the first call
+_PLANS: dict[tuple, Rows] = {}
+
+
+def _plan(forward: bool, dtype: torch.dtype, device: torch.device) -> Rows:
+    kernel, compiled = _kernel(_forward_kernel if forward else _backward_kernel, device)
+    by_hand = not compiled and dtype == torch.bfloat16
+    kwargs = {"BF16_BY_HAND": by_hand} | ({} if forward else {"y_max": _f32(torch.finfo(dtype).max)})
+    views = (torch.int16,) * (2 if forward else 3) if by_hand else ()
+    return _PLANS.setdefault((forward, dtype, device), Rows(kernel, ROWS, WARPS, kwargs, views))
+
+
 def forward(x: torch.Tensor) -> torch.Tensor:
     """y = relu(x)², a fresh tensor like ``x`` (shape, and strides for dense x), float32 / bf16 / fp16 x."""
     xc = x.contiguous()
     yc = torch.empty_like(xc)
     if n := x.numel():
-        kernel, compiled = _kernel(_forward_kernel, x.device)
-        by_hand = not compiled and x.dtype == torch.bfloat16
-        args = (xc.view(torch.int16), yc.view(torch.int16), n) if by_hand else (xc, yc, n)
-        _launch(kernel, n, ROWS, WARPS, args, BF16_BY_HAND=by_hand)
+        key = True, x.dtype, x.device
+        (_PLANS.get(key) or _plan(*key))(n, (xc, yc, n))
     return _like(x, yc)
 
 
@@ -128,9 +138,6 @@ def backward(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     dyc = dy.contiguous()
     dxc = torch.empty_like(dyc)
     if n := y.numel():
-        kernel, compiled = _kernel(_backward_kernel, y.device)
-        by_hand = not compiled and y.dtype == torch.bfloat16
-        tensors = (dyc, y.contiguous(), dxc)
-        args = (*(t.view(torch.int16) for t in tensors), n) if by_hand else (*tensors, n)
-        _launch(kernel, n, ROWS, WARPS, args, y_max=_f32(torch.finfo(y.dtype).max), BF16_BY_HAND=by_hand)
+        key = False, y.dtype, y.device
+        (_PLANS.get(key) or _plan(*key))(n, (dyc, y.contiguous(), dxc, n))
     return _like(dy, dxc)
