@@ -45,8 +45,8 @@ def _dy_early_kernel(dy_ptr, y_ptr, bits_ptr, dx_ptr, table_ptr, n_rows, ROWS: t
 def lookup_backward(dy, y, bits, act, rows, warps):
     n = y.numel()
     dx = torch.empty_like(dy)
-    args = (dy, y.view(torch.int16), bits, dx, lookup.backward_table(act, y.dtype, y.device), n)
-    tk._launch(tk._backward_lookup_kernel, n, rows, warps, args, BF16_BY_HAND=False)
+    launch = tk.Rows(tk._backward_lookup_kernel, rows, warps, {"BF16_BY_HAND": False}, (None, torch.int16))
+    launch(n, (dy, y, bits, dx, lookup.backward_table(act, y.dtype, y.device), n))
     return dx
 
 

@@ -183,10 +183,14 @@ def _activation_shapes(fr: int, fw: int, br: int, bw: int) -> None:
     tk.FORWARD_ROWS, tk.FORWARD_WARPS = tk.LOOKUP_FORWARD_ROWS, tk.LOOKUP_FORWARD_WARPS = fr, fw
     tk.BACKWARD_ROWS, tk.BACKWARD_WARPS = tk.LOOKUP_BACKWARD_ROWS, tk.LOOKUP_BACKWARD_WARPS = br, bw
     tk.LOOKUP_BACKWARD_ROWS_FLOAT16 = br
+    tk._FORWARD_PLANS.clear()  # launches are resolved once per (op, dtype, device): again at the new shapes
+    tk._BACKWARD_PLANS.clear()
 
 
 def _gated_shapes(fr: int, fw: int, br: int, bw: int) -> None:
     tg.FORWARD_ROWS, tg.FORWARD_WARPS, tg.BACKWARD_ROWS, tg.BACKWARD_WARPS = fr, fw, br, bw
+    tg._FORWARD_PLANS.clear()
+    tg._BACKWARD_PLANS.clear()
 
 
 def sweep(args, copy_bw: float) -> dict:
