@@ -552,12 +552,7 @@ class ActpatchCompiledRMSNorm(torch.autograd.Function):
     """``ActpatchEagerRMSNorm`` under torch.compile: the forward traced (fused with its neighbours by the
     compiler), the backward the custom op actpatch::rms_norm_backward from x, w and r."""
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float, variant: str) -> torch.Tensor:
-        y, r = _rms_norm.forward(x, w, eps, variant)
-        ctx.save_for_backward(x, w, r)
-        ctx.variant = variant
-        return y
+    forward = staticmethod(ActpatchEagerRMSNorm.forward)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
@@ -570,12 +565,7 @@ class ActpatchCompiledRMSNormFromOutput(torch.autograd.Function):
     with its neighbours as it fuses the module's own; the backward is the custom op
     actpatch::rms_norm_keep_output_backward, from y, w and r, which the partition keeps."""
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float | None, variant: str) -> torch.Tensor:
-        y, r = norm_output.rms_norm_forward(x, w, eps, variant)
-        ctx.save_for_backward(y, w, r)
-        ctx.variant, ctx.x_dtype = variant, x.dtype
-        return y
+    forward = staticmethod(ActpatchEagerRMSNormFromOutput.forward)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
@@ -587,11 +577,7 @@ class ActpatchCompiledLayerNorm(torch.autograd.Function):
     """``ActpatchEagerLayerNorm`` under torch.compile: the forward traced, the backward the custom op
     actpatch::layer_norm_keep_output_backward from y, w, b and rstd."""
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float):
-        y, rstd = norm_output.layer_norm_forward(x, w, b, eps)
-        ctx.save_for_backward(y, w, b, rstd)
-        return y
+    forward = staticmethod(ActpatchEagerLayerNorm.forward)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple:
