@@ -27,6 +27,7 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from kernels import bench, copy_bandwidth  # benchmarks/kernels.py: the same timing and copy bandwidth
 
 import actpatch.functional as AF
 from actpatch.kernels.bits import packed_size
@@ -36,31 +37,6 @@ WAYS = {
     "views": lambda gu: AF.silu_mul(*gu.chunk(2, dim=-1)),
     "halves": AF.silu_mul_halves,
 }
-
-
-def bench(fn, device: str, quick: bool) -> float:
-    """Median milliseconds (on CPU, of 3 calls after one)."""
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25 if quick else 50, rep=50 if quick else 200, return_mode="median"))
-    import time
-
-    fn()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[1]
-
-
-def copy_bandwidth(device: str, quick: bool) -> float:
-    """Device-to-device copy, bytes read + written per second."""
-    n = 2**20 if quick else 2**30
-    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * n / (bench(lambda: dst.copy_(src), device, quick) * 1e-3)
 
 
 def peak_above_inputs(fn, device: str) -> int:
