@@ -164,7 +164,12 @@ def test_compiles_without_graph_breaks():
             return self.down(AF.silu_mul(self.gate(x), self.up(x)))
 
     torch.manual_seed(0)
-    model = GatedMLP()
+    assert_compiles_with_eager_gradients(GatedMLP())
+
+
+def assert_compiles_with_eager_gradients(model: torch.nn.Module) -> None:
+    """``torch.compile(model, fullgraph=True)`` (aot_eager; no graph break) gives the eager gradients of
+    model(x)² summed, x of shape [4, 16]."""
     x = torch.randn(4, 16)
     model(x).square().sum().backward()
     ref = [p.grad.clone() for p in model.parameters()]
