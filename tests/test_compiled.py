@@ -109,6 +109,7 @@ def test_compiled_decisions_leave_out_a_silu_the_compiler_recomputes():
     assert [s.path for s in eager.patched_sites] == ["model.layers.0.mlp.act_fn", "model.layers.1.mlp.act_fn"]
     report = actpatch.patch_model(model, compiled=True, **options)
     assert not report.patched_sites and report.projection.saved_bytes == 0
+    assert report.projector(3, 40)[1] == 0 and not report.projector.freed_by_kind(3, 40)  # fit plans alike
     reasons = {s.reason for s in report.sites if s.path.endswith("act_fn")}
     assert len(reasons) == 1 and reasons.pop().startswith(
         "under torch.compile the compiled graph keeps no less"
@@ -124,6 +125,9 @@ def test_a_compiled_model_is_patched_in_its_module_with_dropouts_left_to_the_com
     dropouts = [s for s in report.sites if s.kind == "dropout"]
     assert dropouts and all(not s.patched and "left to the compiler" in s.reason for s in dropouts)
     assert {s.kind for s in report.patched_sites} == {"activation", "norm"}
+    p = report.projection
+    assert set(report.projector.freed_by_kind(3, 40)) == {"activation", "norm"}
+    assert report.projector(p.batch_size, p.seq_len)[1] == pytest.approx(p.saved_bytes, abs=p.seq_len * 8)
     patched = actpatch.patching.patched_modules(model)
     assert sorted(patched) == sorted(s.path for s in report.patched_sites)
     torch._dynamo.reset()

@@ -122,6 +122,8 @@ def test_liger_norms_keeping_their_input_stay_liger_and_the_report_names_them():
     # patched sites add up to the projection (the norms' bytes were given back)
     freed = sum(s.saved_bytes_per_token for s in report.patched_sites) * 4 * 16
     assert abs(report.projection.saved_bytes - freed) <= len(MLPS) * 64
+    assert "norm" not in report.projector.freed_by_kind(4, 16)  # and so do the fit planner's
+    assert report.projector(4, 16)[1] == pytest.approx(report.projection.saved_bytes, abs=len(MLPS) * 64)
 
 
 def test_without_the_gated_kind_the_liger_mlps_stay_liger():

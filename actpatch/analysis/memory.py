@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..report import Site
+
 SEQ_PROBES = (8, 16, 24)
 # Batch 1 is often special-cased (masks dropped, other attention kernels): a projection for batch 1 is
 # fitted to batch-1 probes only, any other to batches 2 and 3.
@@ -86,13 +88,14 @@ class Fit:
 @dataclass(frozen=True)
 class Projector:
     """Bytes saved for backward at any (batch, seq): the fits of one analysis.  ``(batch, seq)`` gives
-    (before, freed): the total, and the sum over patched sites of what each frees (never below 0);
-    ``kinds`` names each patched site's kind.  A projector from batch-1 probes (``batched`` False) is
-    right at batch 1 only."""
+    (before, freed): the total, and the sum over the sites patched (never below 0 each); ``freed[i]`` is
+    the fit of ``sites[i]``, which counts while the report keeps it patched (a later decision, under
+    torch.compile or Liger-Kernel, may leave it out).  A projector from batch-1 probes (``batched``
+    False) is right at batch 1 only."""
 
     total: Fit
     freed: tuple[Fit, ...]
-    kinds: tuple[str, ...]
+    sites: tuple[Site, ...]
     ratio: float
     max_seq: int | None = None
 
@@ -105,13 +108,14 @@ class Projector:
         return self.total.kind
 
     def site(self, i: int, batch: int, seq: int) -> float:
-        return max(self.freed[i].at(batch, seq, self.ratio), 0.0)
+        return max(self.freed[i].at(batch, seq, self.ratio), 0.0) if self.sites[i].patched else 0.0
 
     def freed_by_kind(self, batch: int, seq: int) -> dict[str, float]:
-        """What patching frees at (batch, seq), per site kind."""
+        """What patching frees at (batch, seq), per kind of the sites patched."""
         out: dict[str, float] = {}
-        for i, kind in enumerate(self.kinds):
-            out[kind] = out.get(kind, 0.0) + self.site(i, batch, seq)
+        for i, site in enumerate(self.sites):
+            if site.patched:
+                out[site.kind] = out.get(site.kind, 0.0) + self.site(i, batch, seq)
         return out
 
     def __call__(self, batch: int, seq: int) -> tuple[float, float]:

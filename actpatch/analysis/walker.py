@@ -68,7 +68,7 @@ def walk(
     patched = [d for d in decided if d.site.patched]
     freed = tuple(Fit(shapes, d.gains, fit) for d in patched)
     totals = Fit(shapes, [p.total() for p in walk.probes], fit)
-    projector = Projector(totals, freed, tuple(d.site.kind for d in patched), ratio, spec.max_seq)
+    projector = Projector(totals, freed, tuple(d.site for d in patched), ratio, spec.max_seq)
     for i, d in enumerate(patched):
         d.site.saved_bytes_per_token = round(projector.site(i, batch_size, seq_len) / (batch_size * seq_len))
     total, saved = projector(batch_size, seq_len)
