@@ -301,6 +301,22 @@ def test_triton_backward_matches_the_reference(kind, dtype, shape):
             assert _dist(g, r) < (1e-6 if dtype == torch.float32 else 1e-3)
 
 
+def test_layer_norm_backward_op_outputs_alias_nothing_on_the_fused_kernel_s_path(monkeypatch):
+    """The custom op (what a compiled graph's backward calls) through the Triton kernel (interpreted), whose
+    dw and db are rows of one buffer: torch refuses a custom op's outputs that alias one another."""
+    from actpatch.kernels import ops
+
+    monkeypatch.setattr(ops, "_on_gpu", lambda t: True)
+    x, w = _x(torch.float32, rows=8, width=32), _w(torch.float32, width=32)
+    b = _bias(w)
+    y, rstd = no.layer_norm_forward(x, w, b, 1e-5)
+    dy = torch.randn(y.shape, generator=_gen(3))
+    dx, dw, db = torch.ops.actpatch.layer_norm_keep_output_backward(dy, y, w, b, rstd)
+    ref = no.layer_norm_backward_from_output(dy, y, w, b, rstd)
+    assert dw.untyped_storage().data_ptr() != db.untyped_storage().data_ptr()
+    assert all(_dist(g, r) < 1e-6 for g, r in zip((dx, dw, db), ref, strict=True))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ALL, ids=str)
