@@ -345,9 +345,13 @@ def test_gpu_fused_backward_accuracy_and_forward_bitwise(kind, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_compile_one_op_per_norm_no_graph_breaks():
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_gpu_compile_one_op_per_norm_no_graph_breaks(with_bias):
+    """Inductor, bf16: with a bias the fused backward's dw and db share one buffer (the op copies db)."""
     x = _x(torch.bfloat16, rows=64, width=256).cuda().requires_grad_()
-    w, b = _w(torch.bfloat16, width=256, mean=1.0).cuda().requires_grad_(), None
+    w = _w(torch.bfloat16, width=256, mean=1.0).cuda()
+    b = _bias(w).requires_grad_() if with_bias else None
+    w.requires_grad_()
 
     def f(x):
         h = AF.layer_norm(x, (256,), w, b, keep_output=True)
@@ -356,7 +360,7 @@ def test_gpu_compile_one_op_per_norm_no_graph_breaks():
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
     compiled(x).backward()
-    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(t.grad).all() for t in (x, w, b) if t is not None)
 
 
 def test_t5_with_a_float32_weight_rebuilds_the_unrounded_normalised_row():
