@@ -301,6 +301,22 @@ def test_triton_backward_matches_the_reference(kind, dtype, shape):
             assert _dist(g, r) < (1e-6 if dtype == torch.float32 else 1e-3)
 
 
+def test_layer_norm_backward_op_outputs_alias_nothing_on_the_fused_kernel_s_path(monkeypatch):
+    """The custom op (what a compiled graph's backward calls) through the Triton kernel (interpreted), whose
+    dw and db are rows of one buffer: torch refuses a custom op's outputs that alias one another."""
+    from actpatch.kernels import ops
+
+    monkeypatch.setattr(ops, "_on_gpu", lambda t: True)
+    x, w = _x(torch.float32, rows=8, width=32), _w(torch.float32, width=32)
+    b = _bias(w)
+    y, rstd = no.layer_norm_forward(x, w, b, 1e-5)
+    dy = torch.randn(y.shape, generator=_gen(3))
+    dx, dw, db = torch.ops.actpatch.layer_norm_keep_output_backward(dy, y, w, b, rstd)
+    ref = no.layer_norm_backward_from_output(dy, y, w, b, rstd)
+    assert dw.untyped_storage().data_ptr() != db.untyped_storage().data_ptr()
+    assert all(_dist(g, r) < 1e-6 for g, r in zip((dx, dw, db), ref, strict=True))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ALL, ids=str)
@@ -329,9 +345,13 @@ def test_gpu_fused_backward_accuracy_and_forward_bitwise(kind, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_compile_one_op_per_norm_no_graph_breaks():
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_gpu_compile_one_op_per_norm_no_graph_breaks(with_bias):
+    """Inductor, bf16: with a bias the fused backward's dw and db share one buffer (the op copies db)."""
     x = _x(torch.bfloat16, rows=64, width=256).cuda().requires_grad_()
-    w, b = _w(torch.bfloat16, width=256, mean=1.0).cuda().requires_grad_(), None
+    w = _w(torch.bfloat16, width=256, mean=1.0).cuda()
+    b = _bias(w).requires_grad_() if with_bias else None
+    w.requires_grad_()
 
     def f(x):
         h = AF.layer_norm(x, (256,), w, b, keep_output=True)
@@ -340,7 +360,7 @@ def test_gpu_compile_one_op_per_norm_no_graph_breaks():
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
     compiled(x).backward()
-    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(t.grad).all() for t in (x, w, b) if t is not None)
 
 
 def test_t5_with_a_float32_weight_rebuilds_the_unrounded_normalised_row():
