@@ -80,7 +80,7 @@ BASE = {
 }  # those a kernel takes
 CASES = {
     "activation forward": (tk._forward_kernel, ACTIVATION_FORWARD, {"ACT": 0, "ROUND_INTERMEDIATE": True}),
-    "activation backward": (tk._backward_kernel, ACTIVATION_BACKWARD, {"N": 10, "DEG": 6, "STRIDE": 32}),
+    "activation backward": (tk._backward_kernel, ACTIVATION_BACKWARD, {"N": 10, "DEG": 6, "INTERVALS": 32}),
     "lookup forward": (tk._forward_lookup_kernel, LOOKUP_FORWARD, {"FP16": False}),
     "lookup backward": (tk._backward_lookup_kernel, LOOKUP_BACKWARD, {}),
     **{
@@ -148,6 +148,22 @@ def test_compiles_for_sm90_without_float64(case, dtype):
     options = {"num_warps": 2, "enable_fp_fusion": True}  # Triton's default on the GPU machine
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     assert ".f64" not in compiled.asm["ptx"]
+
+
+def test_float32_backward_loads_dy_and_y_first_and_each_intervals_coefficients_as_two_vectors():
+    """dy and y are volatile loads (kept in program order, both issued before the arithmetic), and each
+    element's coefficients come in two 16-byte gathers (ld.global.nc.v4), not one load per power."""
+    kernel, names = tk._backward_kernel, list(tk._backward_kernel.arg_names)
+    const = {k: v for k, v in (BASE | CASES["activation backward"][2]).items() if k in names}
+    sig = {k: v.format(t="fp32") for k, v in ACTIVATION_BACKWARD.items()} | {k: "constexpr" for k in const}
+    aligned = {(names.index(k),): [["tt.divisibility", 16]] for k in sig if k.endswith("_ptr")}
+    constexprs = {(names.index(k),): v for k, v in const.items()}
+    src = compiler.ASTSource(kernel, sig, constexprs=constexprs, attrs=aligned)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 2}).asm["ptx"]
+    per_thread = BASE["ROWS"] * 8 // 64  # elements a thread: ROWS rows of 8 over 2 warps
+    assert ptx.count("ld.global.nc.v4.f32") == 2 * per_thread
+    loads = re.findall(r"ld\.(?:volatile\.)?global\.[\w.]+", ptx)
+    assert loads[:2] == ["ld.volatile.global.v4.b32"] * 2, loads[:4]
 
 
 def _memory_instructions(kernel, signature: dict, halves: bool) -> collections.Counter:

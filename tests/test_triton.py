@@ -428,6 +428,18 @@ def _left_inverse(act, y: torch.Tensor) -> torch.Tensor:
     return (lo + hi) / 2
 
 
+def test_the_coefficient_planes_hold_each_interval_as_two_vectors():
+    act = ACTIVATIONS["silu"]
+    table = table_for(act)
+    planes = tk.interval_coefficients(act, table, torch.device("cpu"))
+    assert planes.shape == (2, 32, 4)  # 30 intervals, a plane whole 128-byte lines
+    rows = planes.transpose(0, 1).reshape(32, 8)  # interval i: powers 0-3, then 4-7 (highest first)
+    assert torch.equal(rows[:30, :7], table.coefficients.float().T)
+    assert not rows[30:].any() and not rows[:, 7:].any()
+    with pytest.raises(ValueError, match="degrees up to 7"):
+        tk.interval_coefficients(act, inverse_table(act, 4, 8), torch.device("cpu"))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_the_near_segment_ends_where_the_tail_begins(name):
     """Every float32 y around y*/2 on the left branch (q = 1/2, where the near segment ends and the tail

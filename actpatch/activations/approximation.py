@@ -17,8 +17,7 @@ degree-``deg`` polynomials in the local variable s ∈ [0, 1] of ``n`` uniform i
 fitted in float64 at Chebyshev nodes to exact inversion.  ``coefficients`` holds one row per power,
 highest first, for Horner's rule in float32.  ``table_for`` gives every dtype 10 intervals of degree 6
 per segment: its error (~2e-7 in float32, mostly float32's own evaluation) is far below the information
-limit, and a row of 30 coefficients fits one 128-byte cache line, so a GPU gather of one power
-touches one line whatever intervals a warp's elements fall in.
+limit, and an interval's 7 coefficients fit the two 16-byte vectors one GPU thread gathers.
 """
 
 from __future__ import annotations

@@ -15,20 +15,13 @@ from .bits import pack_bits, unpack_bits
 
 _NORMAL = float(torch.finfo(torch.float32).smallest_normal)
 _COEFFICIENTS: dict[tuple[str, int, int, torch.device], torch.Tensor] = {}
-_LINE = 32  # float32 coefficients per 128-byte cache line
 
 
 def device_coefficients(act: Activation, table: InverseTable, device: torch.device) -> torch.Tensor:
-    """The table's float32 coefficients [deg+1, stride] on ``device``, cached: each power's 3n
-    coefficients padded to a whole number of 128-byte lines (a kernel's gather of one power then
-    touches as few lines as it can)."""
+    """The table's float32 coefficients [deg+1, 3n] on ``device``, cached."""
     key = (act.name, table.n, table.deg, device)
     if key not in _COEFFICIENTS:
-        coef = table.coefficients.to(torch.float32)
-        stride = -(-coef.shape[1] // _LINE) * _LINE
-        padded = torch.zeros(coef.shape[0], stride, dtype=torch.float32)
-        padded[:, : coef.shape[1]] = coef
-        _COEFFICIENTS[key] = padded.to(device)
+        _COEFFICIENTS[key] = table.coefficients.to(torch.float32).to(device)
     return _COEFFICIENTS[key]
 
 

@@ -11,7 +11,10 @@ backward(dy, y, bits) reads y, bits and dy once, writes dx = dy · g_b(y) once, 
     t = min(u n / w_max, n⁻) (right), min(n + u n / w_near, (2n)⁻) (left, near y*),
         clamp(2n + (u - 1) n / (v_max - 1), 2n, (3n)⁻) (tail);  i = ⌊t⌋ in [0, 3n)
     (each segment's offset added before clamping to its end: n + n⁻ rounds to 2n in float32)
-    p = Horner(coef[:, i], t - i);   g = y p in the tail, p elsewhere.
+    p = Horner(coef[i], t - i);   g = y p in the tail, p elsewhere.
+
+On CUDA interval i's coefficients come in two 16-byte gathers (``interval_coefficients``: two planes of 4
+float32 per interval).
 
 For bfloat16 and float16 both directions read tables of the whole dtype instead (``lookup.py``): the
 forward y's bits from the entry of x's bits (float16: of those rotated right by 3, ``lookup.gather_order``),
@@ -59,7 +62,7 @@ ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "quick_gelu": 3}
 # Launch shapes, ROWS rows of 8 elements per program with this many warps, the fastest in the H200
 # sweeps (benchmarks/kernels.py --sweep): the arithmetic kernels in float32 and float16,
 FORWARD_ROWS, FORWARD_WARPS = 128, 4  # fp16 SiLU 0.130 ms against 0.137 at 256 x 4; fp32 0.229 / 0.235
-BACKWARD_ROWS, BACKWARD_WARPS = 128, 8  # float32: 0.434 ms against 0.447 at 64 x 2
+BACKWARD_ROWS, BACKWARD_WARPS = 128, 4  # fp32 0.330 ms, as at 64 x 2 and 256 x 8; 4 elements a thread slower
 # the lookups in bfloat16,
 LOOKUP_FORWARD_ROWS, LOOKUP_FORWARD_WARPS = 128, 4  # 0.1222 ms against 0.1276 at 256 x 4
 LOOKUP_BACKWARD_ROWS, LOOKUP_BACKWARD_WARPS = 64, 2
@@ -77,6 +80,7 @@ _ARITHMETIC_IS_TORCH: dict[tuple[str, torch.device], bool] = {}
 # (name, dtype, device, options) -> a forward's or backward's launches and table, resolved at the first call
 _FORWARD_PLANS: dict[tuple, tuple] = {}
 _BACKWARD_PLANS: dict[tuple, tuple] = {}
+_INTERVAL_COEFFICIENTS: dict[tuple[str, int, int, torch.device], torch.Tensor] = {}
 
 
 @triton.jit
@@ -168,6 +172,19 @@ def _forward_kernel(
 
 
 @triton.jit
+def _gather4(at):
+    """The four float32 at ``at`` (16-byte aligned), one vector load through the read-only cache."""
+    return tl.inline_asm_elementwise(
+        "ld.global.nc.v4.f32 {$0, $1, $2, $3}, [$4];",
+        "=r,=r,=r,=r,l",
+        [at],
+        dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
 def _backward_kernel(
     dy_ptr,
     y_ptr,
@@ -187,13 +204,14 @@ def _backward_kernel(
     scale_tail,
     N: tl.constexpr,
     DEG: tl.constexpr,
-    STRIDE: tl.constexpr,
+    INTERVALS: tl.constexpr,
     ROWS: tl.constexpr,
     FULL_ROWS: tl.constexpr,
     GPU: tl.constexpr,
     BF16_BY_HAND: tl.constexpr,
 ):
-    """dx = dy · g_b(y); coef: the [DEG + 1, STRIDE] float32 table (power j of interval i at j STRIDE + i)."""
+    """dx = dy · g_b(y); coef: the [2, INTERVALS, 4] float32 table of ``interval_coefficients`` (power j of
+    interval i, highest first, at (j // 4, i, j % 4))."""
     pid = tl.program_id(0).to(tl.int64)
     rows = row_start + pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = tl.arange(0, 8)
@@ -204,10 +222,12 @@ def _backward_kernel(
     else:
         row_mask = rows * 8 < n_elements
         mask = offs < n_elements
+    # dy and y as volatile loads, which keep their program order: both are issued up front, before the
+    # arithmetic on y (else ptxas may issue dy's load only once y has arrived: a second memory latency)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0, volatile=True)
+    y = tl.load(y_ptr + offs, mask=mask, other=0, volatile=True)
     byte = tl.load(bits_ptr + rows, mask=row_mask, other=0).to(tl.int32)
     right = ((byte[:, None] >> cols[None, :]) & 1) != 0
-    y = tl.load(y_ptr + offs, mask=mask, other=0)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0)
     if BF16_BY_HAND:  # int16 views of bfloat16 tensors (interpreter only)
         y = ((y.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
         dy = ((dy.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
@@ -235,8 +255,7 @@ def _backward_kernel(
         tail = (q < 0.5) & ~right
         normal = tl.full([ROWS, 8], 0x00800000, tl.int32).to(tl.float32, bitcast=True)
         u = tl.math.sqrt_rn(tl.where(tail, -tl.log2(tl.where(q < normal, 0.0, q)), d))
-    # dx = dy · g with g = y p in the tail, p elsewhere: dy · y first, which makes the compiler load dy
-    # up front instead of after the gathers (float32 on the H200: 0.393 ms against 0.437)
+    # dx = dy · g with g = y p in the tail, p elsewhere, as (dy · y) · p
     dyy = dy * tl.where(tail, y, 1.0)
     # t_end, t_end2, t_end3: the float32 below N, 2N, 3N, so t stays in its segment's last interval
     t_tail = tl.minimum(tl.maximum((u - 1.0) * scale_tail + 2.0 * N, 2.0 * N), t_end3)
@@ -244,16 +263,22 @@ def _backward_kernel(
     near = u * scale + tl.where(right, 0.0, N)
     t_w = tl.minimum(near, tl.where(right, t_end, t_end2), propagate_nan=tl.PropagateNan.ALL)
     t = tl.where(tail, t_tail, t_w)
-    if GPU:  # t in [0, 3N) or NaN
+    if GPU:  # t in [0, 3N) or NaN; the interval's coefficients in two 16-byte gathers, one from each plane
         fi = tl.floor(t)
+        at = coef_ptr + fi.to(tl.int32) * 4
+        c = _gather4(at) + _gather4(at + 4 * INTERVALS)
+        s = t - fi
+        p = c[0]
+        for j in tl.static_range(1, DEG + 1):
+            p = p * s + c[j]
     else:  # numpy's NaN-to-int is undefined: mirror reference._horner's nan_to_num and clamp
         t = tl.where(t == t, t, 0.0)
         fi = tl.minimum(tl.floor(t), 3.0 * N - 1.0)
-    s = t - fi
-    at = coef_ptr + fi.to(tl.int32)
-    p = tl.load(at)
-    for j in tl.static_range(1, DEG + 1):
-        p = p * s + tl.load(at + j * STRIDE)
+        s = t - fi
+        at = coef_ptr + fi.to(tl.int32) * 4
+        p = tl.load(at)
+        for j in tl.static_range(1, DEG + 1):
+            p = p * s + tl.load(at + (j // 4) * 4 * INTERVALS + j % 4)
     dx = dyy * p
     if not GPU:  # numpy: NaN t was zeroed above
         dx = tl.where(y == y, dx, y)
@@ -361,6 +386,22 @@ def _kernel(jitted, device: torch.device):
 @cache
 def _f32(v: float) -> float:
     return float(np.float32(v))
+
+
+def interval_coefficients(act: Activation, table: InverseTable, device: torch.device) -> torch.Tensor:
+    """``_backward_kernel``'s coefficients on ``device``, cached: float32 [2, P, 4], in plane k row i the
+    powers 4k to 4k + 3 of interval i (highest first; zeros past the deg + 1 <= 8), P = 3n rounded up to 8
+    rows (a plane is whole 128-byte lines).  A thread gathers an interval's coefficients as two 16-byte
+    vectors, and a warp's gather from one plane touches half the lines a row of 8 would."""
+    key = (act.name, table.n, table.deg, device)
+    if key not in _INTERVAL_COEFFICIENTS:
+        if table.deg > 7:
+            raise ValueError(f"the Triton backward evaluates degrees up to 7, not {table.deg}")
+        coef = device_coefficients(act, table, device)
+        rows = torch.zeros(-(-coef.shape[1] // 8) * 8, 8, dtype=torch.float32, device=device)
+        rows[: coef.shape[1], : coef.shape[0]] = coef.T
+        _INTERVAL_COEFFICIENTS[key] = rows.view(-1, 2, 4).transpose(0, 1).contiguous()
+    return _INTERVAL_COEFFICIENTS[key]
 
 
 @cache
@@ -502,8 +543,8 @@ def _backward_plan(
         )
     kernel, compiled = _kernel(_backward_kernel, device)
     by_hand = not compiled and dtype == torch.bfloat16
-    coef = device_coefficients(act, table, device)
-    kwargs = _table_scalars(table) | {"STRIDE": coef.shape[1], "GPU": compiled, "BF16_BY_HAND": by_hand}
+    coef = interval_coefficients(act, table, device)
+    kwargs = _table_scalars(table) | {"INTERVALS": coef.shape[1], "GPU": compiled, "BF16_BY_HAND": by_hand}
     views = (_I16, _I16, None, _I16) if by_hand else ()
     return _BACKWARD_PLANS.setdefault(key, (Rows(kernel, BACKWARD_ROWS, BACKWARD_WARPS, kwargs, views), coef))
 
